@@ -1,0 +1,41 @@
+/* Plugin host: finds, loads and checks protocol-driver plugins (plugins/include/simpul/plugin.h).
+ *
+ * A plugin for protocol P is the file "P.so" in the plugin directory. The search order is the
+ * config's gateway.plugin_dir (or --plugin-dir), then $SIMPUL_PLUGIN_DIR, then the installed
+ * directory, then the build tree's (so an uninstalled build runs from a checkout). */
+#ifndef SMP_PLUGIN_HOST_H
+#define SMP_PLUGIN_HOST_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#include <simpul/plugin.h>
+
+typedef struct smp_plugin_host {
+    char *name;
+    char *path;
+    void *handle; /* dlopen handle, NULL for built-in test plugins */
+    const smp_plugin_t *desc;
+    size_t nconn_keys, ntag_keys;
+} smp_plugin_host_t;
+
+typedef struct smp_plugin_set smp_plugin_set_t;
+
+smp_plugin_set_t *smp_plugin_set_new(const char *plugin_dir);
+/* Returns the loaded plugin for `protocol`, loading it on first use. On failure returns NULL
+ * and writes a one-line reason (e.g. "modbus.so: plugin ABI version 2, host supports 1") into
+ * err. */
+const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *protocol,
+                                            char *err, size_t errlen);
+/* Registers a descriptor without dlopen (unit tests). The descriptor is checked like a loaded
+ * one. Returns 0 or a negative code with the reason in err. */
+int smp_plugin_set_add_static(smp_plugin_set_t *set, const smp_plugin_t *desc, char *err,
+                              size_t errlen);
+/* Checks a descriptor's abi_version, struct_size and required members. 0 or -EINVAL. */
+int smp_plugin_check(const smp_plugin_t *desc, const char *what, char *err, size_t errlen);
+void smp_plugin_set_free(smp_plugin_set_t *set);
+
+/* The host API table given to every plugin. */
+extern const smp_host_api_t smp__host_api;
+
+#endif

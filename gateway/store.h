@@ -1,0 +1,101 @@
+/* Store: the gateway's memory in SQLite (WAL).
+ *
+ * Tables (documented in docs/store.md): last values per tag, value history, per-device seq,
+ * the MQTT outbox (store-and-forward), command results (idempotency) and the audit log.
+ *
+ * Threads. smp_store_open/close and the smp_store_load_* functions run on the main thread
+ * before/after the loop runs and may block. Everything else is called on the loop thread and
+ * never blocks it: calls queue an operation for the store's writer thread, which applies all
+ * queued operations in one transaction per batch and then runs completion callbacks back on the
+ * loop thread (uv_async). Operations are applied in the order they were queued. Strings passed
+ * in are copied.
+ *
+ * Errors. SQLite errors are logged once per episode and turned into negative codes (-EIO,
+ * -ENOSPC, -EROFS, ...). A database that cannot be opened or is corrupt at start is moved aside
+ * (renamed "<path>.corrupt-<unix-time>") and a new one is created; if even that fails the store
+ * runs on an in-memory database so the gateway keeps polling and publishing. */
+#ifndef SMP_STORE_H
+#define SMP_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+typedef struct smp_store smp_store_t;
+
+typedef struct smp_store_opts {
+    const char *path;        /* database file; ":memory:" allowed (tests) */
+    int history_retention_h; /* history rows older than this are pruned, a little at a time */
+    int64_t outbox_max_bytes; /* when the outbox exceeds this, the oldest rows are dropped */
+} smp_store_opts_t;
+
+/* Opens (creating/migrating the schema), starts the writer thread. Returns 0 or a negative
+ * code; see "Errors" above for what happens to a bad file. */
+int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **out);
+/* Applies every queued operation, stops the writer, closes the database. Must be called
+ * after the loop has stopped running handles of the store's own (it closes its uv_async with
+ * uv_close and runs the loop until closed). smp_store_close(NULL) is a no-op. */
+void smp_store_close(smp_store_t *st);
+
+/* --- start-up reads (main thread, before the loop runs) --- */
+/* Calls cb for every stored last value. value_json is the JSON text of the value. */
+typedef void (*smp_store_last_cb)(void *arg, const char *device, const char *tag,
+                                  const char *value_json, int64_t ts_ms);
+int smp_store_load_last(smp_store_t *st, smp_store_last_cb cb, void *arg);
+/* Last seq used for a device (0 when none). */
+uint64_t smp_store_load_seq(smp_store_t *st, const char *device);
+
+/* --- loop-thread operations --- */
+/* Records a tag's new value: upserts last value and appends a history row. */
+void smp_store_put_value(smp_store_t *st, const char *device, const char *tag,
+                         const char *value_json, int64_t ts_ms);
+
+/* Appends a message to the outbox and records `seq` as the device's last seq in the same
+ * transaction. When that transaction commits, cb(arg, 0, id) runs on the loop thread with the
+ * row id (ids increase in insertion order); on failure cb(arg, negative code, 0): the message
+ * then only lives in memory and the caller may publish it anyway. cb may be NULL. */
+typedef void (*smp_store_added_cb)(void *arg, int status, int64_t id);
+void smp_store_outbox_add(smp_store_t *st, const char *device, uint64_t seq, const char *topic,
+                          const void *payload, size_t len, smp_store_added_cb cb, void *arg);
+/* The broker acknowledged row `id`: delete it. */
+void smp_store_outbox_ack(smp_store_t *st, int64_t id);
+
+/* Fetches up to `max` outbox rows with id > after_id, oldest first. cb runs on the loop thread;
+ * the rows and their strings are valid only during the callback. */
+typedef struct smp_outbox_row {
+    int64_t id;
+    const char *device;
+    uint64_t seq;
+    const char *topic;
+    const void *payload;
+    size_t len;
+} smp_outbox_row_t;
+typedef void (*smp_store_fetch_cb)(void *arg, int status, const smp_outbox_row_t *rows,
+                                   size_t n);
+void smp_store_outbox_fetch(smp_store_t *st, int64_t after_id, size_t max,
+                            smp_store_fetch_cb cb, void *arg);
+
+/* Counters, read on the loop thread (updated by the writer; approximate is fine). */
+typedef struct smp_store_stats {
+    uint64_t outbox_rows;    /* rows in the outbox now */
+    uint64_t outbox_bytes;   /* payload bytes in the outbox now */
+    uint64_t outbox_dropped; /* rows dropped because the outbox was full, since start */
+    uint64_t commits;        /* transactions committed */
+    uint64_t errors;         /* SQLite errors seen */
+} smp_store_stats_t;
+void smp_store_stats(smp_store_t *st, smp_store_stats_t *out);
+
+/* History query: up to `limit` changes of device/tag with from_ms <= ts < to_ms, oldest first.
+ * cb runs on the loop thread; rows valid only during it. */
+typedef struct smp_history_row {
+    int64_t ts_ms;
+    const char *value_json;
+} smp_history_row_t;
+typedef void (*smp_store_history_cb)(void *arg, int status, const smp_history_row_t *rows,
+                                     size_t n);
+void smp_store_history(smp_store_t *st, const char *device, const char *tag, int64_t from_ms,
+                       int64_t to_ms, size_t limit, smp_store_history_cb cb, void *arg);
+
+#endif

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package simpul needs to build, test, benchmark and run its demo.
+# README, .ci/run and the demo all call this one script, so a package missing here fails
+# everywhere at once instead of hiding on one machine.
+set -euo pipefail
+
+PKGS=(
+  build-essential pkg-config meson ninja-build clang libclang-rt-14-dev
+  libuv1-dev libmodbus-dev libmosquitto-dev libsqlite3-dev libjansson-dev libcmocka-dev
+  mosquitto mosquitto-clients sqlite3
+  python3 python3-pymodbus python3-paho-mqtt
+  socat mbpoll valgrind procps
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,358 @@
+"""Shared pieces of simpul's integration tests: real processes on 127.0.0.1.
+
+Everything here waits on a condition with a deadline; nothing sleeps to synchronise.
+Every process is started on a free port and stopped by its PID.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+SIMPUL = os.environ.get("SIMPUL", "build/gateway/simpul")
+SIMPUL_SIM = os.environ.get("SIMPUL_SIM", "build/tests/sim/simpul-sim")
+PLUGIN_DIR = os.environ.get("SIMPUL_PLUGIN_DIR", "build/protocols/modbus")
+SOURCE_ROOT = os.environ.get(
+    "SIMPUL_SOURCE_ROOT", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Failure(AssertionError):
+    pass
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_for(cond, timeout=10.0, what="condition", interval=0.01):
+    """Polls cond() until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise Failure("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def wait_port(port, timeout=10.0, proc=None):
+    def up():
+        if proc is not None and proc.poll() is not None:
+            raise Failure("process exited with %s before listening on %d" % (proc.returncode, port))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, timeout, "port %d" % port)
+
+
+class Proc:
+    """A child process with its output captured to a file (shown when a test fails)."""
+
+    def __init__(self, name, argv, workdir, env=None):
+        self.name = name
+        self.argv = argv
+        self.log_path = os.path.join(workdir, name + ".log")
+        self.log = open(self.log_path, "ab")
+        e = dict(os.environ)
+        if env:
+            e.update(env)
+        self.p = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=e,
+                                  stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def signal(self, sig):
+        if self.alive():
+            os.kill(self.p.pid, sig)
+
+    def wait(self, timeout=10.0):
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Failure("%s did not exit within %.1fs" % (self.name, timeout))
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        if self.alive():
+            os.kill(self.p.pid, sig)
+            try:
+                self.p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.log.close()
+        return self.p.returncode
+
+    def output(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+class Broker:
+    """A real mosquitto on a free loopback port, configured not to drop queued messages."""
+
+    def __init__(self, workdir, port=None):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc = None
+
+    def start(self):
+        conf = os.path.join(self.workdir, "mosquitto-%d.conf" % self.port)
+        with open(conf, "w") as f:
+            f.write("listener %d 127.0.0.1\nallow_anonymous true\n" % self.port)
+            f.write("max_queued_messages 0\nmax_inflight_messages 0\npersistence false\n")
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = Proc("mosquitto-%d" % self.port, [exe, "-c", conf], self.workdir)
+        wait_port(self.port, 10, self.proc.p)
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc:
+            self.proc.stop(sig)
+            self.proc = None
+
+
+class Subscriber:
+    """A paho client that records every message, keyed by topic, in arrival order."""
+
+    def __init__(self, port, topics, protocol=mqtt.MQTTv311, client_id=None):
+        self.lock = threading.Lock()
+        self.msgs = []  # (topic, payload bytes, retain, properties)
+        self.port = port
+        self.connected = threading.Event()
+        self.protocol = protocol
+        self.c = mqtt.Client(client_id=client_id or "t-%d-%d" % (os.getpid(), free_port()),
+                             protocol=protocol)
+        self.c.on_message = self._on_message
+        self.c.on_connect = self._on_connect
+        self.topics = topics
+        self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.loop_start()
+        wait_for(self.connected.is_set, 10, "subscriber connected")
+
+    def _on_connect(self, c, userdata, flags, rc, properties=None):
+        for t in self.topics:
+            c.subscribe(t, qos=1)
+        self.connected.set()
+
+    def _on_message(self, c, userdata, m):
+        with self.lock:
+            self.msgs.append((m.topic, m.payload, m.retain, getattr(m, "properties", None)))
+
+    def messages(self, topic=None):
+        with self.lock:
+            return [m for m in self.msgs if topic is None or m[0] == topic]
+
+    def json(self, topic):
+        return [json.loads(m[1]) for m in self.messages(topic)]
+
+    def wait_json(self, topic, pred=lambda j: True, timeout=10.0, what=None):
+        """Waits for a message on topic whose JSON satisfies pred; returns it."""
+        def find():
+            for j in self.json(topic):
+                if pred(j):
+                    return j
+            return None
+        return wait_for(find, timeout, what or ("message on %s" % topic))
+
+    def clear(self):
+        with self.lock:
+            self.msgs.clear()
+
+    def publish(self, topic, payload, qos=1, properties=None):
+        info = self.c.publish(topic, payload, qos=qos, properties=properties)
+        info.wait_for_publish()
+
+    def close(self):
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+class Sim:
+    """simpul-sim, the project's own Modbus simulator, on a free port."""
+
+    def __init__(self, workdir, args=(), port=None, name="sim"):
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.args = list(args)
+        self.name = name
+        self.proc = None
+
+    def start(self):
+        self.proc = Proc("%s-%d" % (self.name, self.port),
+                         [SIMPUL_SIM, "--port", str(self.port)] + self.args, self.workdir)
+        wait_port(self.port, 10, self.proc.p)
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc:
+            self.proc.stop(sig)
+            self.proc = None
+
+
+class PyModbus:
+    """Debian's python3-pymodbus serving known registers (tests/integration/pymodbus_server.py)."""
+
+    def __init__(self, workdir, spec, port=None):
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.spec_path = os.path.join(workdir, "pymodbus-%d.json" % self.port)
+        with open(self.spec_path, "w") as f:
+            json.dump(spec, f)
+        self.proc = None
+
+    def start(self):
+        self.proc = Proc("pymodbus-%d" % self.port,
+                         ["/usr/bin/python3", os.path.join(HERE, "pymodbus_server.py"),
+                          "--port", str(self.port), "--spec", self.spec_path], self.workdir)
+        wait_port(self.port, 20, self.proc.p)
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc:
+            self.proc.stop(sig)
+            self.proc = None
+
+
+class Gateway:
+    """The simpul daemon with a config written from a dict."""
+
+    def __init__(self, workdir, config, name="simpul", extra_args=()):
+        self.workdir = workdir
+        self.config = config
+        self.name = name
+        self.config_path = os.path.join(workdir, name + ".json")
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.write_config()
+
+    def write_config(self):
+        with open(self.config_path, "w") as f:
+            json.dump(self.config, f, indent=2)
+
+    def start(self):
+        self.proc = Proc(self.name, [SIMPUL, "-c", self.config_path, "--log-level", "debug"]
+                         + self.extra_args, self.workdir,
+                         env={"SIMPUL_PLUGIN_DIR": PLUGIN_DIR})
+        return self
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        rc = None
+        if self.proc:
+            rc = self.proc.stop(sig, timeout)
+        return rc
+
+
+def base_config(workdir, broker_port, devices, profiles=None, gw_id="gw-test", mqtt_extra=None):
+    cfg = {
+        "gateway": {"id": gw_id, "data_dir": workdir, "log_level": "debug"},
+        "mqtt": {"host": "127.0.0.1", "port": broker_port, "client_id": "simpul-" + gw_id,
+                 "topic_prefix": "simpul", "qos": 1, "keepalive_s": 5},
+        "store": {"path": os.path.join(workdir, "simpul.db")},
+        "profiles": profiles or {},
+        "devices": devices,
+    }
+    if mqtt_extra:
+        cfg["mqtt"].update(mqtt_extra)
+    return cfg
+
+
+class TestCase:
+    """Minimal runner: each test_* method gets a fresh temp dir; cleanup always runs.
+
+    Prints one line per test and a closing 'N passed, N failed' line; exits 1 on any failure.
+    """
+
+    def __init__(self):
+        self.cleanups = []
+
+    def defer(self, fn, *args):
+        self.cleanups.append((fn, args))
+
+    def run_all(self):
+        names = sorted(n for n in dir(self) if n.startswith("test_"))
+        only = os.environ.get("ONLY")
+        if only:
+            names = [n for n in names if only in n]
+        passed = failed = 0
+        for n in names:
+            self.workdir = tempfile.mkdtemp(prefix="simpul-it-")
+            self.cleanups = []
+            self.procs = []
+            t0 = time.monotonic()
+            try:
+                getattr(self, n)()
+                passed += 1
+                print("ok   %s (%.2fs)" % (n, time.monotonic() - t0), flush=True)
+            except Exception as e:  # noqa: BLE001 - report every failure kind
+                failed += 1
+                print("FAIL %s: %r" % (n, e), flush=True)
+                import traceback
+                traceback.print_exc()
+                for f in sorted(os.listdir(self.workdir)):
+                    if f.endswith(".log"):
+                        with open(os.path.join(self.workdir, f), "rb") as fh:
+                            tail = fh.read()[-6000:].decode("utf-8", "replace")
+                        print("---- %s (tail) ----\n%s" % (f, tail))
+            finally:
+                for fn, args in reversed(self.cleanups):
+                    try:
+                        fn(*args)
+                    except Exception as e:  # noqa: BLE001
+                        print("cleanup error: %r" % e)
+                if not failed or os.environ.get("KEEP") is None:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+        print("%d passed, %d failed" % (passed, failed))
+        sys.exit(1 if failed else 0)
+
+    # Convenience starters that register their own cleanup.
+    def broker(self, port=None):
+        b = Broker(self.workdir, port).start()
+        self.defer(b.stop)
+        return b
+
+    def sim(self, args=(), port=None, name="sim"):
+        s = Sim(self.workdir, args, port, name).start()
+        self.defer(s.stop)
+        return s
+
+    def pymodbus(self, spec, port=None):
+        p = PyModbus(self.workdir, spec, port).start()
+        self.defer(p.stop)
+        return p
+
+    def gateway(self, config, name="simpul", start=True):
+        g = Gateway(self.workdir, config, name)
+        if start:
+            g.start()
+        self.defer(g.stop, signal.SIGKILL)
+        return g
+
+    def subscriber(self, port, topics, **kw):
+        s = Subscriber(port, topics, **kw)
+        self.defer(s.close)
+        return s

@@ -1,0 +1,1 @@
+/* placeholder */ int main(void); int main(void) { return 77; }
