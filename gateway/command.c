@@ -1,1 +1,1165 @@
-/* placeholder: being written */
+/* Operator commands: parsing, validation, at-most-once execution, results and audit. */
+#include "command.h"
+
+#include <errno.h>
+#include <float.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_internal.h"
+#include "log.h"
+
+static void set_err(smp_cmd_error_t *err, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_err(smp_cmd_error_t *err, const char *code, const char *fmt, ...)
+{
+    err->code = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+    va_end(ap);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Parsing                                                                                     */
+
+static bool name_ok(const char *s, size_t max)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > max) {
+        return false;
+    }
+    for (size_t k = 0; k < n; k++) {
+        char c = s[k];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-')) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void smp_cmd_free(smp_cmd_t *cmd)
+{
+    if (cmd == NULL) {
+        return;
+    }
+    json_decref(cmd->value);
+    cmd->value = NULL;
+    for (size_t k = 0; k < cmd->ntags; k++) {
+        free(cmd->tags[k]);
+    }
+    free(cmd->tags);
+    cmd->tags = NULL;
+    cmd->ntags = 0;
+}
+
+static int get_int_field(json_t *root, const char *key, int64_t *out, bool *has, int64_t min,
+                         smp_cmd_error_t *err)
+{
+    json_t *v = json_object_get(root, key);
+    *has = false;
+    if (v == NULL) {
+        return 0;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < min) {
+        set_err(err, "bad_request", "%s must be an integer >= %" PRId64, key, min);
+        return -EINVAL;
+    }
+    *out = json_integer_value(v);
+    *has = true;
+    return 0;
+}
+
+int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    memset(out, 0, sizeof *out);
+    memset(err, 0, sizeof *err);
+    if (len > SMP_CMD_MAX_PAYLOAD) {
+        set_err(err, "bad_request", "payload of %zu bytes is larger than %d", len,
+                SMP_CMD_MAX_PAYLOAD);
+        return -EINVAL;
+    }
+    json_error_t jerr;
+    json_t *root = json_loadb(payload, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (root == NULL) {
+        set_err(err, "bad_request", "not valid JSON: %s", jerr.text);
+        return -EINVAL;
+    }
+    int rc = -EINVAL;
+    if (!json_is_object(root)) {
+        set_err(err, "bad_request", "a command is a JSON object");
+        goto out;
+    }
+    /* The id first, so that every later error can be answered with it. */
+    json_t *id = json_object_get(root, "id");
+    if (json_is_string(id) && json_string_length(id) >= 1 &&
+        json_string_length(id) <= SMP_CMD_ID_MAX && strlen(json_string_value(id)) ==
+                                                        json_string_length(id)) {
+        snprintf(out->id, sizeof out->id, "%s", json_string_value(id));
+        out->has_id = true;
+    } else {
+        set_err(err, "bad_request", "id must be a string of 1 to %d characters", SMP_CMD_ID_MAX);
+        goto out;
+    }
+    const char *key;
+    json_t *val;
+    json_object_foreach(root, key, val) {
+        static const char *const known[] = {"id", "op", "tag", "value", "tags", "ts",
+                                            "ttl_ms", "from", "to", "limit", NULL};
+        bool ok = false;
+        for (size_t k = 0; known[k] != NULL; k++) {
+            ok = ok || strcmp(known[k], key) == 0;
+        }
+        if (!ok) {
+            set_err(err, "bad_request", "unknown key '%.64s'", key);
+            goto out;
+        }
+    }
+    json_t *op = json_object_get(root, "op");
+    const char *ops = json_is_string(op) ? json_string_value(op) : NULL;
+    if (ops != NULL && strcmp(ops, "write") == 0) {
+        out->op = SMP_CMD_WRITE;
+        out->op_name = "write";
+    } else if (ops != NULL && strcmp(ops, "read") == 0) {
+        out->op = SMP_CMD_READ;
+        out->op_name = "read";
+    } else if (ops != NULL && strcmp(ops, "history") == 0) {
+        out->op = SMP_CMD_HISTORY;
+        out->op_name = "history";
+    } else {
+        set_err(err, "bad_request", "op must be \"write\", \"read\" or \"history\"");
+        goto out;
+    }
+    if (get_int_field(root, "ts", &out->ts, &out->has_ts, 0, err) < 0 ||
+        get_int_field(root, "ttl_ms", &out->ttl_ms, &out->has_ttl, 0, err) < 0) {
+        goto out;
+    }
+    json_t *tag = json_object_get(root, "tag");
+    json_t *value = json_object_get(root, "value");
+    json_t *tags = json_object_get(root, "tags");
+    bool wants_tag = out->op != SMP_CMD_READ;
+    if (wants_tag) {
+        if (!json_is_string(tag) || !name_ok(json_string_value(tag), sizeof out->tag - 1)) {
+            set_err(err, "bad_request", "tag must be a tag name");
+            goto out;
+        }
+        snprintf(out->tag, sizeof out->tag, "%s", json_string_value(tag));
+        if (tags != NULL) {
+            set_err(err, "bad_request", "tags is for op \"read\"");
+            goto out;
+        }
+    } else if (tag != NULL) {
+        set_err(err, "bad_request", "op \"read\" takes tags, not tag");
+        goto out;
+    }
+    if (out->op == SMP_CMD_WRITE) {
+        if (value == NULL) {
+            set_err(err, "bad_request", "value is required for op \"write\"");
+            goto out;
+        }
+        if (json_is_object(value) || json_is_array(value) || json_is_null(value)) {
+            set_err(err, "bad_request", "value must be a number, a boolean or a string");
+            goto out;
+        }
+        out->value = json_incref(value);
+    } else if (value != NULL) {
+        set_err(err, "bad_request", "value is only for op \"write\"");
+        goto out;
+    }
+    bool hist = out->op == SMP_CMD_HISTORY;
+    if (!hist && (json_object_get(root, "from") || json_object_get(root, "to") ||
+                  json_object_get(root, "limit"))) {
+        set_err(err, "bad_request", "from, to and limit are for op \"history\"");
+        goto out;
+    }
+    if (out->op == SMP_CMD_READ) {
+        if (!json_is_array(tags) || json_array_size(tags) == 0 ||
+            json_array_size(tags) > SMP_CMD_MAX_TAGS) {
+            set_err(err, "bad_request", "tags must be an array of 1 to %d tag names",
+                    SMP_CMD_MAX_TAGS);
+            goto out;
+        }
+        out->tags = calloc(json_array_size(tags), sizeof *out->tags);
+        if (out->tags == NULL) {
+            set_err(err, "bad_request", "out of memory");
+            goto out;
+        }
+        size_t k;
+        json_t *t;
+        json_array_foreach(tags, k, t) {
+            if (!json_is_string(t) || !name_ok(json_string_value(t), 127)) {
+                set_err(err, "bad_request", "tags[%zu] must be a tag name", k);
+                goto out;
+            }
+            out->tags[out->ntags] = strdup(json_string_value(t));
+            if (out->tags[out->ntags] == NULL) {
+                set_err(err, "bad_request", "out of memory");
+                goto out;
+            }
+            out->ntags++;
+        }
+    }
+    if (hist) {
+        bool has_from, has_to, has_limit;
+        int64_t limit = 100;
+        out->to = INT64_MAX;
+        if (get_int_field(root, "from", &out->from, &has_from, 0, err) < 0 ||
+            get_int_field(root, "to", &out->to, &has_to, 0, err) < 0 ||
+            get_int_field(root, "limit", &limit, &has_limit, 1, err) < 0) {
+            goto out;
+        }
+        if (!has_to) {
+            out->to = INT64_MAX;
+        }
+        if (limit > SMP_CMD_HISTORY_MAX) {
+            set_err(err, "bad_request", "limit must be at most %d", SMP_CMD_HISTORY_MAX);
+            goto out;
+        }
+        if (out->to < out->from) {
+            set_err(err, "bad_request", "to must not be before from");
+            goto out;
+        }
+        out->limit = (size_t)limit;
+    }
+    rc = 0;
+out:
+    json_decref(root);
+    return rc;
+}
+
+bool smp_cmd_expired(const smp_cmd_t *cmd, uint64_t now_ms)
+{
+    if (!cmd->has_ts || !cmd->has_ttl) {
+        return false;
+    }
+    return (int64_t)now_ms > cmd->ts + cmd->ttl_ms;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Validation and conversion                                                                   */
+
+static bool raw_range(smp_type_t t, double *lo, double *hi)
+{
+    switch (t) {
+    case SMP_TYPE_INT16: *lo = -32768.0; *hi = 32767.0; return true;
+    case SMP_TYPE_UINT16: *lo = 0; *hi = 65535.0; return true;
+    case SMP_TYPE_INT32: *lo = -2147483648.0; *hi = 2147483647.0; return true;
+    case SMP_TYPE_UINT32: *lo = 0; *hi = 4294967295.0; return true;
+    case SMP_TYPE_INT64: *lo = -9223372036854775808.0; *hi = 9223372036854775807.0; return true;
+    case SMP_TYPE_UINT64: *lo = 0; *hi = 18446744073709551615.0; return true;
+    case SMP_TYPE_FLOAT32: *lo = -FLT_MAX; *hi = FLT_MAX; return true;
+    case SMP_TYPE_FLOAT64: *lo = -DBL_MAX; *hi = DBL_MAX; return true;
+    default: return false;
+    }
+}
+
+static bool is_int_type(smp_type_t t)
+{
+    return t == SMP_TYPE_INT16 || t == SMP_TYPE_UINT16 || t == SMP_TYPE_INT32 ||
+           t == SMP_TYPE_UINT32 || t == SMP_TYPE_INT64 || t == SMP_TYPE_UINT64;
+}
+
+static bool is_signed(smp_type_t t)
+{
+    return t == SMP_TYPE_INT16 || t == SMP_TYPE_INT32 || t == SMP_TYPE_INT64;
+}
+
+int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *raw, char **owned,
+                   smp_cmd_error_t *err)
+{
+    memset(raw, 0, sizeof *raw);
+    *owned = NULL;
+    char vtext[64];
+    if (!tag->writable) {
+        set_err(err, "not_writable", "%s is read-only", tag->name);
+        return -EPERM;
+    }
+    if (tag->type == SMP_TYPE_BOOL) {
+        if (!json_is_boolean(value)) {
+            set_err(err, "type_mismatch", "%s: expected true or false", tag->name);
+            return -EINVAL;
+        }
+        raw->v.b = json_is_true(value);
+        return 0;
+    }
+    if (tag->type == SMP_TYPE_STRING) {
+        if (!json_is_string(value)) {
+            set_err(err, "type_mismatch", "%s: expected a string", tag->name);
+            return -EINVAL;
+        }
+        *owned = strndup(json_string_value(value), json_string_length(value));
+        if (*owned == NULL) {
+            set_err(err, "busy", "out of memory");
+            return -ENOMEM;
+        }
+        raw->s = *owned;
+        raw->len = strlen(*owned); /* an embedded NUL ends the string */
+        return 0;
+    }
+    if (!json_is_number(value)) {
+        set_err(err, "type_mismatch", "%s: expected a number", tag->name);
+        return -EINVAL;
+    }
+    bool scaled = tag->scale != 1.0 || tag->offset != 0.0;
+    double ev = json_number_value(value);
+    if (json_is_integer(value)) {
+        snprintf(vtext, sizeof vtext, "%" PRId64, (int64_t)json_integer_value(value));
+    } else {
+        snprintf(vtext, sizeof vtext, "%.17g", ev);
+    }
+    if (is_int_type(tag->type) && !scaled && !json_is_integer(value)) {
+        set_err(err, "type_mismatch", "%s: expected an integer, got %s", tag->name, vtext);
+        return -EINVAL;
+    }
+    if (tag->has_min && ev < tag->min) {
+        set_err(err, "out_of_range", "%s: %s < min %.17g", tag->name, vtext, tag->min);
+        return -ERANGE;
+    }
+    if (tag->has_max && ev > tag->max) {
+        set_err(err, "out_of_range", "%s: %s > max %.17g", tag->name, vtext, tag->max);
+        return -ERANGE;
+    }
+    double lo = 0, hi = 0;
+    raw_range(tag->type, &lo, &hi);
+    if (is_int_type(tag->type) && !scaled) {
+        json_int_t iv = json_integer_value(value);
+        bool bad = is_signed(tag->type) ? ((double)iv < lo || (double)iv > hi)
+                                        : (iv < 0 || (double)iv > hi);
+        if (tag->type == SMP_TYPE_INT64) {
+            bad = false;
+        }
+        if (bad) {
+            set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
+                    smp_type_name(tag->type));
+            return -ERANGE;
+        }
+        if (is_signed(tag->type)) {
+            raw->v.i = iv;
+        } else {
+            raw->v.u = (uint64_t)iv;
+        }
+        return 0;
+    }
+    double r = (ev - tag->offset) / tag->scale;
+    if (!isfinite(r) || r < lo || r > hi) {
+        set_err(err, "out_of_range", "%s: %s does not fit %s after scale and offset", tag->name,
+                vtext, smp_type_name(tag->type));
+        return -ERANGE;
+    }
+    if (is_int_type(tag->type)) {
+        double rr = nearbyint(r);
+        if (fabs(r - rr) > 1e-6 * fmax(1.0, fabs(r))) {
+            set_err(err, "type_mismatch", "%s: %s is not a whole multiple of scale %.17g",
+                    tag->name, vtext, tag->scale);
+            return -EINVAL;
+        }
+        if (rr < lo || rr > hi || (tag->type == SMP_TYPE_INT64 && rr >= 9223372036854775807.0) ||
+            (tag->type == SMP_TYPE_UINT64 && rr >= 18446744073709551615.0)) {
+            set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
+                    smp_type_name(tag->type));
+            return -ERANGE;
+        }
+        if (is_signed(tag->type)) {
+            raw->v.i = (int64_t)rr;
+        } else {
+            raw->v.u = (uint64_t)rr;
+        }
+        return 0;
+    }
+    raw->v.d = tag->type == SMP_TYPE_FLOAT32 ? (double)(float)r : r;
+    return 0;
+}
+
+bool smp_cmd_raw_equal(const smp_tag_cfg_t *tag, const smp_value_t *a, const smp_value_t *b)
+{
+    switch (tag->type) {
+    case SMP_TYPE_BOOL:
+        return a->v.b == b->v.b;
+    case SMP_TYPE_STRING:
+        return a->len == b->len && (a->len == 0 || memcmp(a->s, b->s, a->len) == 0);
+    case SMP_TYPE_FLOAT32:
+        return (float)a->v.d == (float)b->v.d;
+    case SMP_TYPE_FLOAT64:
+        return a->v.d == b->v.d;
+    default:
+        return is_signed(tag->type) ? a->v.i == b->v.i : a->v.u == b->v.u;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Execution in the engine                                                                     */
+
+/* A remembered command: the at-most-once record. result is NULL while it runs. */
+struct cmd_entry {
+    struct cmd_entry *hnext;           /* hash chain */
+    struct cmd_entry *older, *newer;   /* age list, for expiry */
+    char *key;                         /* device "\n" id */
+    char *result;                      /* JSON text once answered */
+    uint64_t mono_ms;                  /* when first seen */
+    unsigned waiting;                  /* duplicates received while it ran */
+};
+
+#define CMD_BUCKETS 4096u
+
+struct smp_command_state {
+    struct cmd_entry *buckets[CMD_BUCKETS];
+    struct cmd_entry *oldest, *newest;
+    size_t count;
+    unsigned in_progress; /* accepted, not yet answered */
+};
+
+/* One command being handled. */
+struct cmd {
+    smp_engine_t *e;
+    struct device *d;
+    char device[128];
+    smp_cmd_t c;
+    smp_cmd_error_t err;
+    uint64_t recv_wall_ms;
+    uint64_t recv_hr_ns;
+    char *resp_topic; /* MQTT 5 Response Topic, else NULL */
+    void *corr;
+    size_t corr_len;
+    struct cmd_entry *entry; /* NULL when the command has no id */
+    char *value_json;        /* for the audit */
+    int32_t *tag_idx;        /* read */
+};
+
+static uint32_t hash_str(const char *s)
+{
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (; *s; s++) {
+        h = (h ^ (uint8_t)*s) * 16777619u;
+    }
+    return h;
+}
+
+static char *make_key(const char *device, const char *id)
+{
+    size_t a = strlen(device), b = strlen(id);
+    char *k = malloc(a + b + 2);
+    if (k != NULL) {
+        memcpy(k, device, a);
+        k[a] = '\n';
+        memcpy(k + a + 1, id, b + 1);
+    }
+    return k;
+}
+
+static struct cmd_entry *entry_find(struct smp_command_state *s, const char *key)
+{
+    for (struct cmd_entry *x = s->buckets[hash_str(key) % CMD_BUCKETS]; x; x = x->hnext) {
+        if (strcmp(x->key, key) == 0) {
+            return x;
+        }
+    }
+    return NULL;
+}
+
+static void entry_unlink(struct smp_command_state *s, struct cmd_entry *x)
+{
+    struct cmd_entry **pp = &s->buckets[hash_str(x->key) % CMD_BUCKETS];
+    while (*pp != x) {
+        pp = &(*pp)->hnext;
+    }
+    *pp = x->hnext;
+    if (x->older) {
+        x->older->newer = x->newer;
+    } else {
+        s->oldest = x->newer;
+    }
+    if (x->newer) {
+        x->newer->older = x->older;
+    } else {
+        s->newest = x->older;
+    }
+    s->count--;
+    free(x->key);
+    free(x->result);
+    free(x);
+}
+
+/* Forgets answered commands older than the dedup window. */
+static void entries_expire(struct smp_command_state *s, uint64_t now_mono)
+{
+    while (s->oldest != NULL && s->oldest->result != NULL &&
+           now_mono - s->oldest->mono_ms > SMP_CMD_DEDUP_MS) {
+        entry_unlink(s, s->oldest);
+    }
+}
+
+static struct cmd_entry *entry_add(struct smp_command_state *s, char *key, uint64_t mono_ms)
+{
+    struct cmd_entry *x = calloc(1, sizeof *x);
+    if (x == NULL) {
+        free(key);
+        return NULL;
+    }
+    x->key = key;
+    x->mono_ms = mono_ms;
+    uint32_t b = hash_str(key) % CMD_BUCKETS;
+    x->hnext = s->buckets[b];
+    s->buckets[b] = x;
+    x->older = s->newest;
+    if (s->newest) {
+        s->newest->newer = x;
+    } else {
+        s->oldest = x;
+    }
+    s->newest = x;
+    s->count++;
+    return x;
+}
+
+static void restore_cmd(void *arg, const char *device, const char *id, const char *result_json,
+                        int64_t ts_ms)
+{
+    smp_engine_t *e = arg;
+    uint64_t age = smp__wall_ms() - (uint64_t)ts_ms;
+    if ((int64_t)age < 0) {
+        age = 0;
+    }
+    char *key = make_key(device, id);
+    if (key == NULL || entry_find(e->cmds, key) != NULL) {
+        free(key);
+        return;
+    }
+    uint64_t now = uv_now(e->loop);
+    struct cmd_entry *x = entry_add(e->cmds, key, now > age ? now - age : 0);
+    if (x == NULL) {
+        return;
+    }
+    if (result_json != NULL) {
+        x->result = strdup(result_json);
+    } else {
+        /* The gateway stopped while this command ran: whether the device took the write is
+         * unknown, so a retry must not run it again. */
+        smp_buf_t b;
+        smp_buf_init(&b);
+        smp_buf_puts(&b, "{\"id\":");
+        smp_buf_json_string(&b, id, strlen(id));
+        smp_buf_printf(&b, ",\"ok\":false,\"error\":{\"code\":\"timeout\",\"message\":\"the "
+                           "gateway restarted before the device confirmed; outcome unknown\"},"
+                           "\"ts\":%" PRIu64 "}",
+                       smp__wall_ms());
+        x->result = b.oom ? NULL : strdup(b.p);
+        smp_buf_free(&b);
+        smp_store_cmd_put(e->store, device, id, x->result, ts_ms, NULL, NULL);
+    }
+    if (x->result == NULL) {
+        entry_unlink(e->cmds, x);
+    }
+}
+
+void smp__engine_commands_init(smp_engine_t *e)
+{
+    e->cmds = calloc(1, sizeof *e->cmds);
+    if (e->cmds == NULL) {
+        LOG_ERR("cmd", "out of memory");
+        return;
+    }
+    int64_t since = (int64_t)smp__wall_ms() - (int64_t)SMP_CMD_DEDUP_MS;
+    int rc = smp_store_load_cmds(e->store, since, restore_cmd, e);
+    if (rc < 0) {
+        LOG_WARN("cmd", "could not restore recent command results: %s", strerror(-rc));
+    }
+}
+
+void smp__engine_commands_free(smp_engine_t *e)
+{
+    if (e->cmds == NULL) {
+        return;
+    }
+    while (e->cmds->oldest != NULL) {
+        entry_unlink(e->cmds, e->cmds->oldest);
+    }
+    free(e->cmds);
+    e->cmds = NULL;
+}
+
+bool smp__engine_commands_busy(smp_engine_t *e)
+{
+    return e->cmds != NULL && e->cmds->in_progress > 0;
+}
+
+static void cmd_free(struct cmd *m)
+{
+    if (m == NULL) {
+        return;
+    }
+    smp_cmd_free(&m->c);
+    free(m->resp_topic);
+    free(m->corr);
+    free(m->value_json);
+    free(m->tag_idx);
+    free(m);
+}
+
+static void publish_result(smp_engine_t *e, struct cmd *m, const char *text)
+{
+    const char *topic = m->resp_topic;
+    char *fallback = NULL;
+    if (topic == NULL) {
+        if (m->d != NULL) {
+            topic = m->d->topic_result;
+        } else {
+            if (asprintf(&fallback, "%s/%s/%s/cmd/result", e->cfg->mqtt.topic_prefix,
+                         e->cfg->gateway.id, m->device) < 0) {
+                return;
+            }
+            topic = fallback;
+        }
+    }
+    smp_mqtt_props_t props = {NULL, m->corr, m->corr_len};
+    int rc = smp_bridge_publish(e->bridge, topic, text, strlen(text), 1, false, 0,
+                                m->corr != NULL ? &props : NULL);
+    if (rc < 0) {
+        /* The result is stored: a retry with the same id gets it. */
+        LOG_WARN("cmd", "result for %s not published: %s", m->c.id, strerror(-rc));
+    }
+    free(fallback);
+}
+
+static void audit(smp_engine_t *e, struct cmd *m, const char *code, const char *message)
+{
+    smp_audit_row_t row = {
+        .received_ms = (int64_t)m->recv_wall_ms,
+        .id = m->c.has_id ? m->c.id : NULL,
+        .device = m->device,
+        .op = m->c.op_name,
+        .tag = m->c.op == SMP_CMD_READ ? NULL : (m->c.tag[0] ? m->c.tag : NULL),
+        .value_json = m->value_json,
+        .code = code,
+        .message = message,
+        .latency_us = (int64_t)((uv_hrtime() - m->recv_hr_ns) / 1000u),
+    };
+    smp_store_audit(e->store, &row);
+}
+
+struct result_ctx {
+    struct cmd *m;
+    char *text;
+};
+
+static void after_result_stored(void *arg, int status, int64_t id)
+{
+    (void)id;
+    struct result_ctx *rc = arg;
+    struct cmd *m = rc->m;
+    smp_engine_t *e = m->e;
+    if (status < 0) {
+        LOG_WARN("cmd", "result of %s not persisted: %s", m->c.id, strerror(-status));
+    }
+    unsigned times = 1;
+    if (m->entry != NULL) {
+        times += m->entry->waiting;
+        m->entry->waiting = 0;
+    }
+    for (unsigned k = 0; k < times; k++) {
+        publish_result(e, m, rc->text);
+    }
+    free(rc->text);
+    free(rc);
+    cmd_free(m);
+    e->cmds->in_progress--;
+    smp__engine_stop_progress(e);
+}
+
+/* Final answer: remember it (memory + store, committed first), audit, then publish. Takes
+ * ownership of m and of the buffer's text. */
+static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *code,
+                   const char *message)
+{
+    if (b->oom) {
+        smp_buf_free(b);
+        smp_buf_init(b);
+        smp_buf_puts(b, "{\"ok\":false,\"error\":{\"code\":\"busy\",\"message\":\"out of memory\"}}");
+    }
+    audit(e, m, code, message);
+    e->stats.commands++;
+    char *text = b->p;
+    b->p = NULL;
+    struct result_ctx *rc = calloc(1, sizeof *rc);
+    if (m->entry != NULL) {
+        free(m->entry->result);
+        m->entry->result = text ? strdup(text) : NULL;
+    }
+    e->cmds->in_progress++;
+    if (rc == NULL || text == NULL) {
+        free(text);
+        free(rc);
+        cmd_free(m);
+        e->cmds->in_progress--;
+        return;
+    }
+    rc->m = m;
+    rc->text = text;
+    if (m->c.has_id) {
+        smp_store_cmd_put(e->store, m->device, m->c.id, text, (int64_t)m->recv_wall_ms,
+                          after_result_stored, rc);
+    } else {
+        after_result_stored(rc, 0, 0);
+    }
+}
+
+static void begin_result(smp_buf_t *b, const struct cmd *m, bool ok)
+{
+    smp_buf_init(b);
+    smp_buf_puts(b, "{\"id\":");
+    if (m->c.has_id) {
+        smp_buf_json_string(b, m->c.id, strlen(m->c.id));
+    } else {
+        smp_buf_puts(b, "null");
+    }
+    smp_buf_printf(b, ",\"ok\":%s", ok ? "true" : "false");
+    if (m->c.op != SMP_CMD_READ && m->c.tag[0] != '\0') {
+        smp_buf_puts(b, ",\"tag\":");
+        smp_buf_json_string(b, m->c.tag, strlen(m->c.tag));
+    }
+}
+
+static void fail(smp_engine_t *e, struct cmd *m, const char *code, const char *message)
+{
+    smp_buf_t b;
+    begin_result(&b, m, false);
+    smp_buf_puts(&b, ",\"error\":{\"code\":\"");
+    smp_buf_puts(&b, code);
+    smp_buf_puts(&b, "\",\"message\":");
+    smp_buf_json_string(&b, message, strlen(message));
+    smp_buf_printf(&b, "},\"ts\":%" PRIu64 "}", smp__wall_ms());
+    LOG_INFO("cmd", "%s %s on %s: %s (%s)", m->c.op_name ? m->c.op_name : "?",
+             m->c.has_id ? m->c.id : "(no id)", m->device, code, message);
+    finish(e, m, &b, code, message);
+    smp_buf_free(&b);
+}
+
+static const char *code_for(int status)
+{
+    switch (status) {
+    case SMP_EDEVICE:
+        return "device_error";
+    case -ETIMEDOUT:
+        return "timeout";
+    case -ETIME:
+        return "expired";
+    case -E2BIG:
+    case -ERANGE:
+        return "out_of_range";
+    case -EINVAL:
+        return "type_mismatch";
+    case -EPERM:
+        return "not_writable";
+    default:
+        return "device_offline";
+    }
+}
+
+static int find_tag(const struct device *d, const char *name)
+{
+    for (size_t t = 0; t < d->cfg->ntags; t++) {
+        if (strcmp(d->cfg->tags[t].name, name) == 0) {
+            return (int)t;
+        }
+    }
+    return -1;
+}
+
+/* Queues the device I/O of a validated command. */
+static void dispatch(smp_engine_t *e, struct cmd *m, struct job *j)
+{
+    j->cmd = m;
+    j->dev = m->d;
+    m->d->cmd_queued++;
+    e->cmds->in_progress++;
+    smp__engine_enqueue(m->d->conn, j);
+}
+
+struct begin_ctx {
+    struct cmd *m;
+    struct job *j;
+};
+
+static void after_begin_stored(void *arg, int status, int64_t id)
+{
+    (void)id;
+    struct begin_ctx *bc = arg;
+    smp_engine_t *e = bc->m->e;
+    e->cmds->in_progress--;
+    if (status < 0) {
+        /* Without a durable record a restart could run the write twice: refuse it. */
+        struct job *j = bc->j;
+        free(j->write_str);
+        free(j->readings);
+        free(j->strs);
+        free(j->errs);
+        free(j);
+        fail(e, bc->m, "busy", "the gateway cannot record the command (store error)");
+    } else if (e->stopping) {
+        struct job *j = bc->j;
+        free(j->write_str);
+        free(j->readings);
+        free(j->strs);
+        free(j->errs);
+        free(j);
+        fail(e, bc->m, "device_offline", "the gateway is stopping");
+    } else {
+        dispatch(e, bc->m, bc->j);
+    }
+    free(bc);
+    smp__engine_stop_progress(e);
+}
+
+static void on_history(void *arg, int status, const smp_history_row_t *rows, size_t n)
+{
+    struct cmd *m = arg;
+    smp_engine_t *e = m->e;
+    e->cmds->in_progress--;
+    if (status < 0) {
+        fail(e, m, "busy", "history is not available (store error)");
+        return;
+    }
+    smp_buf_t b;
+    begin_result(&b, m, true);
+    smp_buf_puts(&b, ",\"values\":[");
+    for (size_t k = 0; k < n; k++) {
+        smp_buf_printf(&b, "%s[%" PRId64 ",%s]", k ? "," : "", rows[k].ts_ms, rows[k].value_json);
+    }
+    smp_buf_puts(&b, "]");
+    if (n == m->c.limit && n > 0) {
+        /* A full page: the next one starts just after the last row returned. */
+        smp_buf_printf(&b, ",\"next\":%" PRId64, rows[n - 1].ts_ms + 1);
+    }
+    smp_buf_printf(&b, ",\"ts\":%" PRIu64 "}", smp__wall_ms());
+    finish(e, m, &b, "ok", NULL);
+    smp_buf_free(&b);
+}
+
+void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
+                         const smp_mqtt_props_t *props)
+{
+    if (e->cmds == NULL) {
+        return;
+    }
+    /* topic = P/G/D/cmd: take D from between the known prefix and the suffix. */
+    const char *pre = e->cfg->mqtt.topic_prefix;
+    const char *gid = e->cfg->gateway.id;
+    size_t lp = strlen(pre), lg = strlen(gid), lt = strlen(topic);
+    if (lt < lp + lg + 2 + 4 || strncmp(topic, pre, lp) != 0 || topic[lp] != '/' ||
+        strncmp(topic + lp + 1, gid, lg) != 0 || topic[lp + 1 + lg] != '/' ||
+        strcmp(topic + lt - 4, "/cmd") != 0) {
+        return;
+    }
+    const char *dn = topic + lp + lg + 2;
+    size_t dlen = (size_t)(topic + lt - 4 - dn);
+    struct cmd *m = calloc(1, sizeof *m);
+    if (m == NULL || dlen == 0 || dlen >= sizeof m->device) {
+        free(m);
+        return;
+    }
+    m->e = e;
+    memcpy(m->device, dn, dlen);
+    m->device[dlen] = '\0';
+    m->recv_wall_ms = smp__wall_ms();
+    m->recv_hr_ns = uv_hrtime();
+    if (props != NULL && props->response_topic != NULL) {
+        m->resp_topic = strdup(props->response_topic);
+    }
+    if (props != NULL && props->correlation_data != NULL && props->correlation_len > 0) {
+        m->corr = malloc(props->correlation_len);
+        if (m->corr != NULL) {
+            memcpy(m->corr, props->correlation_data, props->correlation_len);
+            m->corr_len = props->correlation_len;
+        }
+    }
+    for (size_t k = 0; k < e->ndevs; k++) {
+        if (strcmp(e->devs[k].cfg->name, m->device) == 0) {
+            m->d = &e->devs[k];
+        }
+    }
+    int prc = smp_cmd_parse(payload, len, &m->c, &m->err);
+    if (m->c.value != NULL) {
+        m->value_json = json_dumps(m->c.value, JSON_ENCODE_ANY | JSON_COMPACT);
+    }
+    uint64_t now = uv_now(e->loop);
+    entries_expire(e->cmds, now);
+    if (m->c.has_id) {
+        char *key = make_key(m->device, m->c.id);
+        struct cmd_entry *x = key ? entry_find(e->cmds, key) : NULL;
+        if (x != NULL) {
+            free(key);
+            /* Seen before: never run it again. Answer with the first result (now, or when
+             * the first one finishes). */
+            audit(e, m, "duplicate", "answered with the first result");
+            if (x->result != NULL) {
+                publish_result(e, m, x->result);
+            } else {
+                x->waiting++;
+            }
+            cmd_free(m);
+            return;
+        }
+        if (key != NULL) {
+            m->entry = entry_add(e->cmds, key, now);
+        }
+    }
+    if (prc < 0) {
+        fail(e, m, m->err.code, m->err.message);
+        return;
+    }
+    if (m->d == NULL) {
+        fail(e, m, "unknown_device", "no such device on this gateway");
+        return;
+    }
+    if (smp_cmd_expired(&m->c, m->recv_wall_ms)) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "received %" PRId64 " ms after ts + ttl_ms",
+                 (int64_t)m->recv_wall_ms - (m->c.ts + m->c.ttl_ms));
+        fail(e, m, "expired", msg);
+        return;
+    }
+    if (m->c.op == SMP_CMD_HISTORY) {
+        if (find_tag(m->d, m->c.tag) < 0) {
+            fail(e, m, "unknown_tag", "no such tag on this device");
+            return;
+        }
+        e->cmds->in_progress++;
+        smp_store_history(e->store, m->device, m->c.tag, m->c.from, m->c.to, m->c.limit,
+                          on_history, m);
+        return;
+    }
+    struct job *j = calloc(1, sizeof *j);
+    if (j == NULL) {
+        fail(e, m, "busy", "out of memory");
+        return;
+    }
+    if (m->c.op == SMP_CMD_WRITE) {
+        int t = find_tag(m->d, m->c.tag);
+        if (t < 0) {
+            free(j);
+            fail(e, m, "unknown_tag", "no such tag on this device");
+            return;
+        }
+        smp_cmd_error_t verr = {0};
+        if (smp_cmd_to_raw(&m->d->cfg->tags[t], m->c.value, &j->write_raw, &j->write_str,
+                           &verr) < 0) {
+            free(j);
+            fail(e, m, verr.code, verr.message);
+            return;
+        }
+        j->type = JOB_WRITE;
+        j->tag = (uint32_t)t;
+    } else {
+        m->tag_idx = calloc(m->c.ntags, sizeof *m->tag_idx);
+        j->readings = calloc(m->c.ntags, sizeof *j->readings);
+        j->strs = calloc(m->c.ntags, sizeof *j->strs);
+        j->errs = calloc(m->c.ntags, ERRMSG_LEN);
+        if (!m->tag_idx || !j->readings || !j->strs || !j->errs) {
+            free(j->readings);
+            free(j->strs);
+            free(j->errs);
+            free(j);
+            fail(e, m, "busy", "out of memory");
+            return;
+        }
+        for (size_t k = 0; k < m->c.ntags; k++) {
+            int t = find_tag(m->d, m->c.tags[k]);
+            if (t < 0) {
+                free(j->readings);
+                free(j->strs);
+                free(j->errs);
+                free(j);
+                char msg[200];
+                snprintf(msg, sizeof msg, "no tag %s on this device", m->c.tags[k]);
+                fail(e, m, "unknown_tag", msg);
+                return;
+            }
+            m->tag_idx[k] = t;
+        }
+        j->type = JOB_READ;
+        j->idx = (const uint32_t *)m->tag_idx;
+        j->n = m->c.ntags;
+    }
+    if (m->d->online == 0) {
+        free(j->write_str);
+        free(j->readings);
+        free(j->strs);
+        free(j->errs);
+        free(j);
+        char msg[ERRMSG_LEN + 32];
+        snprintf(msg, sizeof msg, "device is offline: %s", m->d->status_err);
+        fail(e, m, "device_offline", msg);
+        return;
+    }
+    if (m->d->cmd_queued >= SMP_CMD_QUEUE_MAX || e->stopping) {
+        free(j->write_str);
+        free(j->readings);
+        free(j->strs);
+        free(j->errs);
+        free(j);
+        fail(e, m, e->stopping ? "device_offline" : "busy",
+             e->stopping ? "the gateway is stopping" : "too many commands queued for the device");
+        return;
+    }
+    /* Expiry also applies to time spent waiting in the queue. */
+    if (m->c.has_ttl) {
+        uint64_t base = m->c.has_ts ? (uint64_t)m->c.ts : m->recv_wall_ms;
+        j->deadline_wall_ms = base + (uint64_t)m->c.ttl_ms;
+    }
+    if (m->c.op == SMP_CMD_WRITE && m->c.has_id) {
+        /* Durable "accepted" record before the write, so a crash cannot lead to a re-run. */
+        struct begin_ctx *bc = calloc(1, sizeof *bc);
+        if (bc == NULL) {
+            free(j->write_str);
+            free(j);
+            fail(e, m, "busy", "out of memory");
+            return;
+        }
+        bc->m = m;
+        bc->j = j;
+        e->cmds->in_progress++;
+        smp_store_cmd_put(e->store, m->device, m->c.id, NULL, (int64_t)m->recv_wall_ms,
+                          after_begin_stored, bc);
+        return;
+    }
+    dispatch(e, m, j);
+}
+
+static void append_reading(smp_buf_t *b, const smp_tag_cfg_t *tc, const smp_reading_t *r)
+{
+    smp_eval_t v;
+    if (smp_eval_from_raw(tc, &r->value, &v) == 0) {
+        smp_buf_eval(b, &v);
+        smp_eval_clear(&v);
+    } else {
+        smp_buf_puts(b, "null");
+    }
+}
+
+static void write_done(smp_engine_t *e, struct cmd *m, struct job *j)
+{
+    struct device *d = m->d;
+    const smp_tag_cfg_t *tc = &d->cfg->tags[j->tag];
+    if (j->status < 0) {
+        const char *code = code_for(j->status);
+        if (strcmp(code, "device_offline") == 0 && j->started) {
+            code = "device_offline";
+        }
+        fail(e, m, code, j->errmsg[0] ? j->errmsg : "write failed");
+        return;
+    }
+    if (j->rb.status != 0) {
+        char msg[ERRMSG_LEN + 64];
+        snprintf(msg, sizeof msg, "write accepted but the read-back failed: %s", j->errmsg);
+        fail(e, m, "device_error", msg);
+        return;
+    }
+    /* The confirmed value is also the tag's newest state: it goes out in a data message now. */
+    smp__engine_apply_reading(e, d, j->tag, &j->rb, NULL, j->done_wall_ms);
+    smp__engine_emit(e, d, j->done_wall_ms, false);
+    if (!smp_cmd_raw_equal(tc, &j->write_raw, &j->rb.value)) {
+        smp_buf_t got;
+        smp_buf_init(&got);
+        append_reading(&got, tc, &j->rb);
+        char msg[256];
+        snprintf(msg, sizeof msg, "device reads back %s after the write of %s",
+                 got.p ? got.p : "?", m->value_json ? m->value_json : "?");
+        smp_buf_free(&got);
+        fail(e, m, "device_error", msg);
+        return;
+    }
+    smp_buf_t b;
+    begin_result(&b, m, true);
+    smp_buf_puts(&b, ",\"value\":");
+    append_reading(&b, tc, &j->rb);
+    smp_buf_printf(&b, ",\"ts\":%" PRIu64 "}", j->done_wall_ms);
+    LOG_INFO("cmd", "write %s on %s: %s = %s confirmed", m->c.id, m->device, m->c.tag,
+             m->value_json ? m->value_json : "?");
+    finish(e, m, &b, "ok", NULL);
+    smp_buf_free(&b);
+}
+
+static void read_done(smp_engine_t *e, struct cmd *m, struct job *j)
+{
+    struct device *d = m->d;
+    if (j->status < 0) {
+        fail(e, m, code_for(j->status), j->errmsg[0] ? j->errmsg : "read failed");
+        return;
+    }
+    smp_buf_t b, errs;
+    begin_result(&b, m, true);
+    smp_buf_init(&errs);
+    smp_buf_puts(&b, ",\"values\":{");
+    bool first = true, efirst = true;
+    for (size_t k = 0; k < j->n; k++) {
+        const smp_tag_cfg_t *tc = &d->cfg->tags[j->idx[k]];
+        const smp_reading_t *r = &j->readings[k];
+        smp_eval_t v;
+        if (r->status == 0 && smp_eval_from_raw(tc, &r->value, &v) == 0) {
+            smp_buf_printf(&b, "%s\"%s\":", first ? "" : ",", tc->name);
+            smp_buf_eval(&b, &v);
+            smp_eval_clear(&v);
+            first = false;
+        } else {
+            const char *msg = r->status ? JOB_ERR(j, k) : "value is not a finite number";
+            smp_buf_printf(&errs, "%s\"%s\":", efirst ? "" : ",", tc->name);
+            smp_buf_json_string(&errs, msg, strlen(msg));
+            efirst = false;
+        }
+    }
+    smp_buf_puts(&b, "}");
+    if (!efirst) {
+        smp_buf_puts(&b, ",\"errors\":{");
+        smp_buf_add(&b, errs.p, errs.len);
+        smp_buf_puts(&b, "}");
+    }
+    smp_buf_printf(&b, ",\"ts\":%" PRIu64 "}", j->done_wall_ms);
+    smp_buf_free(&errs);
+    finish(e, m, &b, "ok", NULL);
+    smp_buf_free(&b);
+}
+
+void smp__engine_write_done(smp_engine_t *e, struct job *j)
+{
+    struct cmd *m = j->cmd;
+    m->d->cmd_queued--;
+    e->cmds->in_progress--;
+    if (j->type == JOB_WRITE) {
+        write_done(e, m, j);
+    } else {
+        read_done(e, m, j);
+    }
+    free(j->write_str);
+    free(j->rb_str);
+    if (j->strs != NULL) {
+        for (size_t k = 0; k < j->n; k++) {
+            free(j->strs[k]);
+        }
+    }
+    free(j->strs);
+    free(j->errs);
+    free(j->readings);
+    free(j);
+    smp__engine_stop_progress(e);
+}
+
+void smp__engine_write_discard(smp_engine_t *e, struct job *j)
+{
+    (void)e;
+    cmd_free(j->cmd);
+    free(j->write_str);
+    free(j->rb_str);
+    if (j->strs != NULL) {
+        for (size_t k = 0; k < j->n; k++) {
+            free(j->strs[k]);
+        }
+    }
+    free(j->strs);
+    free(j->errs);
+    free(j->readings);
+    free(j);
+}

@@ -52,6 +52,7 @@ typedef struct smp_config {
         char *data_dir;   /* default "./data" */
         char *plugin_dir; /* NULL: use the default search path (plugin_host.h) */
         char *log_level;  /* default "info" */
+        int metrics_interval_s; /* P/G/metrics period, default 60 */
     } gateway;
     struct {
         char *host; /* default "127.0.0.1" */

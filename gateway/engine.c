@@ -1,1 +1,1331 @@
-/* placeholder: being written */
+/* The engine: scheduling, workers, decoding, deadband, payloads and the outbox pump.
+ *
+ * Threads. Everything in this file runs on the loop thread except worker_main() and the
+ * run_*() functions it calls, which run on a connection's worker thread. The two sides share
+ * only the job queues (conn->mu) and the done queue (e->done_mu); a job belongs to exactly one
+ * side at a time. Fields marked "worker" are touched only by the worker thread. */
+#include "engine.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bridge.h"
+#include "command.h"
+#include "engine_internal.h"
+#include "log.h"
+#include "store.h"
+#include "value.h"
+
+/* Backoff of a connection (or a silent device) after a failure: 1 s doubling to 30 s. */
+#define BACKOFF_INITIAL_MS 1000u
+#define BACKOFF_MAX_MS 30000u
+/* Consecutive timeouts on one connection, across its devices, before it is reopened. */
+#define TIMEOUTS_BEFORE_REOPEN 2
+/* Outbox rows fetched per round trip while replaying. */
+#define REPLAY_BATCH 500u
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+uint64_t smp__wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static char *xasprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *xasprintf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = NULL;
+    if (vasprintf(&s, fmt, ap) < 0) {
+        s = NULL;
+    }
+    va_end(ap);
+    return s;
+}
+
+static const char *err_text(int code, const char *message)
+{
+    if (message != NULL && message[0] != '\0') {
+        return message;
+    }
+    switch (code) {
+    case -ECONNREFUSED:
+        return "connection refused";
+    case -ETIMEDOUT:
+        return "timeout";
+    case -ENOTCONN:
+        return "not connected";
+    case -ECONNRESET:
+        return "connection reset";
+    case -EHOSTUNREACH:
+        return "host unreachable";
+    case -ENOMEM:
+        return "out of memory";
+    default:
+        return strerror(-code);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Jobs and the worker thread                                                                  */
+
+static void job_free(struct job *j)
+{
+    if (j == NULL) {
+        return;
+    }
+    if (j->strs != NULL) {
+        for (size_t k = 0; k < j->n; k++) {
+            free(j->strs[k]);
+        }
+    }
+    free(j->strs);
+    free(j->errs);
+    free(j->readings);
+    free(j->write_str);
+    free(j->rb_str);
+    free(j);
+}
+
+static void done_push(smp_engine_t *e, struct job *j)
+{
+    uv_mutex_lock(&e->done_mu);
+    j->next = NULL;
+    if (e->done_tail != NULL) {
+        e->done_tail->next = j;
+    } else {
+        e->done_head = j;
+    }
+    e->done_tail = j;
+    uv_mutex_unlock(&e->done_mu);
+    uv_async_send(&e->done_async);
+}
+
+static void set_worker_error(struct job *j, int code, const char *message)
+{
+    j->status = code;
+    snprintf(j->errmsg, sizeof j->errmsg, "%s", err_text(code, message));
+}
+
+/* Opens the connection if it is closed and its backoff allows. Worker thread. */
+static int ensure_open(struct conn *c, uint64_t now, struct job *j)
+{
+    const smp_plugin_t *p = c->plugin->desc;
+    if (c->pconn == NULL) {
+        set_worker_error(j, -ENOMEM, "driver could not create the connection");
+        return -1;
+    }
+    if (c->open) {
+        return 0;
+    }
+    if (now < c->next_open_ms) {
+        set_worker_error(j, c->last_open_err ? c->last_open_err : -ENOTCONN, c->last_open_msg);
+        return -1;
+    }
+    int rc = p->conn_open(c->pconn);
+    if (rc < 0) {
+        c->backoff_ms = c->backoff_ms ? c->backoff_ms * 2 : BACKOFF_INITIAL_MS;
+        if (c->backoff_ms > BACKOFF_MAX_MS) {
+            c->backoff_ms = BACKOFF_MAX_MS;
+        }
+        c->next_open_ms = now + c->backoff_ms;
+        c->last_open_err = rc;
+        snprintf(c->last_open_msg, sizeof c->last_open_msg, "%s", err_text(rc, NULL));
+        set_worker_error(j, rc, NULL);
+        return -1;
+    }
+    c->open = true;
+    c->backoff_ms = 0;
+    c->timeouts = 0;
+    return 0;
+}
+
+/* After a failed device call: decides between "this device is silent" and "the connection is
+ * broken". Worker thread. */
+static void after_failure(struct conn *c, struct device *d, int rc, uint64_t now)
+{
+    const smp_plugin_t *p = c->plugin->desc;
+    if (rc == -ETIMEDOUT) {
+        /* One silent unit id must not take down the others sharing the connection: back off
+         * this device only, and reopen the connection when timeouts pile up across it. */
+        d->w_backoff_ms = d->w_backoff_ms ? d->w_backoff_ms * 2 : BACKOFF_INITIAL_MS;
+        if (d->w_backoff_ms > BACKOFF_MAX_MS) {
+            d->w_backoff_ms = BACKOFF_MAX_MS;
+        }
+        d->w_next_try_ms = now + d->w_backoff_ms;
+        if (++c->timeouts < TIMEOUTS_BEFORE_REOPEN) {
+            return;
+        }
+    }
+    p->conn_close(c->pconn);
+    c->open = false;
+    c->timeouts = 0;
+    c->backoff_ms = c->backoff_ms ? c->backoff_ms * 2 : BACKOFF_INITIAL_MS;
+    if (c->backoff_ms > BACKOFF_MAX_MS) {
+        c->backoff_ms = BACKOFF_MAX_MS;
+    }
+    /* The first reopen after a broken connection is immediate; repeated failures back off. */
+    c->next_open_ms = now;
+    c->last_open_err = rc;
+    snprintf(c->last_open_msg, sizeof c->last_open_msg, "%s", err_text(rc, NULL));
+}
+
+static void run_read(struct conn *c, struct job *j)
+{
+    struct device *d = j->dev;
+    const smp_plugin_t *p = c->plugin->desc;
+    uint64_t now = mono_ms();
+    if (ensure_open(c, now, j) < 0) {
+        return;
+    }
+    if (d->pdev == NULL) {
+        set_worker_error(j, -EINVAL, "driver could not create the device");
+        return;
+    }
+    if (now < d->w_next_try_ms) {
+        set_worker_error(j, -ETIMEDOUT, "no response (retrying with backoff)");
+        return;
+    }
+    memset(j->readings, 0, j->n * sizeof *j->readings);
+    int rc = p->device_read(d->pdev, j->idx, j->n, j->readings);
+    j->done_wall_ms = smp__wall_ms();
+    if (rc < 0) {
+        set_worker_error(j, rc, NULL);
+        after_failure(c, d, rc, now);
+        return;
+    }
+    d->w_backoff_ms = 0;
+    d->w_next_try_ms = 0;
+    c->timeouts = 0;
+    j->status = rc;
+    /* Driver strings are valid only until the next call on the device: copy them now. */
+    for (size_t k = 0; k < j->n; k++) {
+        smp_reading_t *r = &j->readings[k];
+        const smp_tag_cfg_t *t = &d->cfg->tags[j->idx[k]];
+        if (r->status != 0) {
+            snprintf(JOB_ERR(j, k), ERRMSG_LEN, "%s", err_text(r->status, r->message));
+            r->message = NULL;
+        } else if (t->type == SMP_TYPE_STRING) {
+            size_t len = r->value.len > SMP_STRING_MAX ? SMP_STRING_MAX : r->value.len;
+            j->strs[k] = malloc(len + 1);
+            if (j->strs[k] == NULL) {
+                r->status = -ENOMEM;
+                snprintf(JOB_ERR(j, k), ERRMSG_LEN, "out of memory");
+                continue;
+            }
+            if (len > 0 && r->value.s != NULL) {
+                memcpy(j->strs[k], r->value.s, len);
+            } else {
+                len = 0;
+            }
+            j->strs[k][len] = '\0';
+            r->value.s = j->strs[k];
+            r->value.len = len;
+        }
+    }
+}
+
+static void run_write(struct conn *c, struct job *j)
+{
+    struct device *d = j->dev;
+    const smp_plugin_t *p = c->plugin->desc;
+    uint64_t now = mono_ms();
+    j->started = true;
+    if (ensure_open(c, now, j) < 0) {
+        j->status = -ENOTCONN;
+        return;
+    }
+    if (d->pdev == NULL) {
+        set_worker_error(j, -EINVAL, "driver could not create the device");
+        return;
+    }
+    const char *message = NULL;
+    smp_reading_t rb;
+    memset(&rb, 0, sizeof rb);
+    int rc = p->device_write(d->pdev, j->tag, &j->write_raw, &rb, &message);
+    j->done_wall_ms = smp__wall_ms();
+    if (rc < 0) {
+        set_worker_error(j, rc, message);
+        /* The driver refused the value itself (-ERANGE, -EPERM, -E2BIG) or the device
+         * answered with an exception: the connection is fine. */
+        if (rc != SMP_EDEVICE && rc != -ERANGE && rc != -EPERM && rc != -E2BIG &&
+            rc != -EINVAL) {
+            after_failure(c, d, rc, now);
+        }
+        return;
+    }
+    j->status = 0;
+    j->rb = rb;
+    if (rb.status == 0 && d->cfg->tags[j->tag].type == SMP_TYPE_STRING) {
+        size_t len = rb.value.len > SMP_STRING_MAX ? SMP_STRING_MAX : rb.value.len;
+        j->rb_str = malloc(len + 1);
+        if (j->rb_str != NULL) {
+            if (len > 0 && rb.value.s != NULL) {
+                memcpy(j->rb_str, rb.value.s, len);
+            } else {
+                len = 0;
+            }
+            j->rb_str[len] = '\0';
+        }
+        j->rb.value.s = j->rb_str;
+        j->rb.value.len = j->rb_str ? len : 0;
+    } else if (rb.status != 0) {
+        snprintf(j->errmsg, sizeof j->errmsg, "%s", err_text(rb.status, rb.message));
+        j->rb.message = NULL;
+    }
+}
+
+static void worker_main(void *arg)
+{
+    struct conn *c = arg;
+    const smp_plugin_t *p = c->plugin->desc;
+    c->pconn = p->conn_create(c->params, c->scope);
+    if (c->pconn == NULL) {
+        LOG_ERR(c->scope, "driver could not create the connection");
+    }
+    for (size_t k = 0; k < c->ndevs; k++) {
+        struct device *d = c->devs[k];
+        if (c->pconn != NULL) {
+            d->pdev = p->device_create(c->pconn, d->cfg->conn_params, d->ptags, d->cfg->ntags,
+                                       d->scope);
+            if (d->pdev == NULL) {
+                LOG_ERR(d->scope, "driver could not create the device");
+            }
+        }
+    }
+    for (;;) {
+        uv_mutex_lock(&c->mu);
+        while (c->cmd_head == NULL && c->poll_head == NULL && !c->stop) {
+            uv_cond_wait(&c->cv, &c->mu);
+        }
+        struct job *j = NULL;
+        if (c->cmd_head != NULL) {
+            j = c->cmd_head;
+            c->cmd_head = j->next;
+            if (c->cmd_head == NULL) {
+                c->cmd_tail = NULL;
+            }
+        } else if (c->poll_head != NULL && !c->stop) {
+            j = c->poll_head;
+            c->poll_head = j->next;
+            if (c->poll_head == NULL) {
+                c->poll_tail = NULL;
+            }
+        }
+        uv_mutex_unlock(&c->mu);
+        if (j == NULL) {
+            break; /* stop requested and no command left */
+        }
+        if (j->deadline_wall_ms != 0 && smp__wall_ms() > j->deadline_wall_ms) {
+            set_worker_error(j, -ETIME, "expired while waiting in the device's queue");
+        } else if (j->type == JOB_READ) {
+            run_read(c, j);
+        } else {
+            run_write(c, j);
+        }
+        done_push(c->eng, j);
+    }
+    for (size_t k = 0; k < c->ndevs; k++) {
+        if (c->devs[k]->pdev != NULL) {
+            p->device_destroy(c->devs[k]->pdev);
+            c->devs[k]->pdev = NULL;
+        }
+    }
+    if (c->pconn != NULL) {
+        p->conn_close(c->pconn);
+        p->conn_destroy(c->pconn);
+        c->pconn = NULL;
+    }
+    struct job *bye = calloc(1, sizeof *bye);
+    if (bye != NULL) {
+        bye->type = JOB_EXIT;
+        bye->conn = c;
+        done_push(c->eng, bye);
+    } else {
+        /* Without memory for the notice the loop learns of the exit from the stop timeout. */
+        LOG_ERR(c->scope, "out of memory at worker exit");
+    }
+}
+
+/* Queues a job for a connection's worker. Commands go ahead of polls. Loop thread. */
+void smp__engine_enqueue(struct conn *c, struct job *j)
+{
+    j->next = NULL;
+    j->conn = c;
+    uv_mutex_lock(&c->mu);
+    if (j->cmd != NULL) {
+        if (c->cmd_tail != NULL) {
+            c->cmd_tail->next = j;
+        } else {
+            c->cmd_head = j;
+        }
+        c->cmd_tail = j;
+    } else {
+        if (c->poll_tail != NULL) {
+            c->poll_tail->next = j;
+        } else {
+            c->poll_head = j;
+        }
+        c->poll_tail = j;
+    }
+    uv_cond_signal(&c->cv);
+    uv_mutex_unlock(&c->mu);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Publishing: status, data through the outbox, metrics                                        */
+
+static void publish_direct(smp_engine_t *e, const char *topic, const smp_buf_t *b, bool retain)
+{
+    if (b->oom || !smp_bridge_connected(e->bridge)) {
+        return;
+    }
+    int rc = smp_bridge_publish(e->bridge, topic, b->p, b->len, e->cfg->mqtt.qos, retain, 0, NULL);
+    if (rc == 0) {
+        e->stats.publishes++;
+    } else {
+        LOG_DEBUG("engine", "publish to %s failed: %s", topic, strerror(-rc));
+    }
+}
+
+static void publish_device_status(smp_engine_t *e, struct device *d)
+{
+    if (d->online < 0) {
+        return; /* not polled yet: nothing true to say */
+    }
+    smp_buf_t b;
+    smp_buf_init(&b);
+    smp_buf_printf(&b, "{\"state\":\"%s\",\"ts\":%" PRIu64, d->online ? "online" : "offline",
+                   d->status_ts);
+    if (!d->online && d->status_err[0] != '\0') {
+        smp_buf_puts(&b, ",\"error\":");
+        smp_buf_json_string(&b, d->status_err, strlen(d->status_err));
+    }
+    smp_buf_puts(&b, "}");
+    publish_direct(e, d->topic_status, &b, true);
+    smp_buf_free(&b);
+}
+
+static void set_device_state(smp_engine_t *e, struct device *d, bool online, const char *err)
+{
+    if (d->online == (int)online &&
+        (online || strcmp(d->status_err, err != NULL ? err : "") == 0)) {
+        return;
+    }
+    if (online) {
+        if (d->online == 0) {
+            LOG_INFO(d->scope, "online again");
+        } else {
+            LOG_INFO(d->scope, "online");
+        }
+        d->status_err[0] = '\0';
+        d->need_full = true; /* a device that comes back reports everything */
+    } else if (d->online != 0) {
+        LOG_WARN(d->scope, "offline: %s", err);
+    }
+    d->online = online;
+    if (!online) {
+        snprintf(d->status_err, sizeof d->status_err, "%s", err != NULL ? err : "");
+    }
+    d->status_ts = smp__wall_ms();
+    publish_device_status(e, d);
+}
+
+/* Live ids published ahead of the replay cursor, so the replay skips them. */
+static void live_add(smp_engine_t *e, int64_t id)
+{
+    if (e->live_n == e->live_cap) {
+        size_t cap = e->live_cap ? e->live_cap * 2 : 64;
+        int64_t *p = realloc(e->live_ids, cap * sizeof *p);
+        if (p == NULL) {
+            return; /* worst case the message is sent twice: at-least-once still holds */
+        }
+        e->live_ids = p;
+        e->live_cap = cap;
+    }
+    e->live_ids[e->live_n++] = id;
+}
+
+static bool live_take(smp_engine_t *e, int64_t id)
+{
+    for (size_t k = 0; k < e->live_n; k++) {
+        if (e->live_ids[k] == id) {
+            e->live_ids[k] = e->live_ids[--e->live_n];
+            return true;
+        }
+    }
+    return false;
+}
+
+static void pump(smp_engine_t *e);
+
+static size_t replay_window(const smp_engine_t *e)
+{
+    /* Replay may use three quarters of the in-flight window, so live data always has room. */
+    size_t w = (size_t)e->cfg->mqtt.inflight_max;
+    size_t r = w - w / 4;
+    return r ? r : 1;
+}
+
+static int publish_row(smp_engine_t *e, int64_t id, const char *topic, const void *payload,
+                       size_t len)
+{
+    int qos = e->cfg->mqtt.qos;
+    int rc = smp_bridge_publish(e->bridge, topic, payload, len, qos, false,
+                                qos > 0 ? (uint64_t)id : 0, NULL);
+    if (rc == 0) {
+        e->stats.publishes++;
+        if (qos == 0) {
+            /* QoS 0 is best effort: the message leaves the outbox once handed to the socket. */
+            smp_store_outbox_ack(e->store, id);
+        }
+    }
+    return rc;
+}
+
+static void on_fetch(void *arg, int status, const smp_outbox_row_t *rows, size_t n)
+{
+    smp_engine_t *e = arg;
+    e->fetch_in_flight = false;
+    if (status < 0) {
+        LOG_WARN("engine", "outbox read failed: %s", strerror(-status));
+        e->backlog = true;
+        return;
+    }
+    if (e->stopping || !smp_bridge_connected(e->bridge) || e->fetch_epoch != e->conn_epoch) {
+        return;
+    }
+    bool blocked = false;
+    for (size_t k = 0; k < n; k++) {
+        if (live_take(e, rows[k].id)) {
+            e->cursor = rows[k].id;
+            continue;
+        }
+        int rc = publish_row(e, rows[k].id, rows[k].topic, rows[k].payload, rows[k].len);
+        if (rc != 0) {
+            blocked = true;
+            break;
+        }
+        e->cursor = rows[k].id;
+        e->stats.replayed++;
+    }
+    if (!blocked && n < e->fetch_max) {
+        e->backlog = false; /* caught up: live messages go straight out from now on */
+        return;
+    }
+    if (!blocked) {
+        pump(e);
+    }
+}
+
+static void pump(smp_engine_t *e)
+{
+    if (!e->backlog || e->fetch_in_flight || e->stopping || !smp_bridge_connected(e->bridge)) {
+        return;
+    }
+    size_t inflight = smp_bridge_inflight(e->bridge);
+    size_t window = replay_window(e);
+    if (inflight >= window) {
+        return; /* an ack will call us again */
+    }
+    size_t space = window - inflight;
+    e->fetch_max = space < REPLAY_BATCH ? space : REPLAY_BATCH;
+    e->fetch_in_flight = true;
+    e->fetch_epoch = e->conn_epoch;
+    smp_store_outbox_fetch(e->store, e->cursor, e->fetch_max, on_fetch, e);
+}
+
+struct pending {
+    smp_engine_t *e;
+    char *topic;
+    char *payload;
+    size_t len;
+};
+
+static void on_outbox_added(void *arg, int status, int64_t id)
+{
+    struct pending *m = arg;
+    smp_engine_t *e = m->e;
+    e->pending_adds--;
+    if (status < 0) {
+        /* Not persisted (disk full, I/O error): publish from memory, best effort. */
+        e->stats.store_errors++;
+        if (smp_bridge_connected(e->bridge) &&
+            smp_bridge_publish(e->bridge, m->topic, m->payload, m->len, e->cfg->mqtt.qos, false,
+                               0, NULL) == 0) {
+            e->stats.publishes++;
+        } else {
+            e->stats.lost++;
+        }
+    } else if (!e->stopping && smp_bridge_connected(e->bridge) &&
+               smp_bridge_inflight(e->bridge) < (size_t)e->cfg->mqtt.inflight_max &&
+               publish_row(e, id, m->topic, m->payload, m->len) == 0) {
+        if (e->backlog && e->cfg->mqtt.qos > 0) {
+            live_add(e, id); /* sent ahead of the replay: the replay must skip it */
+        }
+    } else {
+        e->backlog = true; /* it waits in the outbox; the pump sends it */
+    }
+    free(m->topic);
+    free(m->payload);
+    free(m);
+    pump(e);
+    if (e->stopping) {
+        smp__engine_stop_progress(e);
+    }
+}
+
+static void queue_data(smp_engine_t *e, struct device *d, smp_buf_t *b)
+{
+    struct pending *m = calloc(1, sizeof *m);
+    if (m == NULL || b->oom) {
+        free(m);
+        e->stats.lost++;
+        return;
+    }
+    m->e = e;
+    m->topic = strdup(d->topic_data);
+    m->payload = b->p; /* ownership moves to the pending message */
+    m->len = b->len;
+    b->p = NULL;
+    if (m->topic == NULL) {
+        free(m->payload);
+        free(m);
+        e->stats.lost++;
+        return;
+    }
+    e->pending_adds++;
+    smp_store_outbox_add(e->store, d->cfg->name, d->seq, m->topic, m->payload, m->len,
+                         on_outbox_added, m);
+}
+
+static void add_value(smp_buf_t *b, bool *first, const char *name, const smp_eval_t *v)
+{
+    smp_buf_puts(b, *first ? "\"" : ",\"");
+    smp_buf_puts(b, name); /* names are [A-Za-z0-9_-]+: no escaping needed */
+    smp_buf_puts(b, "\":");
+    smp_buf_eval(b, v);
+    *first = false;
+}
+
+static void add_error(smp_buf_t *b, bool *first, const char *name, const char *msg)
+{
+    smp_buf_puts(b, *first ? "\"" : ",\"");
+    smp_buf_puts(b, name);
+    smp_buf_puts(b, "\":");
+    smp_buf_json_string(b, msg, strlen(msg));
+    *first = false;
+}
+
+static void record_value(smp_engine_t *e, struct device *d, size_t t, uint64_t ts)
+{
+    struct tag_rt *tr = &d->tags[t];
+    char text[SMP_STRING_MAX * 6 + 64];
+    size_t len = smp_eval_to_json(&tr->current, text, sizeof text);
+    if (len < sizeof text) {
+        smp_store_put_value(e->store, d->cfg->name, d->cfg->tags[t].name, text, (int64_t)ts);
+    }
+}
+
+/* Builds and queues a data message from the tags whose state changed in this poll. `polled`
+ * lists the tags this poll read (all tags are candidates on a full refresh). */
+void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
+{
+    smp_buf_t vals, errs;
+    smp_buf_init(&vals);
+    smp_buf_init(&errs);
+    bool vfirst = true, efirst = true;
+    for (size_t t = 0; t < d->cfg->ntags; t++) {
+        struct tag_rt *tr = &d->tags[t];
+        if (tr->err != 0) {
+            if (tr->err_dirty || full) {
+                add_error(&errs, &efirst, d->cfg->tags[t].name, tr->errmsg);
+            }
+            tr->err_dirty = false;
+            continue;
+        }
+        if (tr->current.kind == SMP_EV_NONE) {
+            continue;
+        }
+        if (tr->dirty || full) {
+            add_value(&vals, &vfirst, d->cfg->tags[t].name, &tr->current);
+            if (tr->dirty) {
+                record_value(e, d, t, tr->current_ts ? tr->current_ts : ts);
+            }
+            smp_eval_clear(&tr->reported);
+            smp_eval_copy(&tr->reported, &tr->current);
+            tr->dirty = false;
+            e->stats.values++;
+        }
+    }
+    if (!vfirst || !efirst) {
+        smp_buf_t b;
+        smp_buf_init(&b);
+        d->seq++;
+        smp_buf_printf(&b, "{\"ts\":%" PRIu64 ",\"seq\":%" PRIu64 ",\"values\":{", ts, d->seq);
+        if (vals.len > 0) {
+            smp_buf_add(&b, vals.p, vals.len);
+        }
+        smp_buf_puts(&b, "}");
+        if (!efirst) {
+            smp_buf_puts(&b, ",\"errors\":{");
+            smp_buf_add(&b, errs.p, errs.len);
+            smp_buf_puts(&b, "}");
+        }
+        smp_buf_puts(&b, "}");
+        queue_data(e, d, &b);
+        smp_buf_free(&b);
+    }
+    smp_buf_free(&vals);
+    smp_buf_free(&errs);
+}
+
+/* Applies one tag reading (from a poll or a command's read-back) to the tag's state. */
+void smp__engine_apply_reading(smp_engine_t *e, struct device *d, uint32_t t,
+                               const smp_reading_t *r, const char *errmsg, uint64_t ts)
+{
+    struct tag_rt *tr = &d->tags[t];
+    const smp_tag_cfg_t *tc = &d->cfg->tags[t];
+    if (r->status != 0) {
+        const char *msg = errmsg != NULL && errmsg[0] ? errmsg : err_text(r->status, NULL);
+        if (tr->err == 0 || strcmp(tr->errmsg, msg) != 0) {
+            tr->err_dirty = true;
+        }
+        tr->err = r->status;
+        snprintf(tr->errmsg, sizeof tr->errmsg, "%s", msg);
+        /* The value is unknown now; when it comes back it is reported again. */
+        smp_eval_clear(&tr->current);
+        smp_eval_clear(&tr->reported);
+        tr->dirty = false;
+        return;
+    }
+    smp_eval_t v;
+    int rc = smp_eval_from_raw(tc, &r->value, &v);
+    if (rc < 0) {
+        smp_reading_t bad = *r;
+        bad.status = rc;
+        smp__engine_apply_reading(e, d, t, &bad,
+                                  rc == -EDOM ? "value is not a finite number" : NULL, ts);
+        return;
+    }
+    if (tr->err != 0) {
+        tr->err = 0;
+        tr->err_dirty = false;
+    }
+    bool changed = smp_eval_changed(tc, &tr->reported, &v);
+    smp_eval_clear(&tr->current);
+    tr->current = v;
+    tr->current_ts = ts;
+    if (changed) {
+        tr->dirty = true;
+    }
+}
+
+static void handle_read(smp_engine_t *e, struct job *j)
+{
+    struct group *g = j->grp;
+    struct device *d = j->dev;
+    g->in_flight = false;
+    if (e->stopping) {
+        return;
+    }
+    if (j->status < 0) {
+        e->stats.poll_errors++;
+        set_device_state(e, d, false, j->errmsg);
+        return;
+    }
+    e->stats.polls++;
+    e->stats.requests += (uint64_t)j->status;
+    set_device_state(e, d, true, NULL);
+    uint64_t now = uv_now(e->loop);
+    bool full = d->need_full || now - d->last_full_ms >= (uint64_t)d->cfg->refresh_s * 1000u;
+    for (size_t k = 0; k < j->n; k++) {
+        smp__engine_apply_reading(e, d, j->idx[k], &j->readings[k],
+                                  j->readings[k].status ? JOB_ERR(j, k) : NULL, j->done_wall_ms);
+    }
+    smp__engine_emit(e, d, j->done_wall_ms, full);
+    if (full) {
+        d->need_full = false;
+        d->last_full_ms = now;
+    }
+}
+
+static void on_group_timer(uv_timer_t *t)
+{
+    struct group *g = t->data;
+    struct device *d = g->dev;
+    smp_engine_t *e = d->eng;
+    if (e->stopping) {
+        return;
+    }
+    if (g->in_flight) {
+        /* The previous poll of this group has not come back (slow or dead device): skip rather
+         * than pile up requests behind it. */
+        e->stats.overruns++;
+        return;
+    }
+    struct job *j = calloc(1, sizeof *j);
+    if (j != NULL) {
+        j->readings = calloc(g->n, sizeof *j->readings);
+        j->strs = calloc(g->n, sizeof *j->strs);
+        j->errs = calloc(g->n, ERRMSG_LEN);
+    }
+    if (j == NULL || j->readings == NULL || j->strs == NULL || j->errs == NULL) {
+        job_free(j);
+        e->stats.poll_errors++;
+        return;
+    }
+    j->type = JOB_READ;
+    j->dev = d;
+    j->grp = g;
+    j->idx = g->idx;
+    j->n = g->n;
+    g->in_flight = true;
+    smp__engine_enqueue(d->conn, j);
+}
+
+static void metrics_publish(smp_engine_t *e)
+{
+    smp_store_stats_t ss;
+    smp_store_stats(e->store, &ss);
+    long rss_kb = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f != NULL) {
+        long pages_total = 0, pages_rss = 0;
+        if (fscanf(f, "%ld %ld", &pages_total, &pages_rss) == 2) {
+            rss_kb = pages_rss * (sysconf(_SC_PAGESIZE) / 1024);
+        }
+        fclose(f);
+    }
+    smp_buf_t b;
+    smp_buf_init(&b);
+    smp_buf_printf(&b,
+                   "{\"ts\":%" PRIu64 ",\"uptime_s\":%" PRIu64 ",\"polls\":%" PRIu64
+                   ",\"poll_errors\":%" PRIu64 ",\"requests\":%" PRIu64 ",\"overruns\":%" PRIu64,
+                   smp__wall_ms(), (uv_now(e->loop) - e->started_ms) / 1000u, e->stats.polls,
+                   e->stats.poll_errors, e->stats.requests, e->stats.overruns);
+    smp_buf_printf(&b,
+                   ",\"values\":%" PRIu64 ",\"publishes\":%" PRIu64 ",\"acked\":%" PRIu64
+                   ",\"replayed\":%" PRIu64,
+                   e->stats.values, e->stats.publishes, e->stats.acked, e->stats.replayed);
+    smp_buf_printf(&b,
+                   ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64 ",\"outbox_bytes\":%" PRIu64
+                   ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64 ",\"rss_kb\":%ld}",
+                   e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
+                   ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
+    publish_direct(e, e->topic_metrics, &b, false);
+    smp_buf_free(&b);
+}
+
+static void on_metrics_timer(uv_timer_t *t)
+{
+    metrics_publish(t->data);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Bridge callbacks                                                                            */
+
+static void on_mqtt_connect(void *arg)
+{
+    smp_engine_t *e = arg;
+    e->conn_epoch++;
+    e->cursor = 0;
+    e->live_n = 0;
+    e->backlog = true;
+    e->fetch_in_flight = false;
+    for (size_t k = 0; k < e->ndevs; k++) {
+        struct device *d = &e->devs[k];
+        publish_device_status(e, d);
+        d->need_full = true; /* the platform may have missed changes: send everything */
+    }
+    pump(e);
+}
+
+static void on_mqtt_disconnect(void *arg)
+{
+    smp_engine_t *e = arg;
+    e->backlog = true;
+    e->conn_epoch++;
+}
+
+static void on_mqtt_ack(void *arg, uint64_t token)
+{
+    smp_engine_t *e = arg;
+    e->stats.acked++;
+    smp_store_outbox_ack(e->store, (int64_t)token);
+    live_take(e, (int64_t)token);
+    pump(e);
+}
+
+static void on_mqtt_message(void *arg, const char *topic, const void *payload, size_t len,
+                            const smp_mqtt_props_t *props)
+{
+    smp__engine_command(arg, topic, payload, len, props);
+}
+
+static void on_bridge_stopped(void *arg)
+{
+    smp_engine_t *e = arg;
+    e->bridge_stopped = true;
+    smp__engine_stop_progress(e);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Done queue, set-up, stop                                                                    */
+
+static void on_done(uv_async_t *a)
+{
+    smp_engine_t *e = a->data;
+    uv_mutex_lock(&e->done_mu);
+    struct job *j = e->done_head;
+    e->done_head = e->done_tail = NULL;
+    uv_mutex_unlock(&e->done_mu);
+    while (j != NULL) {
+        struct job *next = j->next;
+        switch (j->type) {
+        case JOB_READ:
+            if (j->cmd != NULL) {
+                smp__engine_write_done(e, j); /* a command's read; takes ownership */
+                break;
+            }
+            handle_read(e, j);
+            job_free(j);
+            break;
+        case JOB_WRITE:
+            smp__engine_write_done(e, j); /* takes ownership */
+            break;
+        case JOB_EXIT:
+            j->conn->exited = true;
+            e->workers_alive--;
+            free(j);
+            smp__engine_stop_progress(e);
+            break;
+        }
+        j = next;
+    }
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_t *dc)
+{
+    const char *pre = e->cfg->mqtt.topic_prefix;
+    const char *gid = e->cfg->gateway.id;
+    d->eng = e;
+    d->cfg = dc;
+    d->online = -1;
+    d->need_full = true;
+    snprintf(d->scope, sizeof d->scope, "%s:%s", dc->protocol, dc->name);
+    d->topic_data = xasprintf("%s/%s/%s/data", pre, gid, dc->name);
+    d->topic_status = xasprintf("%s/%s/%s/status", pre, gid, dc->name);
+    d->topic_result = xasprintf("%s/%s/%s/cmd/result", pre, gid, dc->name);
+    d->tags = calloc(dc->ntags, sizeof *d->tags);
+    d->ptags = calloc(dc->ntags, sizeof *d->ptags);
+    if (!d->topic_data || !d->topic_status || !d->topic_result || !d->tags || !d->ptags) {
+        return -ENOMEM;
+    }
+    for (size_t t = 0; t < dc->ntags; t++) {
+        d->ptags[t].name = dc->tags[t].name;
+        d->ptags[t].type = dc->tags[t].type;
+        d->ptags[t].writable = dc->tags[t].writable;
+        d->ptags[t].params = dc->tags[t].params;
+    }
+    /* One poll group per distinct interval: tags polled together are planned together. */
+    uint32_t *ivals = calloc(dc->ntags, sizeof *ivals);
+    if (ivals == NULL) {
+        return -ENOMEM;
+    }
+    size_t ni = 0;
+    for (size_t t = 0; t < dc->ntags; t++) {
+        uint32_t iv = dc->tags[t].interval_ms ? dc->tags[t].interval_ms : dc->interval_ms;
+        bool seen = false;
+        for (size_t k = 0; k < ni; k++) {
+            seen = seen || ivals[k] == iv;
+        }
+        if (!seen) {
+            ivals[ni++] = iv;
+        }
+    }
+    qsort(ivals, ni, sizeof *ivals, cmp_u32);
+    d->groups = calloc(ni, sizeof *d->groups);
+    if (d->groups == NULL) {
+        free(ivals);
+        return -ENOMEM;
+    }
+    d->ngroups = ni;
+    for (size_t k = 0; k < ni; k++) {
+        struct group *g = &d->groups[k];
+        g->dev = d;
+        g->interval_ms = ivals[k];
+        g->idx = calloc(dc->ntags, sizeof *g->idx);
+        if (g->idx == NULL) {
+            free(ivals);
+            return -ENOMEM;
+        }
+        for (size_t t = 0; t < dc->ntags; t++) {
+            uint32_t iv = dc->tags[t].interval_ms ? dc->tags[t].interval_ms : dc->interval_ms;
+            if (iv == g->interval_ms) {
+                g->idx[g->n++] = (uint32_t)t;
+            }
+        }
+        uv_timer_init(e->loop, &g->timer);
+        g->timer.data = g;
+        g->timer_init = true;
+    }
+    free(ivals);
+    d->seq = smp_store_load_seq(e->store, dc->name);
+    return 0;
+}
+
+static void restore_last(void *arg, const char *device, const char *tag, const char *value_json,
+                         int64_t ts_ms)
+{
+    smp_engine_t *e = arg;
+    for (size_t k = 0; k < e->ndevs; k++) {
+        struct device *d = &e->devs[k];
+        if (strcmp(d->cfg->name, device) != 0) {
+            continue;
+        }
+        for (size_t t = 0; t < d->cfg->ntags; t++) {
+            if (strcmp(d->cfg->tags[t].name, tag) == 0) {
+                smp_eval_t v;
+                if (smp_eval_from_json(&d->cfg->tags[t], value_json, &v) == 0) {
+                    smp_eval_clear(&d->tags[t].reported);
+                    d->tags[t].reported = v;
+                    d->tags[t].restored_ts = (uint64_t)ts_ms;
+                }
+                return;
+            }
+        }
+    }
+}
+
+int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
+{
+    *out = NULL;
+    smp_engine_t *e = calloc(1, sizeof *e);
+    if (e == NULL) {
+        return -ENOMEM;
+    }
+    e->loop = loop;
+    e->cfg = cfg;
+    uv_mutex_init(&e->done_mu);
+    smp_store_opts_t so = {
+        .path = cfg->store.path,
+        .history_retention_h = cfg->store.history_retention_h,
+        .outbox_max_bytes = (int64_t)cfg->store.outbox_max_mb * 1024 * 1024,
+    };
+    int rc = smp_store_open(loop, &so, &e->store);
+    if (rc < 0) {
+        LOG_ERR("engine", "cannot open the store %s: %s", cfg->store.path, strerror(-rc));
+        uv_mutex_destroy(&e->done_mu);
+        free(e);
+        return rc;
+    }
+    e->topic_metrics = xasprintf("%s/%s/metrics", cfg->mqtt.topic_prefix, cfg->gateway.id);
+    e->topic_cmd_sub = xasprintf("%s/%s/+/cmd", cfg->mqtt.topic_prefix, cfg->gateway.id);
+    e->devs = calloc(cfg->ndevices ? cfg->ndevices : 1, sizeof *e->devs);
+    e->conns = calloc(cfg->ndevices ? cfg->ndevices : 1, sizeof *e->conns);
+    if (e->topic_metrics == NULL || e->topic_cmd_sub == NULL || e->devs == NULL ||
+        e->conns == NULL) {
+        rc = -ENOMEM;
+        goto fail;
+    }
+    e->ndevs = cfg->ndevices;
+    for (size_t k = 0; k < cfg->ndevices; k++) {
+        rc = setup_device(e, &e->devs[k], &cfg->devices[k]);
+        if (rc < 0) {
+            goto fail;
+        }
+    }
+    /* Devices with the same connection key share one connection and one worker. */
+    for (size_t k = 0; k < e->ndevs; k++) {
+        struct device *d = &e->devs[k];
+        struct conn *c = NULL;
+        for (size_t m = 0; m < e->nconns; m++) {
+            if (e->conns[m]->plugin == d->cfg->plugin &&
+                strcmp(e->conns[m]->key, d->cfg->conn_key) == 0) {
+                c = e->conns[m];
+            }
+        }
+        if (c == NULL) {
+            c = calloc(1, sizeof *c);
+            if (c == NULL) {
+                rc = -ENOMEM;
+                goto fail;
+            }
+            e->conns[e->nconns++] = c;
+            c->eng = e;
+            c->plugin = d->cfg->plugin;
+            c->params = d->cfg->conn_params;
+            snprintf(c->key, sizeof c->key, "%s", d->cfg->conn_key);
+            snprintf(c->scope, sizeof c->scope, "%s:%s", d->cfg->protocol, d->cfg->conn_key);
+            c->devs = calloc(e->ndevs, sizeof *c->devs);
+            if (c->devs == NULL) {
+                rc = -ENOMEM;
+                goto fail;
+            }
+            uv_mutex_init(&c->mu);
+            uv_cond_init(&c->cv);
+            c->sync_init = true;
+        }
+        c->devs[c->ndevs++] = d;
+        d->conn = c;
+    }
+    rc = smp_store_load_last(e->store, restore_last, e);
+    if (rc < 0) {
+        LOG_WARN("engine", "could not restore last values: %s", strerror(-rc));
+    }
+    smp__engine_commands_init(e);
+    smp_bridge_cbs_t cbs = {
+        .on_connect = on_mqtt_connect,
+        .on_disconnect = on_mqtt_disconnect,
+        .on_message = on_mqtt_message,
+        .on_ack = on_mqtt_ack,
+        .on_stopped = on_bridge_stopped,
+    };
+    rc = smp_bridge_new(loop, cfg, &cbs, e, &e->bridge);
+    if (rc < 0) {
+        goto fail;
+    }
+    uv_async_init(loop, &e->done_async, on_done);
+    e->done_async.data = e;
+    uv_timer_init(loop, &e->metrics_timer);
+    e->metrics_timer.data = e;
+    uv_timer_init(loop, &e->stop_timer);
+    e->stop_timer.data = e;
+    e->handles_init = true;
+    *out = e;
+    return 0;
+fail:
+    LOG_ERR("engine", "set-up failed: %s", strerror(-rc));
+    smp_engine_free(e);
+    return rc;
+}
+
+int smp_engine_start(smp_engine_t *e)
+{
+    e->started_ms = uv_now(e->loop);
+    for (size_t m = 0; m < e->nconns; m++) {
+        struct conn *c = e->conns[m];
+        if (uv_thread_create(&c->thread, worker_main, c) != 0) {
+            LOG_ERR(c->scope, "cannot start the worker thread");
+            return -EAGAIN;
+        }
+        c->started = true;
+        e->workers_alive++;
+    }
+    for (size_t k = 0; k < e->ndevs; k++) {
+        struct device *d = &e->devs[k];
+        for (size_t g = 0; g < d->ngroups; g++) {
+            /* Spread first polls a little so a street of lights does not fire at once. */
+            uint64_t first = (k * 37u) % (d->groups[g].interval_ms < 250 ? 1 : 250);
+            uv_timer_start(&d->groups[g].timer, on_group_timer, first, d->groups[g].interval_ms);
+        }
+    }
+    uint64_t mi = (uint64_t)(e->cfg->gateway.metrics_interval_s ? e->cfg->gateway.metrics_interval_s
+                                                                : 60) * 1000u;
+    uv_timer_start(&e->metrics_timer, on_metrics_timer, mi, mi);
+    smp_bridge_subscribe(e->bridge, e->topic_cmd_sub, 1);
+    int rc = smp_bridge_start(e->bridge);
+    if (rc < 0) {
+        LOG_ERR("engine", "mqtt start failed: %s", strerror(-rc));
+        return rc;
+    }
+    LOG_INFO("engine", "started: %zu devices on %zu connections", e->ndevs, e->nconns);
+    return 0;
+}
+
+static void on_stop_timeout(uv_timer_t *t)
+{
+    smp_engine_t *e = t->data;
+    LOG_WARN("engine", "stop deadline reached; finishing now");
+    e->stop_forced = true;
+    smp__engine_stop_progress(e);
+}
+
+/* Advances the stop sequence: workers exit -> pending outbox adds committed -> bridge stops
+ * (offline status) -> done. Called whenever one of those conditions may have changed. */
+void smp__engine_stop_progress(smp_engine_t *e)
+{
+    if (!e->stopping || e->stop_done) {
+        return;
+    }
+    if ((e->workers_alive > 0 || e->pending_adds > 0 || smp__engine_commands_busy(e)) &&
+        !e->stop_forced) {
+        return;
+    }
+    if (!e->bridge_stop_called) {
+        e->bridge_stop_called = true;
+        smp_bridge_stop(e->bridge, e->stop_forced ? 200 : 1500);
+        return;
+    }
+    if (!e->bridge_stopped && !e->stop_forced) {
+        return;
+    }
+    e->stop_done = true;
+    uv_timer_stop(&e->stop_timer);
+    if (e->stop_cb != NULL) {
+        e->stop_cb(e->stop_arg);
+    }
+}
+
+void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *arg), void *arg)
+{
+    if (e->stopping) {
+        return;
+    }
+    e->stopping = true;
+    e->stop_cb = done;
+    e->stop_arg = arg;
+    LOG_INFO("engine", "stopping");
+    for (size_t k = 0; k < e->ndevs; k++) {
+        for (size_t g = 0; g < e->devs[k].ngroups; g++) {
+            uv_timer_stop(&e->devs[k].groups[g].timer);
+        }
+    }
+    uv_timer_stop(&e->metrics_timer);
+    for (size_t m = 0; m < e->nconns; m++) {
+        struct conn *c = e->conns[m];
+        uv_mutex_lock(&c->mu);
+        c->stop = true;
+        /* Queued polls are dropped; queued commands still run (they were accepted). */
+        struct job *j = c->poll_head;
+        c->poll_head = c->poll_tail = NULL;
+        uv_cond_signal(&c->cv);
+        uv_mutex_unlock(&c->mu);
+        while (j != NULL) {
+            struct job *next = j->next;
+            j->grp->in_flight = false;
+            job_free(j);
+            j = next;
+        }
+    }
+    uv_timer_start(&e->stop_timer, on_stop_timeout, timeout_ms, 0);
+    smp__engine_stop_progress(e);
+}
+
+static void free_device(struct device *d)
+{
+    free(d->topic_data);
+    free(d->topic_status);
+    free(d->topic_result);
+    if (d->tags != NULL) {
+        for (size_t t = 0; t < d->cfg->ntags; t++) {
+            smp_eval_clear(&d->tags[t].current);
+            smp_eval_clear(&d->tags[t].reported);
+        }
+    }
+    free(d->tags);
+    free(d->ptags);
+    for (size_t g = 0; g < d->ngroups; g++) {
+        free(d->groups[g].idx);
+    }
+    free(d->groups);
+}
+
+static void close_noop(uv_handle_t *h)
+{
+    (void)h;
+}
+
+void smp_engine_free(smp_engine_t *e)
+{
+    if (e == NULL) {
+        return;
+    }
+    bool workers_stuck = false;
+    for (size_t m = 0; m < e->nconns; m++) {
+        struct conn *c = e->conns[m];
+        if (c->started && !c->exited) {
+            workers_stuck = true;
+        }
+    }
+    if (workers_stuck) {
+        /* A worker is still inside a blocking driver call past the stop deadline. Freeing what
+         * it uses would be unsafe; the process is about to exit, so leave it to the OS. */
+        LOG_WARN("engine", "a worker is still busy in its driver; not freeing its state");
+        smp_store_close(e->store);
+        return;
+    }
+    for (size_t m = 0; m < e->nconns; m++) {
+        if (e->conns[m]->started) {
+            uv_thread_join(&e->conns[m]->thread);
+        }
+    }
+    if (e->handles_init) {
+        /* Close our handles and let the loop run their close callbacks. */
+        for (size_t k = 0; k < e->ndevs; k++) {
+            for (size_t g = 0; g < e->devs[k].ngroups; g++) {
+                if (e->devs[k].groups[g].timer_init) {
+                    uv_close((uv_handle_t *)&e->devs[k].groups[g].timer, close_noop);
+                }
+            }
+        }
+        uv_close((uv_handle_t *)&e->done_async, close_noop);
+        uv_close((uv_handle_t *)&e->metrics_timer, close_noop);
+        uv_close((uv_handle_t *)&e->stop_timer, close_noop);
+        uv_run(e->loop, UV_RUN_NOWAIT);
+    } else {
+        for (size_t k = 0; k < e->ndevs; k++) {
+            for (size_t g = 0; g < e->devs[k].ngroups; g++) {
+                if (e->devs[k].groups[g].timer_init) {
+                    uv_close((uv_handle_t *)&e->devs[k].groups[g].timer, close_noop);
+                }
+            }
+        }
+        uv_run(e->loop, UV_RUN_NOWAIT);
+    }
+    /* Jobs that finished after the loop stopped. */
+    struct job *j = e->done_head;
+    while (j != NULL) {
+        struct job *next = j->next;
+        if (j->type == JOB_READ && j->cmd == NULL) {
+            job_free(j);
+        } else if (j->type == JOB_READ || j->type == JOB_WRITE) {
+            smp__engine_write_discard(e, j);
+        } else {
+            free(j);
+        }
+        j = next;
+    }
+    smp_bridge_free(e->bridge);
+    smp__engine_commands_free(e);
+    smp_store_close(e->store);
+    for (size_t k = 0; k < e->ndevs; k++) {
+        free_device(&e->devs[k]);
+    }
+    for (size_t m = 0; m < e->nconns; m++) {
+        struct conn *c = e->conns[m];
+        if (c->sync_init) {
+            uv_mutex_destroy(&c->mu);
+            uv_cond_destroy(&c->cv);
+        }
+        free(c->devs);
+        free(c);
+    }
+    free(e->conns);
+    free(e->devs);
+    free(e->live_ids);
+    free(e->topic_metrics);
+    free(e->topic_cmd_sub);
+    uv_mutex_destroy(&e->done_mu);
+    free(e);
+}

@@ -23,19 +23,26 @@ typedef struct smp_plugin_set smp_plugin_set_t;
 
 smp_plugin_set_t *smp_plugin_set_new(const char *plugin_dir);
 /* Returns the loaded plugin for `protocol`, loading it on first use. On failure returns NULL
- * and writes a one-line reason (e.g. "modbus.so: plugin ABI version 2, host supports 1") into
- * err. */
+ * and writes a one-line reason (e.g. "modbus.so: plugin ABI version 2, this simpul supports ABI
+ * version 1") into err. `protocol` must match [a-z0-9_]+ (it becomes a file name). The first
+ * directory of the search order that holds "P.so" decides; a broken plugin there is an error. */
 const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *protocol,
                                             char *err, size_t errlen);
 /* Registers a descriptor without dlopen (unit tests). The descriptor is checked like a loaded
  * one. Returns 0 or a negative code with the reason in err. */
 int smp_plugin_set_add_static(smp_plugin_set_t *set, const smp_plugin_t *desc, char *err,
                               size_t errlen);
-/* Checks a descriptor's abi_version, struct_size and required members. 0 or -EINVAL. */
+/* Checks a descriptor's abi_version, struct_size and required members. 0 or -EINVAL.
+ * `what` (e.g. "modbus.so") starts the message. check_connection and check_tag may be NULL;
+ * all other functions are required; reserved[] is ignored. */
 int smp_plugin_check(const smp_plugin_t *desc, const char *what, char *err, size_t errlen);
 void smp_plugin_set_free(smp_plugin_set_t *set);
 
-/* The host API table given to every plugin. */
+/* The host API table given to every plugin. Its log() takes as log_ctx a `const char *` scope
+ * string such as "modbus:pump-01" (printed as "[modbus:pump-01] "), or NULL; whoever hands a
+ * log_ctx to a plugin (conn_create, device_create) keeps that string alive while the plugin may
+ * log with it. monotonic_ms is CLOCK_MONOTONIC, wall_ms CLOCK_REALTIME, both in milliseconds.
+ * All three are safe to call from any thread. */
 extern const smp_host_api_t smp__host_api;
 
 #endif

@@ -1,1 +1,1863 @@
-/* placeholder: being written */
+/* Store: the gateway's memory in SQLite, written by one writer thread.
+ *
+ * Design (docs/store.md has the long version):
+ * - Loop-thread calls copy their arguments into an operation and append it to a queue under a
+ *   mutex; they never touch SQLite, so they never block on disk.
+ * - The writer thread takes everything queued (up to batch_max_ops), applies the writes of the
+ *   batch in one transaction (BEGIN IMMEDIATE ... COMMIT), and hands the finished operations
+ *   back to the loop through a uv_async_t, which runs the callbacks in queue order.
+ * - Reads (outbox_fetch, history) are operations too, so they are ordered with the writes. A read
+ *   first commits the writes queued before it, so it only ever returns committed rows.
+ * - Outbox byte and row counts are kept as running totals (loaded once at open), adjusted by the
+ *   statements of a transaction and folded in only when it commits.
+ * - One connection, used by the writer thread and, for the start-up reads, by the main thread;
+ *   db_mu makes those uses exclusive, so the connection is opened without SQLite's own mutex. */
+#include "store.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+
+#include "log.h"
+
+#define SCOPE "store"
+#define SCHEMA_VERSION 1
+
+/* Tunables. Plain statics rather than options: nothing outside needs to change them, and the
+ * unit tests (which #include this file) can shorten the timers. */
+static size_t batch_max_ops = 10000;     /* ops per transaction: bounds commit latency and WAL */
+static uint64_t idle_tick_ms = 1000;     /* idle wake-up for pruning and checkpoints */
+static uint64_t prune_interval_ms = 1000; /* at most one prune per interval, unless behind */
+static uint64_t prune_backlog_ms = 20;   /* wake-up while old history rows remain */
+static int prune_chunk = 1000;           /* rows per prune: a bounded, short delete */
+static int64_t cmd_result_keep_ms = 24 * 3600000LL;  /* far beyond the 10 min dedup window */
+static int64_t audit_keep_ms = 90 * 24 * 3600000LL;  /* the audit trail outlives history */
+static int busy_timeout_ms = 5000;       /* another process (sqlite3 CLI) holding a lock */
+static int close_apply_rounds = 32;      /* callbacks that queue more work during close */
+static int64_t journal_size_limit = 64 * 1024 * 1024; /* WAL truncated to this after reset */
+static int wal_autocheckpoint_pages = 1000;
+static int cache_kib = 16384;           /* page cache: the hot leaf of every tag fits */
+
+enum op_kind {
+    OP_PUT_VALUE,
+    OP_OUTBOX_ADD,
+    OP_OUTBOX_ACK,
+    OP_OUTBOX_FETCH,
+    OP_HISTORY,
+    OP_CMD_PUT,
+    OP_AUDIT,
+};
+
+/* One queued operation. Its strings live in `data`, so one allocation carries everything. */
+typedef struct op {
+    struct op *next;
+    enum op_kind kind;
+    int status;         /* 0, or a negative code (preset for invalid arguments) */
+    int64_t id;         /* add: assigned row id; ack: row to delete; fetch: after_id */
+    int64_t ts_ms;      /* put, cmd_put: time; history: from_ms; audit: received_ms */
+    int64_t to_ms;      /* history: to_ms; audit: latency_us */
+    uint64_t seq;       /* add */
+    size_t max;         /* fetch: max rows; history: limit */
+    const char *device; /* put, add, history, cmd_put, audit (may be NULL) */
+    const char *name;   /* put: tag; add: topic; history: tag; cmd_put, audit: command id */
+    const char *value_json; /* put; cmd_put: result (may be NULL); audit */
+    const char *aux[4];     /* audit: op, tag, code, message (each may be NULL) */
+    const void *payload;    /* add */
+    size_t len;             /* add */
+    bool has_cb;
+    union {
+        smp_store_added_cb added;
+        smp_store_fetch_cb fetch;
+        smp_store_history_cb history;
+    } cb;
+    void *arg;
+    /* Results of reads, owned by the op and freed with it. */
+    void *rows;
+    size_t nrows;
+    char *buf;
+    char data[];
+} op_t;
+
+enum {
+    ST_BEGIN,
+    ST_COMMIT,
+    ST_ROLLBACK,
+    ST_PUT_LAST,
+    ST_PUT_HIST,
+    ST_SEQ_SET,
+    ST_OB_ADD,
+    ST_OB_ACK,
+    ST_OB_FETCH,
+    ST_OB_OLDEST,
+    ST_OB_DEL_UPTO,
+    ST_HIST_QUERY,
+    ST_HIST_PRUNE,
+    ST_LOAD_LAST,
+    ST_LOAD_SEQ,
+    ST_CMD_PUT,
+    ST_CMD_PRUNE,
+    ST_LOAD_CMDS,
+    ST_AUDIT,
+    ST_AUDIT_PRUNE,
+    ST_COUNT
+};
+
+static const char *const stmt_sql[ST_COUNT] = {
+    [ST_BEGIN] = "BEGIN IMMEDIATE",
+    [ST_COMMIT] = "COMMIT",
+    [ST_ROLLBACK] = "ROLLBACK",
+    [ST_PUT_LAST] = "INSERT INTO last_value(device, tag, value_json, ts_ms) VALUES(?1, ?2, ?3, ?4)"
+                    " ON CONFLICT(device, tag) DO UPDATE SET value_json = excluded.value_json,"
+                    " ts_ms = excluded.ts_ms",
+    [ST_PUT_HIST] = "INSERT INTO history(device, tag, ts_ms, value_json) VALUES(?1, ?2, ?3, ?4)",
+    [ST_SEQ_SET] = "INSERT INTO device_seq(device, seq) VALUES(?1, ?2)"
+                   " ON CONFLICT(device) DO UPDATE SET seq = excluded.seq",
+    [ST_OB_ADD] = "INSERT INTO outbox(device, seq, topic, payload, ts_ms) VALUES(?1, ?2, ?3, ?4, ?5)",
+    [ST_OB_ACK] = "DELETE FROM outbox WHERE id = ?1 RETURNING length(payload)",
+    [ST_OB_FETCH] = "SELECT id, device, seq, topic, payload FROM outbox WHERE id > ?1"
+                    " ORDER BY id LIMIT ?2",
+    [ST_OB_OLDEST] = "SELECT id, length(payload) FROM outbox ORDER BY id",
+    [ST_OB_DEL_UPTO] = "DELETE FROM outbox WHERE id <= ?1",
+    [ST_HIST_QUERY] = "SELECT ts_ms, value_json FROM history WHERE device = ?1 AND tag = ?2"
+                      " AND ts_ms >= ?3 AND ts_ms < ?4 ORDER BY ts_ms LIMIT ?5",
+    [ST_HIST_PRUNE] = "DELETE FROM history WHERE rowid IN (SELECT rowid FROM history"
+                      " WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
+    [ST_LOAD_LAST] = "SELECT device, tag, value_json, ts_ms FROM last_value ORDER BY device, tag",
+    [ST_LOAD_SEQ] = "SELECT seq FROM device_seq WHERE device = ?1",
+    [ST_CMD_PUT] = "INSERT INTO cmd_result(device, id, result_json, ts_ms) VALUES(?1, ?2, ?3, ?4)"
+                   " ON CONFLICT(device, id) DO UPDATE SET result_json = excluded.result_json,"
+                   " ts_ms = excluded.ts_ms",
+    [ST_CMD_PRUNE] = "DELETE FROM cmd_result WHERE (device, id) IN (SELECT device, id"
+                     " FROM cmd_result WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
+    [ST_LOAD_CMDS] = "SELECT device, id, result_json, ts_ms FROM cmd_result WHERE ts_ms >= ?1"
+                     " ORDER BY ts_ms",
+    [ST_AUDIT] = "INSERT INTO audit(received_ms, cmd_id, device, op, tag, value_json, code,"
+                 " message, latency_us) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    [ST_AUDIT_PRUNE] = "DELETE FROM audit WHERE id IN (SELECT id FROM audit"
+                       " WHERE received_ms < ?1 ORDER BY received_ms LIMIT ?2)",
+};
+
+/* Schema version 1. Every table is documented in docs/store.md. */
+static const char schema_v1[] =
+    "CREATE TABLE IF NOT EXISTS last_value ("
+    " device TEXT NOT NULL, tag TEXT NOT NULL, value_json TEXT NOT NULL, ts_ms INTEGER NOT NULL,"
+    " PRIMARY KEY (device, tag)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS history ("
+    " device TEXT NOT NULL, tag TEXT NOT NULL, ts_ms INTEGER NOT NULL, value_json TEXT NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS history_by_tag ON history(device, tag, ts_ms);"
+    "CREATE INDEX IF NOT EXISTS history_by_ts ON history(ts_ms);"
+    "CREATE TABLE IF NOT EXISTS device_seq ("
+    " device TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS outbox ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, seq INTEGER NOT NULL,"
+    " topic TEXT NOT NULL, payload BLOB NOT NULL, ts_ms INTEGER NOT NULL);"
+    "CREATE TABLE IF NOT EXISTS cmd_result ("
+    " device TEXT NOT NULL, id TEXT NOT NULL, result_json TEXT, ts_ms INTEGER NOT NULL,"
+    " PRIMARY KEY (device, id)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS cmd_result_by_ts ON cmd_result(ts_ms);"
+    "CREATE TABLE IF NOT EXISTS audit ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT, received_ms INTEGER NOT NULL, cmd_id TEXT,"
+    " device TEXT, op TEXT, tag TEXT, value_json TEXT, code TEXT, message TEXT,"
+    " latency_us INTEGER);"
+    "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(received_ms);";
+
+struct smp_store {
+    uv_loop_t *loop;
+    uv_async_t async;
+    bool async_closing;
+    bool async_closed;
+    size_t pending_cbs; /* loop thread: ops whose callback has not run; the async is ref'ed
+                         * only while this is non-zero, like a uv_fs request */
+
+    sqlite3 *db;
+    sqlite3_stmt *stmt[ST_COUNT];
+    bool in_memory;
+    char *path;
+    int64_t retention_ms; /* 0: keep history forever */
+    int64_t outbox_max;   /* 0: unbounded */
+
+    uv_thread_t writer;
+    bool writer_started;
+    uv_mutex_t mu; /* queue and `stopping` */
+    uv_cond_t cond;
+    op_t *q_head, *q_tail;
+    bool stopping;
+
+    uv_mutex_t db_mu; /* exclusive use of the connection: writer vs. start-up reads */
+
+    uv_mutex_t done_mu; /* done list and stats */
+    op_t *d_head, *d_tail;
+    smp_store_stats_t stats;
+
+    /* Writer state: used under db_mu (the writer, and the start-up reads that may log an
+     * error), or by open/close while the writer is not running. */
+    int64_t ob_rows, ob_bytes;                   /* committed outbox totals */
+    int64_t tx_rows, tx_bytes, tx_dropped;       /* changes by the open transaction */
+    uint64_t ob_dropped;                         /* since start */
+    bool ob_full;                                /* in an "outbox full" episode */
+    uint64_t ob_episode_dropped;
+    bool err_episode;
+    int err_code;
+    uint64_t err_episode_count;
+    uint64_t last_prune_ms; /* monotonic */
+    bool prune_more;        /* the last prune hit its chunk size: old rows remain */
+    uint64_t commits_since_ckpt;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Helpers */
+
+static uint64_t mono_ms(void)
+{
+    return uv_hrtime() / 1000000u;
+}
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Maps a SQLite result code to a negative errno. For I/O errors the errno of the failing system
+ * call is more precise (ENOSPC, EACCES, ...) than the generic code, so it wins when known. */
+static int map_rc(sqlite3 *db, int rc)
+{
+    switch (rc & 0xff) {
+    case SQLITE_OK:
+    case SQLITE_ROW:
+    case SQLITE_DONE:
+        return 0;
+    case SQLITE_FULL:
+        return -ENOSPC;
+    case SQLITE_READONLY:
+        return -EROFS;
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+        return -EBADMSG;
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+        return -EBUSY;
+    case SQLITE_NOMEM:
+        return -ENOMEM;
+    case SQLITE_PERM:
+    case SQLITE_AUTH:
+        return -EACCES;
+    case SQLITE_TOOBIG:
+        return -EMSGSIZE;
+    case SQLITE_INTERRUPT:
+        return -EINTR;
+    case SQLITE_PROTOCOL:
+        return -EPROTO;
+    case SQLITE_CONSTRAINT:
+    case SQLITE_MISMATCH:
+    case SQLITE_RANGE:
+    case SQLITE_MISUSE:
+        return -EINVAL;
+    case SQLITE_IOERR:
+    case SQLITE_CANTOPEN: {
+        int e = db != NULL ? sqlite3_system_errno(db) : 0;
+        return e > 0 ? -e : -EIO;
+    }
+    default:
+        return -EIO;
+    }
+}
+
+static void stats_add_error(smp_store_t *st)
+{
+    uv_mutex_lock(&st->done_mu);
+    st->stats.errors++;
+    uv_mutex_unlock(&st->done_mu);
+}
+
+/* Records a failed SQLite call on the writer path. Logs when an error episode starts (or the
+ * kind of error changes), not for every failing statement: a full disk would otherwise write
+ * one line per poll. Returns the mapped code. */
+static int sql_fail(smp_store_t *st, int rc, const char *what)
+{
+    int code = map_rc(st->db, rc);
+    stats_add_error(st);
+    st->err_episode_count++;
+    if (!st->err_episode || st->err_code != (rc & 0xff)) {
+        LOG_ERR(SCOPE, "%s: %s (%s)%s", what, sqlite3_errmsg(st->db), strerror(-code),
+                st->err_episode ? "" : "; further errors of this kind are not logged");
+        st->err_episode = true;
+        st->err_code = rc & 0xff;
+    }
+    return code;
+}
+
+static void sql_ok(smp_store_t *st)
+{
+    if (st->err_episode) {
+        LOG_INFO(SCOPE, "database writes succeed again after %" PRIu64 " failed calls",
+                 st->err_episode_count);
+        st->err_episode = false;
+        st->err_code = 0;
+        st->err_episode_count = 0;
+    }
+}
+
+/* Steps a statement that returns no rows, then resets it. */
+static int step_done(smp_store_t *st, int which, const char *what)
+{
+    sqlite3_stmt *s = st->stmt[which];
+    int rc = sqlite3_step(s);
+    sqlite3_reset(s);
+    if (rc != SQLITE_DONE) {
+        return sql_fail(st, rc, what);
+    }
+    return 0;
+}
+
+/* Binds text; a NULL string binds SQL NULL. */
+static int bind_text(sqlite3_stmt *s, int i, const char *v)
+{
+    return v != NULL ? sqlite3_bind_text(s, i, v, -1, SQLITE_STATIC) : sqlite3_bind_null(s, i);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Transactions and the outbox bound */
+
+static void publish_stats(smp_store_t *st)
+{
+    uv_mutex_lock(&st->done_mu);
+    st->stats.outbox_rows = (uint64_t)st->ob_rows;
+    st->stats.outbox_bytes = (uint64_t)st->ob_bytes;
+    st->stats.outbox_dropped = st->ob_dropped;
+    uv_mutex_unlock(&st->done_mu);
+}
+
+static int tx_begin(smp_store_t *st)
+{
+    st->tx_rows = 0;
+    st->tx_bytes = 0;
+    st->tx_dropped = 0;
+    return step_done(st, ST_BEGIN, "BEGIN");
+}
+
+static void tx_rollback(smp_store_t *st)
+{
+    st->tx_rows = 0;
+    st->tx_bytes = 0;
+    st->tx_dropped = 0;
+    /* Some errors (SQLITE_FULL, IOERR) already rolled the transaction back. */
+    if (!sqlite3_get_autocommit(st->db)) {
+        int rc = sqlite3_step(st->stmt[ST_ROLLBACK]);
+        sqlite3_reset(st->stmt[ST_ROLLBACK]);
+        if (rc != SQLITE_DONE) {
+            sql_fail(st, rc, "ROLLBACK");
+        }
+    }
+}
+
+/* Logs the outbox-full episode: once when dropping starts, once when the outbox is back under
+ * 90% of its limit. The 10% hysteresis keeps a steadily full outbox (which after each trim sits
+ * within one message of the limit) from logging on every batch. */
+static void outbox_episode(smp_store_t *st, int64_t dropped)
+{
+    if (dropped > 0) {
+        if (!st->ob_full) {
+            LOG_WARN(SCOPE,
+                     "outbox full, dropping oldest messages (limit %" PRId64 " bytes); "
+                     "is the broker reachable?",
+                     st->outbox_max);
+            st->ob_full = true;
+            st->ob_episode_dropped = 0;
+        }
+        st->ob_episode_dropped += (uint64_t)dropped;
+    } else if (st->ob_full && st->ob_bytes <= st->outbox_max - st->outbox_max / 10) {
+        LOG_INFO(SCOPE, "outbox below limit again, %" PRIu64 " dropped", st->ob_episode_dropped);
+        st->ob_full = false;
+        st->ob_episode_dropped = 0;
+    }
+}
+
+static int tx_commit(smp_store_t *st)
+{
+    int rc = step_done(st, ST_COMMIT, "COMMIT");
+    if (rc != 0) {
+        return rc;
+    }
+    st->ob_rows += st->tx_rows;
+    st->ob_bytes += st->tx_bytes;
+    st->ob_dropped += (uint64_t)st->tx_dropped;
+    if (st->outbox_max > 0) {
+        outbox_episode(st, st->tx_dropped);
+    }
+    st->tx_rows = 0;
+    st->tx_bytes = 0;
+    st->tx_dropped = 0;
+    st->commits_since_ckpt++;
+    sql_ok(st);
+    uv_mutex_lock(&st->done_mu);
+    st->stats.commits++;
+    uv_mutex_unlock(&st->done_mu);
+    publish_stats(st);
+    return 0;
+}
+
+/* Drops the oldest outbox rows until the payload total is within the limit. Runs inside the
+ * open transaction: walks ids upward summing lengths (length() of a blob does not read it),
+ * then deletes the whole prefix with one range delete. */
+static int outbox_trim(smp_store_t *st)
+{
+    int64_t excess = st->ob_bytes + st->tx_bytes - st->outbox_max;
+    int64_t freed = 0, n = 0, last_id = -1;
+    sqlite3_stmt *s = st->stmt[ST_OB_OLDEST];
+    int rc = SQLITE_ROW;
+    while (freed < excess && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+        last_id = sqlite3_column_int64(s, 0);
+        freed += sqlite3_column_int64(s, 1);
+        n++;
+    }
+    sqlite3_reset(s);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+        return sql_fail(st, rc, "outbox trim");
+    }
+    if (n == 0) {
+        return 0;
+    }
+    s = st->stmt[ST_OB_DEL_UPTO];
+    rc = sqlite3_bind_int64(s, 1, last_id);
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "outbox trim");
+    }
+    rc = step_done(st, ST_OB_DEL_UPTO, "outbox trim");
+    if (rc != 0) {
+        return rc;
+    }
+    st->tx_rows -= n;
+    st->tx_bytes -= freed;
+    st->tx_dropped += n;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Applying operations (writer thread) */
+
+static int apply_put(smp_store_t *st, op_t *o)
+{
+    sqlite3_stmt *s = st->stmt[ST_PUT_LAST];
+    int rc = bind_text(s, 1, o->device);
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 2, o->name);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 3, o->value_json);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 4, o->ts_ms);
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "last value");
+    }
+    rc = step_done(st, ST_PUT_LAST, "last value");
+    if (rc != 0) {
+        return rc;
+    }
+    s = st->stmt[ST_PUT_HIST];
+    rc = bind_text(s, 1, o->device);
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 2, o->name);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 3, o->ts_ms);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 4, o->value_json);
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "history");
+    }
+    return step_done(st, ST_PUT_HIST, "history");
+}
+
+static int apply_add(smp_store_t *st, op_t *o)
+{
+    sqlite3_stmt *s = st->stmt[ST_OB_ADD];
+    int rc = bind_text(s, 1, o->device);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 2, (int64_t)o->seq);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 3, o->name);
+    }
+    if (rc == SQLITE_OK) {
+        /* Never a NULL pointer: SQLite would bind NULL instead of an empty blob. */
+        rc = sqlite3_bind_blob64(s, 4, o->len ? o->payload : "", o->len, SQLITE_STATIC);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 5, wall_ms());
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "outbox add");
+    }
+    rc = step_done(st, ST_OB_ADD, "outbox add");
+    if (rc != 0) {
+        return rc;
+    }
+    o->id = sqlite3_last_insert_rowid(st->db);
+    st->tx_rows++;
+    st->tx_bytes += (int64_t)o->len;
+
+    s = st->stmt[ST_SEQ_SET];
+    rc = bind_text(s, 1, o->device);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 2, (int64_t)o->seq);
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "device seq");
+    }
+    return step_done(st, ST_SEQ_SET, "device seq");
+}
+
+static int apply_ack(smp_store_t *st, op_t *o)
+{
+    sqlite3_stmt *s = st->stmt[ST_OB_ACK];
+    int rc = sqlite3_bind_int64(s, 1, o->id);
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "outbox ack");
+    }
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        st->tx_rows--;
+        st->tx_bytes -= sqlite3_column_int64(s, 0);
+    }
+    sqlite3_reset(s);
+    if (rc != SQLITE_DONE) {
+        return sql_fail(st, rc, "outbox ack");
+    }
+    return 0;
+}
+
+static int apply_cmd_put(smp_store_t *st, op_t *o)
+{
+    sqlite3_stmt *s = st->stmt[ST_CMD_PUT];
+    int rc = bind_text(s, 1, o->device);
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 2, o->name);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 3, o->value_json);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 4, o->ts_ms);
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "command result");
+    }
+    return step_done(st, ST_CMD_PUT, "command result");
+}
+
+static int apply_audit(smp_store_t *st, op_t *o)
+{
+    sqlite3_stmt *s = st->stmt[ST_AUDIT];
+    int rc = sqlite3_bind_int64(s, 1, o->ts_ms);
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 2, o->name);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 3, o->device);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 4, o->aux[0]); /* op */
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 5, o->aux[1]); /* tag */
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 6, o->value_json);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 7, o->aux[2]); /* code */
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 8, o->aux[3]); /* message */
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 9, o->to_ms); /* latency_us */
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "audit");
+    }
+    return step_done(st, ST_AUDIT, "audit");
+}
+
+static bool is_read(const op_t *o)
+{
+    return o->kind == OP_OUTBOX_FETCH || o->kind == OP_HISTORY;
+}
+
+/* Applies the write ops [from, end) in one transaction. They succeed or fail together: the
+ * errors that can happen here (disk full, I/O, read-only, corrupt) are about the database, not
+ * about one row. */
+static void run_writes(smp_store_t *st, op_t *from, const op_t *end)
+{
+    bool any = false;
+    for (op_t *o = from; o != end; o = o->next) {
+        any |= o->status == 0;
+    }
+    if (!any) {
+        return;
+    }
+    int rc = tx_begin(st);
+    if (rc == 0) {
+        for (op_t *o = from; o != end && rc == 0; o = o->next) {
+            if (o->status != 0) {
+                continue;
+            }
+            switch (o->kind) {
+            case OP_PUT_VALUE:
+                rc = apply_put(st, o);
+                break;
+            case OP_OUTBOX_ADD:
+                rc = apply_add(st, o);
+                break;
+            case OP_OUTBOX_ACK:
+                rc = apply_ack(st, o);
+                break;
+            case OP_CMD_PUT:
+                rc = apply_cmd_put(st, o);
+                break;
+            case OP_AUDIT:
+                rc = apply_audit(st, o);
+                break;
+            default:
+                break;
+            }
+        }
+        if (rc == 0 && st->outbox_max > 0 && st->ob_bytes + st->tx_bytes > st->outbox_max) {
+            rc = outbox_trim(st);
+        }
+        if (rc == 0) {
+            rc = tx_commit(st);
+        }
+        if (rc != 0) {
+            tx_rollback(st);
+        }
+    }
+    if (rc != 0) {
+        for (op_t *o = from; o != end; o = o->next) {
+            if (o->status == 0) {
+                o->status = rc;
+                o->id = 0;
+            }
+        }
+    }
+}
+
+/* A growable byte buffer for read results; rows refer to it by offset until it stops moving. */
+typedef struct rbuf {
+    char *p;
+    size_t len, cap;
+} rbuf_t;
+
+static int rbuf_add(rbuf_t *b, const void *data, size_t n, bool nul, size_t *off)
+{
+    size_t need = b->len + n + (nul ? 1 : 0);
+    if (need > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < need) {
+            cap *= 2;
+        }
+        char *p = realloc(b->p, cap);
+        if (p == NULL) {
+            return -ENOMEM;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    *off = b->len;
+    if (n > 0) {
+        memcpy(b->p + b->len, data, n);
+    }
+    b->len += n;
+    if (nul) {
+        b->p[b->len++] = '\0';
+    }
+    return 0;
+}
+
+static int grow_array(void **arr, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap) {
+        return 0;
+    }
+    size_t c = *cap ? *cap * 2 : 16;
+    while (c < need) {
+        c *= 2;
+    }
+    void *p = realloc(*arr, c * elem);
+    if (p == NULL) {
+        return -ENOMEM;
+    }
+    *arr = p;
+    *cap = c;
+    return 0;
+}
+
+static int64_t clamp_limit(size_t n)
+{
+    return n > (size_t)INT64_MAX ? INT64_MAX : (int64_t)n;
+}
+
+static int col_text(sqlite3_stmt *s, int i, rbuf_t *b, size_t *off)
+{
+    const unsigned char *t = sqlite3_column_text(s, i);
+    size_t n = (size_t)sqlite3_column_bytes(s, i);
+    return rbuf_add(b, t != NULL ? (const void *)t : "", t != NULL ? n : 0, true, off);
+}
+
+struct fetch_tmp {
+    int64_t id;
+    uint64_t seq;
+    size_t dev, topic, pay, len;
+};
+
+static int read_fetch(smp_store_t *st, op_t *o)
+{
+    sqlite3_stmt *s = st->stmt[ST_OB_FETCH];
+    struct fetch_tmp *tmp = NULL;
+    size_t n = 0, cap = 0;
+    rbuf_t b = {0};
+    int err = 0;
+    int rc = sqlite3_bind_int64(s, 1, o->id);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 2, clamp_limit(o->max));
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "outbox fetch");
+    }
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        if ((err = grow_array((void **)&tmp, &cap, n + 1, sizeof *tmp)) != 0) {
+            break;
+        }
+        struct fetch_tmp *r = &tmp[n];
+        r->id = sqlite3_column_int64(s, 0);
+        r->seq = (uint64_t)sqlite3_column_int64(s, 2);
+        const void *blob = sqlite3_column_blob(s, 4);
+        r->len = (size_t)sqlite3_column_bytes(s, 4);
+        if (blob == NULL && r->len > 0) {
+            err = -ENOMEM; /* SQLite could not materialise the blob */
+            break;
+        }
+        if ((err = col_text(s, 1, &b, &r->dev)) != 0 || (err = col_text(s, 3, &b, &r->topic)) != 0 ||
+            (err = rbuf_add(&b, blob, blob != NULL ? r->len : 0, false, &r->pay)) != 0) {
+            break;
+        }
+        n++;
+    }
+    sqlite3_reset(s);
+    if (err == 0 && rc != SQLITE_DONE) {
+        err = sql_fail(st, rc, "outbox fetch");
+    }
+    smp_outbox_row_t *rows = NULL;
+    if (err == 0 && n > 0 && (rows = malloc(n * sizeof *rows)) == NULL) {
+        err = -ENOMEM;
+    }
+    if (err != 0) {
+        free(tmp);
+        free(b.p);
+        return err;
+    }
+    for (size_t k = 0; k < n; k++) {
+        rows[k] = (smp_outbox_row_t){
+            .id = tmp[k].id,
+            .device = b.p + tmp[k].dev,
+            .seq = tmp[k].seq,
+            .topic = b.p + tmp[k].topic,
+            .payload = tmp[k].len ? (const void *)(b.p + tmp[k].pay) : (const void *)"",
+            .len = tmp[k].len,
+        };
+    }
+    free(tmp);
+    o->rows = rows;
+    o->nrows = n;
+    o->buf = b.p;
+    return 0;
+}
+
+struct hist_tmp {
+    int64_t ts;
+    size_t val;
+};
+
+static int read_history(smp_store_t *st, op_t *o)
+{
+    sqlite3_stmt *s = st->stmt[ST_HIST_QUERY];
+    struct hist_tmp *tmp = NULL;
+    size_t n = 0, cap = 0;
+    rbuf_t b = {0};
+    int err = 0;
+    int rc = bind_text(s, 1, o->device);
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 2, o->name);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 3, o->ts_ms);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 4, o->to_ms);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 5, clamp_limit(o->max));
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "history query");
+    }
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        if ((err = grow_array((void **)&tmp, &cap, n + 1, sizeof *tmp)) != 0) {
+            break;
+        }
+        tmp[n].ts = sqlite3_column_int64(s, 0);
+        if ((err = col_text(s, 1, &b, &tmp[n].val)) != 0) {
+            break;
+        }
+        n++;
+    }
+    sqlite3_reset(s);
+    if (err == 0 && rc != SQLITE_DONE) {
+        err = sql_fail(st, rc, "history query");
+    }
+    smp_history_row_t *rows = NULL;
+    if (err == 0 && n > 0 && (rows = malloc(n * sizeof *rows)) == NULL) {
+        err = -ENOMEM;
+    }
+    if (err != 0) {
+        free(tmp);
+        free(b.p);
+        return err;
+    }
+    for (size_t k = 0; k < n; k++) {
+        rows[k].ts_ms = tmp[k].ts;
+        rows[k].value_json = b.p + tmp[k].val;
+    }
+    free(tmp);
+    o->rows = rows;
+    o->nrows = n;
+    o->buf = b.p;
+    return 0;
+}
+
+/* Deletes at most prune_chunk rows older than `cutoff` with statement `which`. Returns 0 or a
+ * negative code; *full is set when the chunk was used up (more rows may remain). */
+static int prune_one(smp_store_t *st, int which, int64_t cutoff, bool *full, int *changed,
+                     const char *what)
+{
+    sqlite3_stmt *s = st->stmt[which];
+    int rc = sqlite3_bind_int64(s, 1, cutoff);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int(s, 2, prune_chunk);
+    }
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, what);
+    }
+    rc = step_done(st, which, what);
+    if (rc == 0) {
+        int n = sqlite3_changes(st->db);
+        *changed += n;
+        *full |= n >= prune_chunk;
+    }
+    return rc;
+}
+
+/* Removes old rows a little at a time: at most prune_chunk each of history (past the
+ * retention), command results (past cmd_result_keep_ms) and audit rows (past audit_keep_ms), in
+ * a short transaction of its own so a failure here never fails queued operations. */
+static void prune_old(smp_store_t *st)
+{
+    st->last_prune_ms = mono_ms();
+    st->prune_more = false;
+    int64_t now = wall_ms();
+    bool more = false;
+    int changed = 0;
+    int rc = tx_begin(st);
+    if (rc == 0 && st->retention_ms > 0) {
+        rc = prune_one(st, ST_HIST_PRUNE, now - st->retention_ms, &more, &changed,
+                       "history prune");
+    }
+    if (rc == 0) {
+        rc = prune_one(st, ST_CMD_PRUNE, now - cmd_result_keep_ms, &more, &changed,
+                       "command result prune");
+    }
+    if (rc == 0) {
+        rc = prune_one(st, ST_AUDIT_PRUNE, now - audit_keep_ms, &more, &changed, "audit prune");
+    }
+    if (rc == 0 && changed > 0) {
+        rc = tx_commit(st);
+    }
+    if (rc != 0 || changed == 0) {
+        tx_rollback(st); /* nothing deleted: nothing to commit */
+        return;
+    }
+    st->prune_more = more;
+}
+
+static bool prune_due(const smp_store_t *st)
+{
+    return st->prune_more || mono_ms() - st->last_prune_ms >= prune_interval_ms;
+}
+
+/* Applies one batch in queue order: runs of writes become one transaction each, a read ends
+ * the run before it (committing it) so reads see only committed rows. */
+static void apply_batch(smp_store_t *st, op_t *ops)
+{
+    op_t *o = ops;
+    while (o != NULL) {
+        if (is_read(o)) {
+            if (o->status == 0) {
+                o->status = o->kind == OP_OUTBOX_FETCH ? read_fetch(st, o) : read_history(st, o);
+            }
+            o = o->next;
+            continue;
+        }
+        op_t *end = o;
+        while (end != NULL && !is_read(end)) {
+            end = end->next;
+        }
+        run_writes(st, o, end);
+        o = end;
+    }
+    if (prune_due(st)) {
+        prune_old(st);
+    }
+}
+
+/* Work for quiet periods: pruning, and a PASSIVE checkpoint so the WAL is folded back into the
+ * database while nobody is waiting (it never blocks and never waits for readers). */
+static void idle_work(smp_store_t *st)
+{
+    if (prune_due(st)) {
+        prune_old(st);
+    }
+    if (st->commits_since_ckpt > 0 && !st->in_memory) {
+        int rc = sqlite3_wal_checkpoint_v2(st->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        if (rc == SQLITE_OK) {
+            st->commits_since_ckpt = 0;
+        } else if (rc != SQLITE_BUSY) {
+            sql_fail(st, rc, "checkpoint");
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Queue, writer thread, completions */
+
+static void free_op(op_t *o)
+{
+    free(o->rows);
+    free(o->buf);
+    free(o);
+}
+
+/* Finished ops: those without a callback are freed here; the others go to the loop thread. */
+static void deliver(smp_store_t *st, op_t *ops)
+{
+    op_t *head = NULL, *tail = NULL;
+    while (ops != NULL) {
+        op_t *next = ops->next;
+        ops->next = NULL;
+        if (ops->has_cb) {
+            if (tail != NULL) {
+                tail->next = ops;
+            } else {
+                head = ops;
+            }
+            tail = ops;
+        } else {
+            free_op(ops);
+        }
+        ops = next;
+    }
+    if (head == NULL) {
+        return;
+    }
+    uv_mutex_lock(&st->done_mu);
+    if (st->d_tail != NULL) {
+        st->d_tail->next = head;
+    } else {
+        st->d_head = head;
+    }
+    st->d_tail = tail;
+    uv_mutex_unlock(&st->done_mu);
+    uv_async_send(&st->async);
+}
+
+/* Takes up to `max` ops off the queue. Caller holds mu. */
+static op_t *take_batch(smp_store_t *st, size_t max)
+{
+    op_t *head = st->q_head;
+    op_t *last = head;
+    for (size_t n = 1; n < max && last->next != NULL; n++) {
+        last = last->next;
+    }
+    st->q_head = last->next;
+    if (st->q_head == NULL) {
+        st->q_tail = NULL;
+    }
+    last->next = NULL;
+    return head;
+}
+
+static void writer_main(void *arg)
+{
+    smp_store_t *st = arg;
+    uv_mutex_lock(&st->mu);
+    for (;;) {
+        if (st->q_head == NULL) {
+            if (st->stopping) {
+                break;
+            }
+            uint64_t wait_ms = st->prune_more ? prune_backlog_ms : idle_tick_ms;
+            int r = uv_cond_timedwait(&st->cond, &st->mu, wait_ms * 1000000u);
+            if (r == UV_ETIMEDOUT && st->q_head == NULL && !st->stopping) {
+                uv_mutex_unlock(&st->mu);
+                uv_mutex_lock(&st->db_mu);
+                idle_work(st);
+                uv_mutex_unlock(&st->db_mu);
+                uv_mutex_lock(&st->mu);
+            }
+            continue;
+        }
+        op_t *batch = take_batch(st, batch_max_ops);
+        uv_mutex_unlock(&st->mu);
+        uv_mutex_lock(&st->db_mu);
+        apply_batch(st, batch);
+        uv_mutex_unlock(&st->db_mu);
+        deliver(st, batch);
+        uv_mutex_lock(&st->mu);
+    }
+    uv_mutex_unlock(&st->mu);
+}
+
+static void invoke(op_t *o)
+{
+    switch (o->kind) {
+    case OP_OUTBOX_ADD:
+    case OP_CMD_PUT:
+        o->cb.added(o->arg, o->status, o->status == 0 ? o->id : 0);
+        break;
+    case OP_OUTBOX_FETCH:
+        o->cb.fetch(o->arg, o->status, o->rows, o->nrows);
+        break;
+    case OP_HISTORY:
+        o->cb.history(o->arg, o->status, o->rows, o->nrows);
+        break;
+    default:
+        break;
+    }
+}
+
+/* Loop thread: runs the callbacks of finished ops in the order they were queued. Callbacks may
+ * queue new operations; those land in the next delivery, never in this list. */
+static void run_callbacks(smp_store_t *st)
+{
+    uv_mutex_lock(&st->done_mu);
+    op_t *o = st->d_head;
+    st->d_head = st->d_tail = NULL;
+    uv_mutex_unlock(&st->done_mu);
+    while (o != NULL) {
+        op_t *next = o->next;
+        invoke(o);
+        free_op(o);
+        if (--st->pending_cbs == 0 && !st->async_closing) {
+            uv_unref((uv_handle_t *)&st->async);
+        }
+        o = next;
+    }
+}
+
+static void on_async(uv_async_t *h)
+{
+    run_callbacks(h->data);
+}
+
+static void enqueue(smp_store_t *st, op_t *o)
+{
+    if (o->has_cb && st->pending_cbs++ == 0 && !st->async_closing) {
+        uv_ref((uv_handle_t *)&st->async);
+    }
+    uv_mutex_lock(&st->mu);
+    bool was_empty = st->q_head == NULL;
+    if (st->q_tail != NULL) {
+        st->q_tail->next = o;
+    } else {
+        st->q_head = o;
+    }
+    st->q_tail = o;
+    /* The writer only waits when the queue is empty. */
+    if (was_empty) {
+        uv_cond_signal(&st->cond);
+    }
+    uv_mutex_unlock(&st->mu);
+}
+
+/* Allocates an op and copies in its strings and payload. `strs` holds the device, name,
+ * value_json and the four aux strings, in that order; NULL entries stay NULL. */
+enum { OP_NSTRS = 7 };
+
+static op_t *op_new(enum op_kind kind, const char *const strs[OP_NSTRS], const void *payload,
+                    size_t len)
+{
+    size_t lens[OP_NSTRS];
+    size_t fixed = sizeof(op_t);
+    for (int k = 0; k < OP_NSTRS; k++) {
+        lens[k] = strs != NULL && strs[k] != NULL ? strlen(strs[k]) + 1 : 0;
+        fixed += lens[k];
+    }
+    if (len > SIZE_MAX - fixed) {
+        return NULL;
+    }
+    op_t *o = malloc(fixed + len);
+    if (o == NULL) {
+        return NULL;
+    }
+    memset(o, 0, sizeof *o);
+    o->kind = kind;
+    const char **dst[OP_NSTRS] = {&o->device, &o->name,   &o->value_json, &o->aux[0],
+                                  &o->aux[1], &o->aux[2], &o->aux[3]};
+    char *p = o->data;
+    for (int k = 0; k < OP_NSTRS; k++) {
+        if (lens[k] > 0) {
+            *dst[k] = memcpy(p, strs[k], lens[k]);
+            p += lens[k];
+        }
+    }
+    if (len > 0) {
+        o->payload = memcpy(p, payload, len);
+    }
+    o->len = len;
+    return o;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Opening */
+
+static void finalize_all(smp_store_t *st)
+{
+    for (int i = 0; i < ST_COUNT; i++) {
+        sqlite3_finalize(st->stmt[i]);
+        st->stmt[i] = NULL;
+    }
+}
+
+static void db_close(smp_store_t *st)
+{
+    finalize_all(st);
+    if (st->db != NULL) {
+        int rc = sqlite3_close(st->db);
+        if (rc != SQLITE_OK) {
+            LOG_ERR(SCOPE, "closing the database: %s", sqlite3_errstr(rc));
+        }
+        st->db = NULL;
+    }
+}
+
+/* Runs a statement that yields one text value (a pragma) into out. */
+static int query_text(smp_store_t *st, const char *sql, char *out, size_t size)
+{
+    sqlite3_stmt *s = NULL;
+    int rc = sqlite3_prepare_v2(st->db, sql, -1, &s, NULL);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW) {
+            const unsigned char *t = sqlite3_column_text(s, 0);
+            snprintf(out, size, "%s", t != NULL ? (const char *)t : "");
+            rc = SQLITE_OK;
+        } else if (rc == SQLITE_DONE) {
+            out[0] = '\0';
+            rc = SQLITE_OK;
+        }
+    }
+    sqlite3_finalize(s);
+    return rc;
+}
+
+static int exec_sql(smp_store_t *st, const char *sql)
+{
+    return sqlite3_exec(st->db, sql, NULL, NULL, NULL);
+}
+
+/* Creates or checks the schema, in one transaction. */
+static int setup_schema(smp_store_t *st, const char **why)
+{
+    char ver[32];
+    int rc = exec_sql(st, "BEGIN IMMEDIATE");
+    if (rc != SQLITE_OK) {
+        *why = "begin";
+        return rc;
+    }
+    rc = query_text(st, "PRAGMA user_version", ver, sizeof ver);
+    if (rc == SQLITE_OK && atoi(ver) > SCHEMA_VERSION) {
+        LOG_ERR(SCOPE, "the database has schema version %s, newer than this simpul's (%d)", ver,
+                SCHEMA_VERSION);
+        exec_sql(st, "ROLLBACK");
+        *why = "schema version";
+        return SQLITE_ERROR;
+    }
+    if (rc == SQLITE_OK) {
+        rc = exec_sql(st, schema_v1);
+    }
+    if (rc == SQLITE_OK && atoi(ver) < SCHEMA_VERSION) {
+        rc = exec_sql(st, "PRAGMA user_version = 1");
+    }
+    if (rc == SQLITE_OK) {
+        rc = exec_sql(st, "COMMIT");
+    }
+    if (rc != SQLITE_OK) {
+        *why = "schema";
+        if (!sqlite3_get_autocommit(st->db)) {
+            exec_sql(st, "ROLLBACK");
+        }
+    }
+    return rc;
+}
+
+/* Opens `path` and makes it ready: WAL, integrity, schema, statements, outbox totals. Returns 0
+ * or a negative code, with the reason logged; on failure nothing stays open. */
+static int try_open(smp_store_t *st, const char *path)
+{
+    const char *why = "open";
+    char text[256];
+    int rc = sqlite3_open_v2(path, &st->db,
+                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc == SQLITE_OK) {
+        /* Until the file has passed every check, keep SQLite from deleting its -wal when we
+         * close it: a bad database is moved aside together with its WAL, as evidence. (The
+         * result is not checked: an in-memory database has no WAL and says NOTFOUND.) */
+        int persist = 1;
+        (void)sqlite3_file_control(st->db, "main", SQLITE_FCNTL_PERSIST_WAL, &persist);
+        sqlite3_extended_result_codes(st->db, 1);
+        sqlite3_busy_timeout(st->db, busy_timeout_ms);
+        /* SQLite quietly opens a file it may not write read-only; we need to write. */
+        if (sqlite3_db_readonly(st->db, "main") == 1) {
+            LOG_WARN(SCOPE, "%s: the file is read-only", path);
+            db_close(st);
+            return -EROFS;
+        }
+        why = "journal mode";
+        rc = query_text(st, "PRAGMA journal_mode = WAL", text, sizeof text);
+    }
+    if (rc == SQLITE_OK && strcmp(text, "wal") != 0 && !(st->in_memory && strcmp(text, "memory") == 0)) {
+        LOG_WARN(SCOPE, "%s: cannot switch to WAL mode (journal mode is '%s')", path, text);
+        db_close(st);
+        return -EIO;
+    }
+    if (rc == SQLITE_OK) {
+        why = "synchronous";
+        rc = exec_sql(st, "PRAGMA synchronous = NORMAL");
+    }
+    if (rc == SQLITE_OK) {
+        char sql[64];
+        snprintf(sql, sizeof sql, "PRAGMA cache_size = -%d", cache_kib);
+        why = "cache size";
+        rc = exec_sql(st, sql);
+    }
+    if (rc == SQLITE_OK) {
+        /* SQLite's default, made explicit: a commit that leaves more than this many pages in
+         * the WAL checkpoints them (on the writer thread), so the WAL stays bounded. */
+        why = "wal autocheckpoint";
+        rc = sqlite3_wal_autocheckpoint(st->db, wal_autocheckpoint_pages);
+    }
+    if (rc == SQLITE_OK) {
+        why = "integrity check";
+        rc = query_text(st, "PRAGMA quick_check", text, sizeof text);
+        if (rc == SQLITE_OK && strcmp(text, "ok") != 0) {
+            LOG_WARN(SCOPE, "%s: quick_check failed: %s", path, text);
+            db_close(st);
+            return -EBADMSG;
+        }
+    }
+    if (rc == SQLITE_OK) {
+        rc = setup_schema(st, &why);
+    }
+    for (int i = 0; i < ST_COUNT && rc == SQLITE_OK; i++) {
+        why = "prepare";
+        rc = sqlite3_prepare_v3(st->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &st->stmt[i],
+                                NULL);
+    }
+    if (rc == SQLITE_OK) {
+        sqlite3_stmt *s = NULL;
+        why = "outbox totals";
+        rc = sqlite3_prepare_v2(st->db, "SELECT count(*), total(length(payload)) FROM outbox", -1,
+                                &s, NULL);
+        if (rc == SQLITE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+            st->ob_rows = sqlite3_column_int64(s, 0);
+            st->ob_bytes = (int64_t)sqlite3_column_double(s, 1);
+            rc = SQLITE_OK;
+        }
+        sqlite3_finalize(s);
+    }
+    if (rc == SQLITE_OK) {
+        /* Set last: with a size limit, closing a persistent WAL would truncate it. */
+        char sql[64];
+        snprintf(sql, sizeof sql, "PRAGMA journal_size_limit = %" PRId64, journal_size_limit);
+        why = "journal size limit";
+        rc = query_text(st, sql, text, sizeof text);
+    }
+    if (rc == SQLITE_OK) {
+        int persist = 0; /* a healthy database: a clean close removes the WAL again */
+        (void)sqlite3_file_control(st->db, "main", SQLITE_FCNTL_PERSIST_WAL, &persist);
+    }
+    if (rc != SQLITE_OK) {
+        int code = map_rc(st->db, rc);
+        LOG_WARN(SCOPE, "%s: %s failed: %s", path, why,
+                 st->db != NULL ? sqlite3_errmsg(st->db) : sqlite3_errstr(rc));
+        db_close(st);
+        return code;
+    }
+    return 0;
+}
+
+/* mkdir -p of the directory part of `path`. Failures surface when SQLite cannot open. */
+static void make_parent_dir(const char *path)
+{
+    char *dir = strdup(path);
+    if (dir == NULL) {
+        return;
+    }
+    char *slash = strrchr(dir, '/');
+    if (slash != NULL && slash != dir) {
+        *slash = '\0';
+        for (char *p = dir + 1; *p != '\0'; p++) {
+            if (*p == '/') {
+                *p = '\0';
+                mkdir(dir, 0755);
+                *p = '/';
+            }
+        }
+        if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+            LOG_WARN(SCOPE, "cannot create directory %s: %s", dir, strerror(errno));
+        }
+    }
+    free(dir);
+}
+
+/* Renames the database and its -wal/-shm to "<path>.corrupt-<unix-time>[-wal|-shm]" so the
+ * sqlite3 CLI can still open the moved copy with its WAL. Returns 0, or a negative errno
+ * (-ENOENT when there was no file to move). */
+static int move_aside(const char *path)
+{
+    size_t n = strlen(path) + 64;
+    char *dst = malloc(n), *src = malloc(n), *dst2 = malloc(n);
+    int rc = 0;
+    if (dst == NULL || src == NULL || dst2 == NULL) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    long long now = (long long)time(NULL);
+    snprintf(dst, n, "%s.corrupt-%lld", path, now);
+    for (int k = 1; access(dst, F_OK) == 0 && k < 1000; k++) {
+        snprintf(dst, n, "%s.corrupt-%lld.%d", path, now, k);
+    }
+    if (rename(path, dst) != 0) {
+        rc = -errno;
+        if (rc != -ENOENT) {
+            LOG_ERR(SCOPE, "cannot move %s aside to %s: %s", path, dst, strerror(errno));
+        }
+        goto out;
+    }
+    LOG_WARN(SCOPE, "moved the unusable database %s to %s", path, dst);
+    static const char *const suffixes[] = {"-wal", "-shm"};
+    for (size_t i = 0; i < 2; i++) {
+        snprintf(src, n, "%s%s", path, suffixes[i]);
+        snprintf(dst2, n, "%s%s", dst, suffixes[i]);
+        if (rename(src, dst2) != 0 && errno != ENOENT) {
+            /* A stale WAL next to a new database would be replayed into it: remove it. */
+            LOG_ERR(SCOPE, "cannot move %s aside: %s; removing it", src, strerror(errno));
+            unlink(src);
+        }
+    }
+out:
+    free(dst);
+    free(src);
+    free(dst2);
+    return rc;
+}
+
+/* Opens the configured database, moving a bad one aside, and falls back to memory. */
+static int open_db(smp_store_t *st)
+{
+    if (strcmp(st->path, ":memory:") == 0) {
+        st->in_memory = true;
+        return try_open(st, ":memory:");
+    }
+    make_parent_dir(st->path);
+    int rc = try_open(st, st->path);
+    if (rc == 0 || rc == -ENOMEM) {
+        return rc;
+    }
+    if (rc == -EBUSY) {
+        /* Locked by another process (a second gateway?): the file is probably fine. */
+        LOG_ERR(SCOPE, "%s is locked by another process; not touching it", st->path);
+    } else if (access(st->path, F_OK) != 0) {
+        LOG_ERR(SCOPE, "cannot create %s (%s)", st->path, strerror(-rc));
+    } else {
+        LOG_ERR(SCOPE, "cannot use %s (%s): moving it aside and starting a new database",
+                st->path, strerror(-rc));
+        if (move_aside(st->path) == 0) {
+            rc = try_open(st, st->path);
+            if (rc == 0) {
+                LOG_WARN(SCOPE, "started a new, empty database at %s", st->path);
+                return 0;
+            }
+        }
+    }
+    LOG_ERR(SCOPE,
+            "cannot use a database at %s (%s): running on an IN-MEMORY database; last values, "
+            "seq numbers and the outbox will NOT survive a restart",
+            st->path, strerror(-rc));
+    st->in_memory = true;
+    return try_open(st, ":memory:");
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Public API */
+
+static void on_async_closed(uv_handle_t *h)
+{
+    smp_store_t *st = h->data;
+    st->async_closed = true;
+}
+
+/* Closes the async and runs the loop until its close callback ran. UV_RUN_NOWAIT, not
+ * UV_RUN_DEFAULT: DEFAULT would not return while any other handle is still active, and each
+ * NOWAIT pass only runs what is already due. */
+static void close_async(smp_store_t *st)
+{
+    st->async_closing = true;
+    uv_close((uv_handle_t *)&st->async, on_async_closed);
+    while (!st->async_closed) {
+        uv_run(st->loop, UV_RUN_NOWAIT);
+    }
+}
+
+static void free_store(smp_store_t *st)
+{
+    db_close(st);
+    uv_cond_destroy(&st->cond);
+    uv_mutex_destroy(&st->mu);
+    uv_mutex_destroy(&st->db_mu);
+    uv_mutex_destroy(&st->done_mu);
+    free(st->path);
+    free(st);
+}
+
+int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **out)
+{
+    if (out != NULL) {
+        *out = NULL;
+    }
+    if (loop == NULL || opts == NULL || opts->path == NULL || opts->path[0] == '\0' ||
+        out == NULL) {
+        return -EINVAL;
+    }
+    smp_store_t *st = calloc(1, sizeof *st);
+    if (st == NULL) {
+        return -ENOMEM;
+    }
+    st->path = strdup(opts->path);
+    if (st->path == NULL) {
+        free(st);
+        return -ENOMEM;
+    }
+    st->loop = loop;
+    st->retention_ms = opts->history_retention_h > 0 ? (int64_t)opts->history_retention_h * 3600000
+                                                     : 0;
+    st->outbox_max = opts->outbox_max_bytes > 0 ? opts->outbox_max_bytes : 0;
+    if (uv_mutex_init(&st->mu) != 0) {
+        free(st->path);
+        free(st);
+        return -ENOMEM;
+    }
+    if (uv_mutex_init(&st->db_mu) != 0) {
+        uv_mutex_destroy(&st->mu);
+        free(st->path);
+        free(st);
+        return -ENOMEM;
+    }
+    if (uv_mutex_init(&st->done_mu) != 0) {
+        uv_mutex_destroy(&st->db_mu);
+        uv_mutex_destroy(&st->mu);
+        free(st->path);
+        free(st);
+        return -ENOMEM;
+    }
+    if (uv_cond_init(&st->cond) != 0) {
+        uv_mutex_destroy(&st->done_mu);
+        uv_mutex_destroy(&st->db_mu);
+        uv_mutex_destroy(&st->mu);
+        free(st->path);
+        free(st);
+        return -ENOMEM;
+    }
+
+    int rc = open_db(st);
+    if (rc == 0 && st->outbox_max > 0 && st->ob_bytes > st->outbox_max) {
+        /* The limit was lowered since the last run. */
+        if (tx_begin(st) == 0 && outbox_trim(st) == 0 && tx_commit(st) == 0) {
+            LOG_WARN(SCOPE, "outbox over its new limit at start: dropped %" PRIu64 " oldest",
+                     st->ob_dropped);
+        } else {
+            tx_rollback(st);
+        }
+        st->ob_full = false;
+    }
+    if (rc != 0) {
+        free_store(st);
+        return rc;
+    }
+    publish_stats(st);
+
+    rc = uv_async_init(loop, &st->async, on_async);
+    if (rc != 0) {
+        free_store(st);
+        return rc;
+    }
+    st->async.data = st;
+    uv_unref((uv_handle_t *)&st->async);
+    rc = uv_thread_create(&st->writer, writer_main, st);
+    if (rc != 0) {
+        close_async(st);
+        free_store(st);
+        return rc;
+    }
+    st->writer_started = true;
+    LOG_INFO(SCOPE, "opened %s%s: outbox %" PRId64 " messages, %" PRId64 " bytes", st->path,
+             st->in_memory ? " (in memory)" : "", st->ob_rows, st->ob_bytes);
+    *out = st;
+    return 0;
+}
+
+static op_t *take_all(smp_store_t *st)
+{
+    uv_mutex_lock(&st->mu);
+    op_t *q = st->q_head;
+    st->q_head = st->q_tail = NULL;
+    uv_mutex_unlock(&st->mu);
+    return q;
+}
+
+void smp_store_close(smp_store_t *st)
+{
+    if (st == NULL) {
+        return;
+    }
+    /* The writer drains the queue before it exits. */
+    uv_mutex_lock(&st->mu);
+    st->stopping = true;
+    uv_cond_signal(&st->cond);
+    uv_mutex_unlock(&st->mu);
+    if (st->writer_started) {
+        uv_thread_join(&st->writer);
+    }
+
+    /* Callbacks may queue more work. Apply it here (the writer is gone, so this thread may use
+     * the connection), a bounded number of rounds; after that, cancel. */
+    for (int round = 0;; round++) {
+        run_callbacks(st);
+        op_t *q = take_all(st);
+        if (q == NULL) {
+            break;
+        }
+        if (round < close_apply_rounds) {
+            while (q != NULL) {
+                op_t *rest = q;
+                for (size_t k = 1; k < batch_max_ops && rest->next != NULL; k++) {
+                    rest = rest->next;
+                }
+                op_t *next = rest->next;
+                rest->next = NULL;
+                uv_mutex_lock(&st->db_mu);
+                apply_batch(st, q);
+                uv_mutex_unlock(&st->db_mu);
+                deliver(st, q);
+                q = next;
+            }
+        } else if (round < 2 * close_apply_rounds) {
+            for (op_t *o = q; o != NULL; o = o->next) {
+                o->status = -ECANCELED;
+                o->id = 0;
+            }
+            deliver(st, q);
+        } else {
+            LOG_WARN(SCOPE, "callbacks keep queueing work during close; dropping it");
+            while (q != NULL) {
+                op_t *next = q->next;
+                free_op(q);
+                q = next;
+            }
+            break;
+        }
+    }
+    /* sqlite3_close (in free_store) checkpoints the WAL into the database and removes it. */
+    close_async(st);
+    LOG_INFO(SCOPE, "closed %s", st->path);
+    free_store(st);
+}
+
+int smp_store_load_last(smp_store_t *st, smp_store_last_cb cb, void *arg)
+{
+    if (st == NULL || cb == NULL) {
+        return -EINVAL;
+    }
+    struct last_tmp {
+        size_t dev, tag, val;
+        int64_t ts;
+    } *tmp = NULL;
+    size_t n = 0, cap = 0;
+    rbuf_t b = {0};
+    int err = 0, rc;
+    /* Collect first, call back after: the callback may use the store (load_seq) itself. */
+    uv_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = st->stmt[ST_LOAD_LAST];
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        if ((err = grow_array((void **)&tmp, &cap, n + 1, sizeof *tmp)) != 0 ||
+            (err = col_text(s, 0, &b, &tmp[n].dev)) != 0 ||
+            (err = col_text(s, 1, &b, &tmp[n].tag)) != 0 ||
+            (err = col_text(s, 2, &b, &tmp[n].val)) != 0) {
+            break;
+        }
+        tmp[n].ts = sqlite3_column_int64(s, 3);
+        n++;
+    }
+    sqlite3_reset(s);
+    if (err == 0 && rc != SQLITE_DONE) {
+        err = sql_fail(st, rc, "loading last values");
+    }
+    uv_mutex_unlock(&st->db_mu);
+    if (err == 0) {
+        for (size_t k = 0; k < n; k++) {
+            cb(arg, b.p + tmp[k].dev, b.p + tmp[k].tag, b.p + tmp[k].val, tmp[k].ts);
+        }
+    }
+    free(tmp);
+    free(b.p);
+    return err;
+}
+
+uint64_t smp_store_load_seq(smp_store_t *st, const char *device)
+{
+    if (st == NULL || device == NULL) {
+        return 0;
+    }
+    uint64_t seq = 0;
+    uv_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = st->stmt[ST_LOAD_SEQ];
+    int rc = bind_text(s, 1, device);
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW) {
+            seq = (uint64_t)sqlite3_column_int64(s, 0);
+            rc = SQLITE_DONE;
+        }
+    }
+    sqlite3_reset(s);
+    if (rc != SQLITE_DONE) {
+        sql_fail(st, rc, "loading seq");
+    }
+    uv_mutex_unlock(&st->db_mu);
+    return seq;
+}
+
+void smp_store_put_value(smp_store_t *st, const char *device, const char *tag,
+                         const char *value_json, int64_t ts_ms)
+{
+    if (st == NULL || device == NULL || tag == NULL || value_json == NULL) {
+        LOG_ERR(SCOPE, "put_value: missing argument");
+        return;
+    }
+    op_t *o = op_new(OP_PUT_VALUE, (const char *[OP_NSTRS]){device, tag, value_json}, NULL, 0);
+    if (o == NULL) {
+        LOG_ERR(SCOPE, "put_value %s/%s: out of memory", device, tag);
+        return;
+    }
+    o->ts_ms = ts_ms;
+    enqueue(st, o);
+}
+
+void smp_store_outbox_add(smp_store_t *st, const char *device, uint64_t seq, const char *topic,
+                          const void *payload, size_t len, smp_store_added_cb cb, void *arg)
+{
+    bool bad = st == NULL || device == NULL || topic == NULL || (payload == NULL && len > 0);
+    op_t *o = st != NULL ? op_new(OP_OUTBOX_ADD, (const char *[OP_NSTRS]){device, topic},
+                                  bad ? NULL : payload, bad ? 0 : len)
+                         : NULL;
+    if (o == NULL) {
+        /* Nothing to queue the answer on: answer now. */
+        if (cb != NULL) {
+            cb(arg, st == NULL ? -EINVAL : -ENOMEM, 0);
+        }
+        return;
+    }
+    o->status = bad ? -EINVAL : 0;
+    o->seq = seq;
+    o->has_cb = cb != NULL;
+    o->cb.added = cb;
+    o->arg = arg;
+    enqueue(st, o);
+}
+
+void smp_store_outbox_ack(smp_store_t *st, int64_t id)
+{
+    if (st == NULL) {
+        return;
+    }
+    op_t *o = op_new(OP_OUTBOX_ACK, NULL, NULL, 0);
+    if (o == NULL) {
+        /* The row stays and is sent again after a restart: at-least-once still holds. */
+        LOG_ERR(SCOPE, "outbox ack %" PRId64 ": out of memory", id);
+        return;
+    }
+    o->id = id;
+    enqueue(st, o);
+}
+
+void smp_store_outbox_fetch(smp_store_t *st, int64_t after_id, size_t max, smp_store_fetch_cb cb,
+                            void *arg)
+{
+    if (cb == NULL) {
+        return; /* a read nobody receives */
+    }
+    op_t *o = st != NULL ? op_new(OP_OUTBOX_FETCH, NULL, NULL, 0) : NULL;
+    if (o == NULL) {
+        cb(arg, st == NULL ? -EINVAL : -ENOMEM, NULL, 0);
+        return;
+    }
+    o->id = after_id;
+    o->max = max;
+    o->has_cb = true;
+    o->cb.fetch = cb;
+    o->arg = arg;
+    enqueue(st, o);
+}
+
+void smp_store_history(smp_store_t *st, const char *device, const char *tag, int64_t from_ms,
+                       int64_t to_ms, size_t limit, smp_store_history_cb cb, void *arg)
+{
+    if (cb == NULL) {
+        return;
+    }
+    op_t *o = st != NULL ? op_new(OP_HISTORY, (const char *[OP_NSTRS]){device, tag}, NULL, 0)
+                         : NULL;
+    if (o == NULL) {
+        cb(arg, st == NULL ? -EINVAL : -ENOMEM, NULL, 0);
+        return;
+    }
+    o->status = device == NULL || tag == NULL ? -EINVAL : 0;
+    o->ts_ms = from_ms;
+    o->to_ms = to_ms;
+    o->max = limit;
+    o->has_cb = true;
+    o->cb.history = cb;
+    o->arg = arg;
+    enqueue(st, o);
+}
+
+void smp_store_stats(smp_store_t *st, smp_store_stats_t *out)
+{
+    if (out == NULL) {
+        return;
+    }
+    if (st == NULL) {
+        memset(out, 0, sizeof *out);
+        return;
+    }
+    uv_mutex_lock(&st->done_mu);
+    *out = st->stats;
+    uv_mutex_unlock(&st->done_mu);
+}
+
+void smp_store_cmd_put(smp_store_t *st, const char *device, const char *id,
+                       const char *result_json, int64_t ts_ms, smp_store_added_cb cb, void *arg)
+{
+    bool bad = st == NULL || device == NULL || id == NULL;
+    op_t *o = st != NULL
+                  ? op_new(OP_CMD_PUT, (const char *[OP_NSTRS]){device, id, result_json}, NULL, 0)
+                  : NULL;
+    if (o == NULL) {
+        if (cb != NULL) {
+            cb(arg, st == NULL ? -EINVAL : -ENOMEM, 0);
+        }
+        return;
+    }
+    o->status = bad ? -EINVAL : 0;
+    o->ts_ms = ts_ms;
+    o->has_cb = cb != NULL;
+    o->cb.added = cb;
+    o->arg = arg;
+    enqueue(st, o);
+}
+
+int smp_store_load_cmds(smp_store_t *st, int64_t since_ms, smp_store_cmd_cb cb, void *arg)
+{
+    if (st == NULL || cb == NULL) {
+        return -EINVAL;
+    }
+    struct cmd_tmp {
+        size_t dev, id, res; /* res == SIZE_MAX: NULL (the command was still running) */
+        int64_t ts;
+    } *tmp = NULL;
+    size_t n = 0, cap = 0;
+    rbuf_t b = {0};
+    int err = 0, rc;
+    uv_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = st->stmt[ST_LOAD_CMDS];
+    rc = sqlite3_bind_int64(s, 1, since_ms);
+    if (rc != SQLITE_OK) {
+        err = sql_fail(st, rc, "loading command results");
+    }
+    while (err == 0 && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+        if ((err = grow_array((void **)&tmp, &cap, n + 1, sizeof *tmp)) != 0 ||
+            (err = col_text(s, 0, &b, &tmp[n].dev)) != 0 ||
+            (err = col_text(s, 1, &b, &tmp[n].id)) != 0) {
+            break;
+        }
+        tmp[n].res = SIZE_MAX;
+        if (sqlite3_column_type(s, 2) != SQLITE_NULL &&
+            (err = col_text(s, 2, &b, &tmp[n].res)) != 0) {
+            break;
+        }
+        tmp[n].ts = sqlite3_column_int64(s, 3);
+        n++;
+    }
+    sqlite3_reset(s);
+    if (err == 0 && rc != SQLITE_DONE) {
+        err = sql_fail(st, rc, "loading command results");
+    }
+    uv_mutex_unlock(&st->db_mu);
+    /* Called back without the lock: the callback may queue operations (cmd_put). */
+    for (size_t k = 0; err == 0 && k < n; k++) {
+        cb(arg, b.p + tmp[k].dev, b.p + tmp[k].id,
+           tmp[k].res != SIZE_MAX ? b.p + tmp[k].res : NULL, tmp[k].ts);
+    }
+    free(tmp);
+    free(b.p);
+    return err;
+}
+
+void smp_store_audit(smp_store_t *st, const smp_audit_row_t *row)
+{
+    if (st == NULL || row == NULL) {
+        return;
+    }
+    op_t *o = op_new(OP_AUDIT,
+                     (const char *[OP_NSTRS]){row->device, row->id, row->value_json, row->op,
+                                              row->tag, row->code, row->message},
+                     NULL, 0);
+    if (o == NULL) {
+        LOG_ERR(SCOPE, "audit of command %s: out of memory", row->id ? row->id : "(no id)");
+        return;
+    }
+    o->ts_ms = row->received_ms;
+    o->to_ms = row->latency_us;
+    enqueue(st, o);
+}

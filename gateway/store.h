@@ -99,3 +99,30 @@ void smp_store_history(smp_store_t *st, const char *device, const char *tag, int
                        int64_t to_ms, size_t limit, smp_store_history_cb cb, void *arg);
 
 #endif
+
+/* --- commands (at most once, audit) --- */
+#ifndef SMP_STORE_CMD_API
+#define SMP_STORE_CMD_API
+/* Records that command (device, id) was accepted and is about to run (result_json NULL) or its
+ * final result. cb runs after the commit, before which the caller must not act on it. */
+void smp_store_cmd_put(smp_store_t *st, const char *device, const char *id,
+                       const char *result_json, int64_t ts_ms, smp_store_added_cb cb, void *arg);
+/* Start-up: calls cb for every command recorded at or after since_ms (result_json NULL for a
+ * command that was still running when the gateway stopped). */
+typedef void (*smp_store_cmd_cb)(void *arg, const char *device, const char *id,
+                                 const char *result_json, int64_t ts_ms);
+int smp_store_load_cmds(smp_store_t *st, int64_t since_ms, smp_store_cmd_cb cb, void *arg);
+/* One audit row per command, valid or not. Strings may be NULL. */
+typedef struct smp_audit_row {
+    int64_t received_ms;
+    const char *id;
+    const char *device;
+    const char *op;
+    const char *tag;
+    const char *value_json;
+    const char *code; /* "ok" or the error code */
+    const char *message;
+    int64_t latency_us;
+} smp_audit_row_t;
+void smp_store_audit(smp_store_t *st, const smp_audit_row_t *row);
+#endif

@@ -1,1 +1,981 @@
-/* placeholder: being written */
+/* The Modbus protocol driver plugin: Modbus TCP and RTU through libmodbus.
+ *
+ * The host calls everything for one connection from that connection's worker thread, so the
+ * per-connection and per-device state below needs no locks; the only global is the host API
+ * table, written once by smp_plugin_entry() before any other call.
+ *
+ * Layering: codec.c turns registers into values and back, planner.c decides which requests to
+ * issue; this file owns the libmodbus context, maps libmodbus errors at the boundary (a device
+ * exception fails the tags of one request, anything else fails the whole call so the host
+ * reconnects) and validates the config cross-field rules.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <modbus.h>
+
+#include <simpul/plugin.h>
+
+#include "codec.h"
+#include "planner.h"
+
+#define MB_PLUGIN_VERSION "1.0.0"
+
+/* One FC16 request carries at most this many registers (a read carries 125). */
+#define MB_MAX_WRITE_REGS 123u
+
+static const smp_host_api_t *host;
+
+#define MB_LOG(ctx, level, ...)                                                                    \
+    do {                                                                                           \
+        if (host != NULL && host->log != NULL) {                                                   \
+            host->log((ctx), (level), __VA_ARGS__);                                                \
+        }                                                                                          \
+    } while (0)
+
+/* ---- config tables ---------------------------------------------------------------------- */
+
+/* Indices into conn_keys (and into the smp_param_t arrays the host resolves against it). */
+enum {
+    CK_TRANSPORT,
+    CK_HOST,
+    CK_PORT,
+    CK_UNIT_ID,
+    CK_TIMEOUT_MS,
+    CK_DEVICE,
+    CK_BAUD,
+    CK_PARITY,
+    CK_DATA_BITS,
+    CK_STOP_BITS,
+    CK_MAX_GAP,
+    CK_MAX_REGS,
+    CK_MAX_BITS,
+    CK_COUNT
+};
+
+enum { TRANSPORT_TCP = 0, TRANSPORT_RTU };
+
+/* Indices into tag_keys. */
+enum { TK_TABLE, TK_ADDRESS, TK_ORDER, TK_BIT, TK_LENGTH, TK_COUNT };
+
+static const char *const transport_choices[] = {"tcp", "rtu", NULL};
+static const char *const parity_choices[] = {"N", "E", "O", NULL};
+/* Same order as smp_mb_table_t and smp_mb_order_t, so an enum param's index is the value. */
+static const char *const table_choices[] = {"coil", "discrete_input", "input_register",
+                                            "holding_register", NULL};
+static const char *const order_choices[] = {"ABCD", "BADC", "CDAB", "DCBA", NULL};
+
+/* Defaults the driver applies itself. The keys that belong to one transport only carry no
+ * default in the tables: the host marks a key with a default as `set`, and check_connection
+ * must tell a key the integrator wrote from one the host filled in. */
+#define DEFAULT_PORT 502
+#define DEFAULT_BAUD 9600
+#define DEFAULT_DATA_BITS 8
+#define DEFAULT_STOP_BITS 1
+#define DEFAULT_UNIT_ID 1
+#define DEFAULT_TIMEOUT_MS 1000
+#define DEFAULT_MAX_GAP 8
+
+static const smp_config_key_t conn_keys[CK_COUNT + 1] = {
+    [CK_TRANSPORT] = {"transport", SMP_KEY_ENUM, true, 0, 0, transport_choices, NULL,
+                      "\"tcp\" (Modbus TCP) or \"rtu\" (Modbus RTU on a serial line)"},
+    [CK_HOST] = {"host", SMP_KEY_STRING, false, 0, 0, NULL, NULL,
+                 "tcp: server host name or IP address (required for tcp)"},
+    [CK_PORT] = {"port", SMP_KEY_INT, false, 1, 65535, NULL, NULL,
+                 "tcp: server port (default 502)"},
+    [CK_UNIT_ID] = {"unit_id", SMP_KEY_INT, false, 0, 255, NULL, "1",
+                    "Modbus unit id of the device: 0-247 or 255 for tcp, 1-247 for rtu"},
+    [CK_TIMEOUT_MS] = {"timeout_ms", SMP_KEY_INT, false, 10, 60000, NULL, "1000",
+                       "response timeout of one request, and of a tcp connect, in ms"},
+    [CK_DEVICE] = {"device", SMP_KEY_STRING, false, 0, 0, NULL, NULL,
+                   "rtu: serial device, e.g. /dev/ttyUSB0 (required for rtu)"},
+    [CK_BAUD] = {"baud", SMP_KEY_INT, false, 110, 4000000, NULL, NULL,
+                 "rtu: a standard baud rate (default 9600)"},
+    [CK_PARITY] = {"parity", SMP_KEY_ENUM, false, 0, 0, parity_choices, NULL,
+                   "rtu: parity N, E or O (default N)"},
+    [CK_DATA_BITS] = {"data_bits", SMP_KEY_INT, false, 7, 8, NULL, NULL,
+                      "rtu: data bits, 7 or 8 (default 8)"},
+    [CK_STOP_BITS] = {"stop_bits", SMP_KEY_INT, false, 1, 2, NULL, NULL,
+                      "rtu: stop bits, 1 or 2 (default 1)"},
+    [CK_MAX_GAP] = {"max_gap", SMP_KEY_INT, false, 0, 125, NULL, "8",
+                    "unrequested registers (bits for coil/discrete tables) one read may "
+                    "bridge to merge two tags; 0 reads only requested addresses"},
+    [CK_MAX_REGS] = {"max_regs_per_request", SMP_KEY_INT, false, 1, 125, NULL, "125",
+                     "most registers one read request may ask for"},
+    [CK_MAX_BITS] = {"max_bits_per_request", SMP_KEY_INT, false, 1, 2000, NULL, "2000",
+                     "most coils or discrete inputs one read request may ask for"},
+    [CK_COUNT] = {NULL, 0, false, 0, 0, NULL, NULL, NULL},
+};
+
+static const smp_config_key_t tag_keys[TK_COUNT + 1] = {
+    [TK_TABLE] = {"table", SMP_KEY_ENUM, true, 0, 0, table_choices, NULL,
+                  "coil, discrete_input, input_register or holding_register"},
+    [TK_ADDRESS] = {"address", SMP_KEY_INT, true, 0, 65535, NULL, NULL,
+                    "0-based address of the first register or bit"},
+    [TK_ORDER] = {"order", SMP_KEY_ENUM, false, 0, 0, order_choices, NULL,
+                  "byte order of multi-register types: ABCD (big-endian, default), BADC, "
+                  "CDAB or DCBA; strings: ABCD or BADC"},
+    [TK_BIT] = {"bit", SMP_KEY_INT, false, 0, 15, NULL, NULL,
+                "bool only: bit 0-15 of a register (0 = least significant)"},
+    [TK_LENGTH] = {"length", SMP_KEY_INT, false, 1, 125, NULL, NULL,
+                   "string only (required there): length in registers, two characters each"},
+    [TK_COUNT] = {NULL, 0, false, 0, 0, NULL, NULL, NULL},
+};
+
+static int64_t param_int(const smp_param_t *p, int64_t dflt)
+{
+    return p->set ? p->i : dflt;
+}
+
+static const char *param_str(const smp_param_t *p)
+{
+    return p->set && p->s != NULL ? p->s : NULL;
+}
+
+/* Baud rates libmodbus 3.1.6 maps to a termios speed (measured on a pty: every other rate,
+ * 2000000 included, silently becomes 9600), so the config check refuses the others. */
+static const int standard_bauds[] = {110,     300,     600,     1200,    2400,    4800,
+                                     9600,    19200,   38400,   57600,   115200,  230400,
+                                     460800,  500000,  576000,  921600,  1000000, 1152000,
+                                     1500000, 2500000, 3000000, 3500000, 4000000};
+
+static bool baud_is_standard(int64_t baud)
+{
+    for (size_t i = 0; i < sizeof(standard_bauds) / sizeof(standard_bauds[0]); i++) {
+        if (standard_bauds[i] == baud) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* ---- config checks (main thread) ---------------------------------------------------------- */
+
+static int check_connection(const smp_param_t *conn, smp_report_fn report, void *rctx)
+{
+    static const int tcp_only[] = {CK_HOST, CK_PORT};
+    static const int rtu_only[] = {CK_DEVICE, CK_BAUD, CK_PARITY, CK_DATA_BITS, CK_STOP_BITS};
+    int problems = 0;
+
+    if (!conn[CK_TRANSPORT].set) {
+        report(rctx, "transport", "required key is missing");
+        return 1;
+    }
+    bool tcp = conn[CK_TRANSPORT].i == TRANSPORT_TCP;
+    int64_t unit = param_int(&conn[CK_UNIT_ID], DEFAULT_UNIT_ID);
+
+    if (tcp) {
+        const char *h = param_str(&conn[CK_HOST]);
+        if (h == NULL || h[0] == '\0') {
+            report(rctx, NULL, "transport tcp needs \"host\"");
+            problems++;
+        }
+        for (size_t i = 0; i < sizeof(rtu_only) / sizeof(rtu_only[0]); i++) {
+            if (conn[rtu_only[i]].set) {
+                report(rctx, conn_keys[rtu_only[i]].name, "only for transport rtu, not tcp");
+                problems++;
+            }
+        }
+        /* libmodbus 3.1.6 refuses TCP unit ids 248-254 (modbus_set_slave: EINVAL). */
+        if (unit >= 248 && unit <= 254) {
+            report(rctx, "unit_id", "unit id %lld is not supported over tcp (use 0-247 or 255)",
+                   (long long)unit);
+            problems++;
+        }
+    } else {
+        const char *d = param_str(&conn[CK_DEVICE]);
+        if (d == NULL || d[0] == '\0') {
+            report(rctx, NULL, "transport rtu needs \"device\"");
+            problems++;
+        }
+        for (size_t i = 0; i < sizeof(tcp_only) / sizeof(tcp_only[0]); i++) {
+            if (conn[tcp_only[i]].set) {
+                report(rctx, conn_keys[tcp_only[i]].name, "only for transport tcp, not rtu");
+                problems++;
+            }
+        }
+        /* 0 is the broadcast address (no reply, so nothing can be read) and 248-255 are
+         * reserved on a serial line. */
+        if (unit < 1 || unit > 247) {
+            report(rctx, "unit_id", "must be 1-247 for transport rtu (got %lld)", (long long)unit);
+            problems++;
+        }
+        if (conn[CK_BAUD].set && !baud_is_standard(conn[CK_BAUD].i)) {
+            report(rctx, "baud", "%lld is not a standard baud rate", (long long)conn[CK_BAUD].i);
+            problems++;
+        }
+    }
+    return problems;
+}
+
+static int check_tag(const smp_tag_t *tag, smp_report_fn report, void *rctx)
+{
+    const smp_param_t *p = tag->params;
+    int problems = 0;
+
+    if (!p[TK_TABLE].set || !p[TK_ADDRESS].set) {
+        report(rctx, p[TK_TABLE].set ? "address" : "table", "required key is missing");
+        return 1;
+    }
+    smp_mb_table_t table = (smp_mb_table_t)p[TK_TABLE].i;
+    bool bits = smp_mb_table_is_bits(table);
+    smp_type_t type = tag->type;
+
+    if (bits && type != SMP_TYPE_BOOL) {
+        report(rctx, "type", "table %s holds bits: type must be bool", smp_mb_table_name(table));
+        problems++;
+    }
+    if (type == SMP_TYPE_STRING && !p[TK_LENGTH].set) {
+        report(rctx, NULL, "type string needs \"length\" (registers)");
+        problems++;
+    }
+    if (type != SMP_TYPE_STRING && p[TK_LENGTH].set) {
+        report(rctx, "length", "only for type string");
+        problems++;
+    }
+    if (p[TK_BIT].set) {
+        if (type != SMP_TYPE_BOOL) {
+            report(rctx, "bit", "only for type bool");
+            problems++;
+        } else if (bits) {
+            report(rctx, "bit", "only for a bool in a register table, not in table %s",
+                   smp_mb_table_name(table));
+            problems++;
+        }
+    }
+    unsigned length = (unsigned)param_int(&p[TK_LENGTH], 1);
+    unsigned count = bits ? 1 : smp_mb_type_regs(type, length);
+    if (p[TK_ORDER].set) {
+        if (bits || (type != SMP_TYPE_STRING && count < 2)) {
+            report(rctx, "order", "only for multi-register types");
+            problems++;
+        } else if (type == SMP_TYPE_STRING && p[TK_ORDER].i != SMP_MB_ABCD &&
+                   p[TK_ORDER].i != SMP_MB_BADC) {
+            report(rctx, "order", "a string has order ABCD or BADC");
+            problems++;
+        }
+    }
+    if (count > 0 && p[TK_ADDRESS].i + (int64_t)count > 65536) {
+        report(rctx, "address", "%lld + %u %s runs past address 65535", (long long)p[TK_ADDRESS].i,
+               count, bits ? "bit" : "registers");
+        problems++;
+    }
+    if (tag->writable) {
+        if (table == SMP_MB_DISCRETE_INPUT || table == SMP_MB_INPUT_REGISTER) {
+            report(rctx, "writable", "read-only table %s", smp_mb_table_name(table));
+            problems++;
+        } else if (type == SMP_TYPE_STRING && length > MB_MAX_WRITE_REGS) {
+            report(rctx, "length", "a writable string is at most %u registers (one write)",
+                   MB_MAX_WRITE_REGS);
+            problems++;
+        }
+    }
+    return problems;
+}
+
+static int conn_key(const smp_param_t *conn, char *buf, size_t n)
+{
+    int len;
+    if (conn[CK_TRANSPORT].set && conn[CK_TRANSPORT].i == TRANSPORT_TCP) {
+        const char *h = param_str(&conn[CK_HOST]);
+        len = snprintf(buf, n, "tcp:%s:%lld", h ? h : "",
+                       (long long)param_int(&conn[CK_PORT], DEFAULT_PORT));
+    } else {
+        const char *d = param_str(&conn[CK_DEVICE]);
+        len = snprintf(buf, n, "rtu:%s", d ? d : "");
+    }
+    return len < 0 || (size_t)len >= n ? -ENOSPC : 0;
+}
+
+/* ---- errors ------------------------------------------------------------------------------ */
+
+/* Modbus exception names as the platform sees them (Modbus Application Protocol v1.1b3,
+ * section 7), indexed by exception code. */
+static const char *const exception_names[] = {
+    [0] = "unknown exception",
+    [MODBUS_EXCEPTION_ILLEGAL_FUNCTION] = "illegal function",
+    [MODBUS_EXCEPTION_ILLEGAL_DATA_ADDRESS] = "illegal data address",
+    [MODBUS_EXCEPTION_ILLEGAL_DATA_VALUE] = "illegal data value",
+    [MODBUS_EXCEPTION_SLAVE_OR_SERVER_FAILURE] = "server device failure",
+    [MODBUS_EXCEPTION_ACKNOWLEDGE] = "acknowledge",
+    [MODBUS_EXCEPTION_SLAVE_OR_SERVER_BUSY] = "server device busy",
+    [MODBUS_EXCEPTION_NEGATIVE_ACKNOWLEDGE] = "negative acknowledge",
+    [MODBUS_EXCEPTION_MEMORY_PARITY] = "memory parity error",
+    [MODBUS_EXCEPTION_NOT_DEFINED] = "unknown exception",
+    [MODBUS_EXCEPTION_GATEWAY_PATH] = "gateway path unavailable",
+    [MODBUS_EXCEPTION_GATEWAY_TARGET] = "gateway target device failed to respond",
+};
+
+/* The outcome of one libmodbus call, converted at the boundary. */
+typedef struct mb_err {
+    int code;            /* 0, SMP_EDEVICE, or a negative errno (link failure) */
+    int exception;       /* Modbus exception code when code == SMP_EDEVICE */
+    const char *message; /* static text for SMP_EDEVICE; NULL otherwise */
+} mb_err_t;
+
+/* Maps libmodbus's errno after a failed call. A device exception is an answer: the link is fine
+ * and other requests may still succeed. Everything else (timeouts, resets, CRC errors, replies
+ * that do not match the request) means the byte stream can no longer be trusted, so the whole
+ * call fails and the host reconnects, which also drops any late reply still in flight. */
+static mb_err_t map_errno(int err)
+{
+    mb_err_t e = {0, 0, NULL};
+    if (err >= MODBUS_ENOBASE && err <= (int)EMBXGTAR) {
+        e.code = SMP_EDEVICE;
+        e.exception = err - MODBUS_ENOBASE;
+        e.message = exception_names[e.exception];
+        if (e.message == NULL) {
+            e.message = "unknown exception";
+        }
+    } else if (err == EMBBADEXC || err == EMBUNKEXC) {
+        /* The device replied with an exception code this library does not know. */
+        e.code = SMP_EDEVICE;
+        e.message = "unknown exception";
+    } else if (err >= MODBUS_ENOBASE) {
+        e.code = -EPROTO; /* EMBBADCRC, EMBBADDATA, EMBMDATA, EMBBADSLAVE */
+    } else if (err > 0) {
+        e.code = -err;
+    } else {
+        e.code = -EIO;
+    }
+    return e;
+}
+
+/* ---- connection ------------------------------------------------------------------------- */
+
+typedef struct mb_conn {
+    modbus_t *ctx;
+    const smp_param_t *params; /* borrowed from the host, outlives the connection */
+    void *log_ctx;
+    bool rtu;
+    bool open;
+    int slave;      /* unit id currently set on ctx, -1 = unknown */
+    int timeout_ms; /* response timeout currently set on ctx, -1 = unknown */
+    /* RTU: frames must be separated by 3.5 character times of silence and libmodbus does not
+     * enforce it, so the driver waits before sending when the bus has not been quiet long
+     * enough (this thread owns the bus, so blocking here is the right place). */
+    long t35_ns;
+    bool io_seen; /* last_io is valid */
+    struct timespec last_io;
+    /* After a timeout the reply may still arrive. The host keeps a connection open across a
+     * few timeouts (one silent unit id must not cut off its neighbours), so drop whatever came
+     * in late before the next request rather than read it as that request's reply. */
+    bool flush_pending;
+} mb_conn_t;
+
+static void set_timeouts(mb_conn_t *c, int ms)
+{
+    if (c->timeout_ms == ms) {
+        return;
+    }
+    modbus_set_response_timeout(c->ctx, (uint32_t)(ms / 1000), (uint32_t)(ms % 1000) * 1000u);
+    /* The byte timeout bounds the silence inside one reply; a device that trickles bytes can
+     * stretch a request to (reply length) x this, so keep it no longer than libmodbus's 0.5 s. */
+    int byte_ms = ms < 500 ? ms : 500;
+    modbus_set_byte_timeout(c->ctx, 0, (uint32_t)byte_ms * 1000u);
+    c->timeout_ms = ms;
+}
+
+static long ns_between(const struct timespec *a, const struct timespec *b)
+{
+    return (long)(b->tv_sec - a->tv_sec) * 1000000000L + (b->tv_nsec - a->tv_nsec);
+}
+
+/* Called before every request on the connection. */
+static void before_request(mb_conn_t *c)
+{
+    if (c->flush_pending) {
+        modbus_flush(c->ctx);
+        c->flush_pending = false;
+    }
+    if (!c->rtu || !c->io_seen) {
+        return;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long left = c->t35_ns - ns_between(&c->last_io, &now);
+    if (left > 0) {
+        struct timespec ts = {0, left};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+    }
+}
+
+/* Called after every request with libmodbus's result and errno. */
+static void after_request(mb_conn_t *c, int rc, int err)
+{
+    if (c->rtu) {
+        clock_gettime(CLOCK_MONOTONIC, &c->last_io);
+        c->io_seen = true;
+    }
+    if (rc < 0 && err == ETIMEDOUT) {
+        c->flush_pending = true;
+    }
+}
+
+static void *conn_create(const smp_param_t *conn, void *log_ctx)
+{
+    mb_conn_t *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        return NULL;
+    }
+    c->params = conn;
+    c->log_ctx = log_ctx;
+    c->slave = -1;
+    c->timeout_ms = -1;
+    c->rtu = conn[CK_TRANSPORT].set && conn[CK_TRANSPORT].i == TRANSPORT_RTU;
+
+    if (c->rtu) {
+        const char *dev = param_str(&conn[CK_DEVICE]);
+        int baud = (int)param_int(&conn[CK_BAUD], DEFAULT_BAUD);
+        const char *par = param_str(&conn[CK_PARITY]);
+        int data_bits = (int)param_int(&conn[CK_DATA_BITS], DEFAULT_DATA_BITS);
+        int stop_bits = (int)param_int(&conn[CK_STOP_BITS], DEFAULT_STOP_BITS);
+        c->ctx = dev ? modbus_new_rtu(dev, baud, par ? par[0] : 'N', data_bits, stop_bits) : NULL;
+        /* 3.5 characters of 11 bits; above 19200 baud the spec fixes it at 1.75 ms. */
+        c->t35_ns = baud > 19200 ? 1750000L : (long)(3.5 * 11 * 1e9 / baud);
+    } else {
+        const char *h = param_str(&conn[CK_HOST]);
+        char service[16];
+        snprintf(service, sizeof(service), "%lld",
+                 (long long)param_int(&conn[CK_PORT], DEFAULT_PORT));
+        /* The _pi variant resolves host names (on this worker thread, never the loop) and
+         * accepts IPv6; plain modbus_new_tcp takes dotted IPv4 only. */
+        c->ctx = h ? modbus_new_tcp_pi(h, service) : NULL;
+    }
+    if (c->ctx == NULL) {
+        MB_LOG(log_ctx, SMP_LOG_ERROR, "cannot create a libmodbus context: %s",
+               modbus_strerror(errno));
+        free(c);
+        return NULL;
+    }
+    /* Recovery mode would make libmodbus sleep and reconnect inside calls; the host owns
+     * backoff and reconnection instead. */
+    modbus_set_error_recovery(c->ctx, MODBUS_ERROR_RECOVERY_NONE);
+    set_timeouts(c, (int)param_int(&conn[CK_TIMEOUT_MS], DEFAULT_TIMEOUT_MS));
+    return c;
+}
+
+static void conn_close(void *cp)
+{
+    mb_conn_t *c = cp;
+    if (c != NULL && c->open) {
+        modbus_close(c->ctx);
+        c->open = false;
+        MB_LOG(c->log_ctx, SMP_LOG_DEBUG, "connection closed");
+    }
+}
+
+/* libmodbus reports a host name that does not resolve as ECONNREFUSED, which sends an
+ * integrator hunting for a firewall; look the name up again to tell the two apart. Only runs
+ * after a failed connect, on the worker thread. */
+static int explain_refused(mb_conn_t *c)
+{
+    const char *h = param_str(&c->params[CK_HOST]);
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
+    int gai = h ? getaddrinfo(h, NULL, &hints, &res) : EAI_NONAME;
+    if (gai == 0) {
+        freeaddrinfo(res);
+        return -ECONNREFUSED;
+    }
+    MB_LOG(c->log_ctx, SMP_LOG_WARN, "cannot resolve host %s: %s", h ? h : "(none)",
+           gai_strerror(gai));
+    return -EHOSTUNREACH;
+}
+
+static int conn_open(void *cp)
+{
+    mb_conn_t *c = cp;
+    if (c == NULL) {
+        return -EINVAL;
+    }
+    conn_close(c);
+    /* A TCP connect is bounded by the response timeout: use the connection's own. */
+    set_timeouts(c, (int)param_int(&c->params[CK_TIMEOUT_MS], DEFAULT_TIMEOUT_MS));
+    if (modbus_connect(c->ctx) != 0) {
+        int err = errno;
+        mb_err_t e = map_errno(err);
+        MB_LOG(c->log_ctx, SMP_LOG_DEBUG, "connect failed: %s", modbus_strerror(err));
+        /* libmodbus may leave a socket behind on a failed connect. */
+        modbus_close(c->ctx);
+        if (e.code == -ECONNREFUSED && !c->rtu) {
+            return explain_refused(c);
+        }
+        return e.code == SMP_EDEVICE ? -EIO : e.code;
+    }
+    c->open = true;
+    c->slave = -1;
+    c->io_seen = false;
+    c->flush_pending = false;
+    if (c->rtu) {
+        /* Drop whatever a device left on the line before we listened. */
+        modbus_flush(c->ctx);
+    }
+    MB_LOG(c->log_ctx, SMP_LOG_DEBUG, "connected");
+    return 0;
+}
+
+static void conn_destroy(void *cp)
+{
+    mb_conn_t *c = cp;
+    if (c == NULL) {
+        return;
+    }
+    conn_close(c);
+    modbus_free(c->ctx);
+    free(c);
+}
+
+/* ---- device ------------------------------------------------------------------------------ */
+
+typedef struct mb_tag {
+    const char *name; /* borrowed from the host's smp_tag_t */
+    smp_type_t type;
+    bool writable;
+    smp_mb_table_t table;
+    uint16_t address;
+    uint16_t count; /* registers, or 1 for a bit table */
+    smp_mb_order_t order;
+    int bit;      /* -1 = none */
+    char *strbuf; /* strings: decoded text, valid until the next call on the device */
+    size_t strsize;
+} mb_tag_t;
+
+typedef struct mb_device {
+    mb_conn_t *conn;
+    void *log_ctx;
+    int unit_id;
+    int timeout_ms;
+    smp_mb_limits_t lim;
+    mb_tag_t *tags;
+    smp_mb_span_t *spans; /* index-aligned with tags; `isolated` is learned at run time */
+    size_t ntags;
+    smp_mb_plan_t plan;
+    uint16_t regs[SMP_MB_MAX_READ_REGS];
+    uint8_t bits[SMP_MB_MAX_READ_BITS];
+    char msg[160]; /* the current call's dynamic message (link errors, write refusals) */
+} mb_device_t;
+
+static void device_destroy(void *dp)
+{
+    mb_device_t *d = dp;
+    if (d == NULL) {
+        return;
+    }
+    for (size_t i = 0; i < d->ntags; i++) {
+        free(d->tags[i].strbuf);
+    }
+    free(d->tags);
+    free(d->spans);
+    smp_mb_plan_free(&d->plan);
+    free(d);
+}
+
+static void *device_create(void *cp, const smp_param_t *dev_conn, const smp_tag_t *tags,
+                           size_t ntags, void *log_ctx)
+{
+    mb_conn_t *c = cp;
+    if (c == NULL || dev_conn == NULL || (ntags > 0 && tags == NULL)) {
+        return NULL;
+    }
+    mb_device_t *d = calloc(1, sizeof(*d));
+    if (d == NULL) {
+        return NULL;
+    }
+    d->conn = c;
+    d->log_ctx = log_ctx;
+    d->unit_id = (int)param_int(&dev_conn[CK_UNIT_ID], DEFAULT_UNIT_ID);
+    d->timeout_ms = (int)param_int(&dev_conn[CK_TIMEOUT_MS], DEFAULT_TIMEOUT_MS);
+    d->lim.max_gap = (unsigned)param_int(&dev_conn[CK_MAX_GAP], DEFAULT_MAX_GAP);
+    d->lim.max_regs = (unsigned)param_int(&dev_conn[CK_MAX_REGS], SMP_MB_MAX_READ_REGS);
+    d->lim.max_bits = (unsigned)param_int(&dev_conn[CK_MAX_BITS], SMP_MB_MAX_READ_BITS);
+    d->ntags = ntags;
+    d->tags = calloc(ntags ? ntags : 1, sizeof(*d->tags));
+    d->spans = calloc(ntags ? ntags : 1, sizeof(*d->spans));
+    if (d->tags == NULL || d->spans == NULL) {
+        device_destroy(d);
+        return NULL;
+    }
+
+    for (size_t i = 0; i < ntags; i++) {
+        const smp_tag_t *st = &tags[i];
+        const smp_param_t *p = st->params;
+        mb_tag_t *t = &d->tags[i];
+        /* check_tag has validated all of this; re-check what would make us index out of
+         * bounds rather than trust it. */
+        if (p == NULL || !p[TK_TABLE].set || p[TK_TABLE].i < 0 || p[TK_TABLE].i >= SMP_MB_NTABLES ||
+            !p[TK_ADDRESS].set || p[TK_ADDRESS].i < 0 || p[TK_ADDRESS].i > 65535) {
+            MB_LOG(log_ctx, SMP_LOG_ERROR, "tag %s: invalid table or address", st->name);
+            device_destroy(d);
+            return NULL;
+        }
+        t->name = st->name;
+        t->type = st->type;
+        t->writable = st->writable;
+        t->table = (smp_mb_table_t)p[TK_TABLE].i;
+        t->address = (uint16_t)p[TK_ADDRESS].i;
+        t->order = (smp_mb_order_t)param_int(&p[TK_ORDER], SMP_MB_ABCD);
+        t->bit = (int)param_int(&p[TK_BIT], -1);
+        unsigned length = (unsigned)param_int(&p[TK_LENGTH], 0);
+        bool bits = smp_mb_table_is_bits(t->table);
+        unsigned count = bits ? 1 : smp_mb_type_regs(st->type, length);
+        if (count == 0 || (unsigned)t->order >= SMP_MB_NORDERS || t->bit < -1 || t->bit > 15 ||
+            (bits && st->type != SMP_TYPE_BOOL) || t->address + count > 65536u) {
+            MB_LOG(log_ctx, SMP_LOG_ERROR, "tag %s: invalid type, length, order or bit", st->name);
+            device_destroy(d);
+            return NULL;
+        }
+        t->count = (uint16_t)count;
+        if (st->type == SMP_TYPE_STRING) {
+            t->strsize = smp_mb_string_bufsize(count);
+            t->strbuf = calloc(1, t->strsize);
+            if (t->strbuf == NULL) {
+                device_destroy(d);
+                return NULL;
+            }
+        }
+        unsigned cap = bits ? d->lim.max_bits : d->lim.max_regs;
+        if (count > cap) {
+            MB_LOG(log_ctx, SMP_LOG_ERROR,
+                   "tag %s spans %u registers but max_regs_per_request is %u: it cannot be read",
+                   st->name, count, cap);
+        }
+        d->spans[i] = (smp_mb_span_t){
+            .table = t->table, .address = t->address, .count = t->count, .isolated = false};
+    }
+    return d;
+}
+
+/* Points the shared context at this device: its unit id and its response timeout. */
+static int select_device(mb_device_t *d)
+{
+    mb_conn_t *c = d->conn;
+    if (c->ctx == NULL || !c->open) {
+        return -ENOTCONN;
+    }
+    if (c->slave != d->unit_id) {
+        if (modbus_set_slave(c->ctx, d->unit_id) != 0) {
+            return -EINVAL;
+        }
+        c->slave = d->unit_id;
+    }
+    set_timeouts(c, d->timeout_ms);
+    return 0;
+}
+
+/* Records a link failure's text for out[].message / *message. */
+static const char *link_message(mb_device_t *d, const char *what, int code)
+{
+    snprintf(d->msg, sizeof(d->msg), "%s: %s", what, strerror(-code));
+    return d->msg;
+}
+
+/* Issues one read (FC1/2/3/4) into d->bits or d->regs. */
+static mb_err_t read_range(mb_device_t *d, smp_mb_table_t table, uint16_t addr, uint16_t count)
+{
+    mb_conn_t *c = d->conn;
+    int rc;
+    before_request(c);
+    errno = 0;
+    switch (table) {
+    case SMP_MB_COIL:
+        rc = modbus_read_bits(c->ctx, addr, count, d->bits);
+        break;
+    case SMP_MB_DISCRETE_INPUT:
+        rc = modbus_read_input_bits(c->ctx, addr, count, d->bits);
+        break;
+    case SMP_MB_INPUT_REGISTER:
+        rc = modbus_read_input_registers(c->ctx, addr, count, d->regs);
+        break;
+    case SMP_MB_HOLDING_REGISTER:
+        rc = modbus_read_registers(c->ctx, addr, count, d->regs);
+        break;
+    default:
+        return (mb_err_t){-EINVAL, 0, NULL};
+    }
+    int err = errno;
+    after_request(c, rc, err);
+    if (rc < 0) {
+        mb_err_t e = map_errno(err);
+        MB_LOG(d->log_ctx, SMP_LOG_DEBUG, "read %s %u+%u failed: %s", smp_mb_table_name(table),
+               addr, count, e.message ? e.message : modbus_strerror(err));
+        return e;
+    }
+    /* libmodbus checks the reply's byte count against the request; a count that still differs
+     * means we do not understand the reply, so nothing from it is used. */
+    if (rc != count) {
+        MB_LOG(d->log_ctx, SMP_LOG_WARN, "read %s %u+%u: reply holds %d units",
+               smp_mb_table_name(table), addr, count, rc);
+        return (mb_err_t){-EPROTO, 0, NULL};
+    }
+    return (mb_err_t){0, 0, NULL};
+}
+
+/* Decodes tag t from the buffer of the last read, whose first unit is `offset` units before the
+ * tag's address. */
+static void decode_tag(mb_device_t *d, const mb_tag_t *t, uint16_t offset, smp_reading_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (smp_mb_table_is_bits(t->table)) {
+        out->value.v.b = d->bits[offset] != 0;
+        return;
+    }
+    int rc = smp_mb_decode_regs(&d->regs[offset], t->count, t->type, t->order, t->bit, t->strbuf,
+                                t->strsize, &out->value);
+    if (rc < 0) {
+        out->status = rc;
+        out->message = "cannot decode the registers";
+    }
+}
+
+static void fail_reading(smp_reading_t *out, int code, const char *message)
+{
+    memset(out, 0, sizeof(*out));
+    out->status = code;
+    out->message = message;
+}
+
+/* True for exceptions that may be caused by what a coalesced request added (bridged gaps,
+ * neighbouring tags), so reading the tags one by one can get the good ones through. */
+static bool exception_may_be_range(int exception)
+{
+    return exception == MODBUS_EXCEPTION_ILLEGAL_DATA_ADDRESS ||
+           exception == MODBUS_EXCEPTION_ILLEGAL_DATA_VALUE;
+}
+
+/* Fails every tag of the call with link error `code` and returns it. */
+static int fail_all(mb_device_t *d, smp_reading_t *out, size_t n, int code)
+{
+    const char *m = link_message(d, "read", code);
+    for (size_t k = 0; k < n; k++) {
+        fail_reading(&out[k], code, m);
+    }
+    return code;
+}
+
+static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *out)
+{
+    mb_device_t *d = dp;
+    if (d == NULL || (n > 0 && (idx == NULL || out == NULL))) {
+        return -EINVAL;
+    }
+    if (n == 0) {
+        return 0;
+    }
+    int rc = select_device(d);
+    if (rc == 0) {
+        rc = smp_mb_plan_build(&d->plan, d->spans, d->ntags, idx, n, &d->lim);
+    }
+    if (rc < 0) {
+        return fail_all(d, out, n, rc);
+    }
+
+    const smp_mb_plan_t *plan = &d->plan;
+    for (size_t u = 0; u < plan->nunplanned; u++) {
+        fail_reading(&out[plan->unplanned[u]], -E2BIG,
+                     "tag does not fit in one request (max_regs_per_request)");
+    }
+
+    int requests = 0;
+    for (size_t r = 0; r < plan->nreqs; r++) {
+        const smp_mb_request_t *req = &plan->reqs[r];
+        const smp_mb_item_t *items = &plan->items[req->first];
+        mb_err_t e = read_range(d, req->table, req->address, req->count);
+        requests++;
+
+        if (e.code == 0) {
+            for (size_t j = 0; j < req->nitems; j++) {
+                decode_tag(d, &d->tags[idx[items[j].k]], items[j].offset, &out[items[j].k]);
+            }
+        } else if (e.code != SMP_EDEVICE) {
+            return fail_all(d, out, n, e.code);
+        } else if (req->nitems > 1 && exception_may_be_range(e.exception)) {
+            /* A device that refuses a merged read may still serve each tag alone (it does not
+             * map the bridged gap, or one tag's address is bad). Read them one by one, and
+             * keep them apart from now on so the refusal does not repeat every poll. */
+            MB_LOG(d->log_ctx, SMP_LOG_WARN,
+                   "%s %u+%u refused (%s): reading its %zu tags one by one from now on",
+                   smp_mb_table_name(req->table), req->address, req->count, e.message, req->nitems);
+            for (size_t j = 0; j < req->nitems; j++) {
+                uint32_t k = items[j].k;
+                const mb_tag_t *t = &d->tags[idx[k]];
+                d->spans[idx[k]].isolated = true;
+                mb_err_t e1 = read_range(d, t->table, t->address, t->count);
+                requests++;
+                if (e1.code == 0) {
+                    decode_tag(d, t, 0, &out[k]);
+                } else if (e1.code == SMP_EDEVICE) {
+                    fail_reading(&out[k], SMP_EDEVICE, e1.message);
+                } else {
+                    return fail_all(d, out, n, e1.code);
+                }
+            }
+        } else {
+            for (size_t j = 0; j < req->nitems; j++) {
+                fail_reading(&out[items[j].k], SMP_EDEVICE, e.message);
+            }
+        }
+    }
+    return requests;
+}
+
+/* Issues the write itself: FC5 for a coil, FC3 + FC6 for a bit of a register, FC6 for one
+ * register, FC16 for more. Returns the mapped outcome; sets *message for local refusals. */
+static mb_err_t write_tag(mb_device_t *d, const mb_tag_t *t, const smp_value_t *in,
+                          const char **message)
+{
+    mb_conn_t *c = d->conn;
+    uint16_t regs[MB_MAX_WRITE_REGS];
+    int wrc;
+
+    if (t->table == SMP_MB_COIL) {
+        before_request(c);
+        errno = 0;
+        wrc = modbus_write_bit(c->ctx, t->address, in->v.b ? 1 : 0);
+    } else if (t->type == SMP_TYPE_BOOL && t->bit >= 0) {
+        /* Read the register, change the bit, write it back. Another master changing the
+         * register in between would be overwritten; mask write (FC22) would avoid that, but
+         * few devices implement it. */
+        mb_err_t e = read_range(d, SMP_MB_HOLDING_REGISTER, t->address, 1);
+        if (e.code != 0) {
+            return e;
+        }
+        uint16_t reg = smp_mb_bit_apply(d->regs[0], (unsigned)t->bit, in->v.b);
+        before_request(c);
+        errno = 0;
+        wrc = modbus_write_register(c->ctx, t->address, reg);
+    } else {
+        if (t->count > MB_MAX_WRITE_REGS) {
+            *message = "too many registers for one write";
+            return (mb_err_t){-E2BIG, 0, NULL};
+        }
+        int rc = smp_mb_encode_regs(in, t->type, t->order, regs, t->count);
+        if (rc < 0) {
+            *message = rc == -ERANGE ? "value does not fit the tag's raw type"
+                                     : "value cannot be encoded for this tag";
+            return (mb_err_t){rc, 0, NULL};
+        }
+        before_request(c);
+        errno = 0;
+        if (t->count == 1) {
+            wrc = modbus_write_register(c->ctx, t->address, regs[0]);
+        } else {
+            wrc = modbus_write_registers(c->ctx, t->address, t->count, regs);
+        }
+    }
+    int err = errno;
+    after_request(c, wrc, err);
+    if (wrc < 0) {
+        mb_err_t e = map_errno(err);
+        MB_LOG(d->log_ctx, SMP_LOG_DEBUG, "write %s failed: %s", t->name,
+               e.message ? e.message : modbus_strerror(err));
+        return e;
+    }
+    return (mb_err_t){0, 0, NULL};
+}
+
+static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_reading_t *readback,
+                        const char **message)
+{
+    mb_device_t *d = dp;
+    const char *unused;
+    if (message == NULL) {
+        message = &unused;
+    }
+    *message = NULL;
+    if (d == NULL || in == NULL || readback == NULL) {
+        *message = "invalid arguments";
+        return -EINVAL;
+    }
+    memset(readback, 0, sizeof(*readback));
+    if (ti >= d->ntags) {
+        *message = "no such tag";
+        fail_reading(readback, -EINVAL, *message);
+        return -EINVAL;
+    }
+    const mb_tag_t *t = &d->tags[ti];
+    /* Never write where the config did not allow it, whatever the host asks. */
+    if (!t->writable || t->table == SMP_MB_DISCRETE_INPUT || t->table == SMP_MB_INPUT_REGISTER) {
+        *message = "tag is not writable";
+        fail_reading(readback, -EPERM, *message);
+        return -EPERM;
+    }
+    int rc = select_device(d);
+    if (rc < 0) {
+        *message = link_message(d, "write", rc);
+        fail_reading(readback, rc, *message);
+        return rc;
+    }
+
+    mb_err_t e = write_tag(d, t, in, message);
+    if (e.code != 0) {
+        if (*message == NULL) {
+            *message = e.code == SMP_EDEVICE ? e.message : link_message(d, "write", e.code);
+        }
+        fail_reading(readback, e.code, *message);
+        return e.code;
+    }
+
+    e = read_range(d, t->table, t->address, t->count);
+    if (e.code == SMP_EDEVICE) {
+        /* The device took the write but will not show the result: say so rather than report
+         * a plain refusal, because the value may well have changed. */
+        snprintf(d->msg, sizeof(d->msg), "written, but the read-back failed: %s", e.message);
+        *message = d->msg;
+        fail_reading(readback, SMP_EDEVICE, *message);
+        return SMP_EDEVICE;
+    }
+    if (e.code < 0) {
+        *message = link_message(d, "read-back", e.code);
+        fail_reading(readback, e.code, *message);
+        return e.code;
+    }
+    decode_tag(d, t, 0, readback);
+    if (readback->status != 0) {
+        *message = readback->message;
+        return readback->status;
+    }
+    return 0;
+}
+
+/* ---- descriptor ----------------------------------------------------------------------------- */
+
+static const smp_plugin_t descriptor = {
+    .abi_version = SMP_PLUGIN_ABI_VERSION,
+    .struct_size = sizeof(smp_plugin_t),
+    .name = "modbus",
+    .version = MB_PLUGIN_VERSION,
+    .conn_keys = conn_keys,
+    .tag_keys = tag_keys,
+    .check_connection = check_connection,
+    .check_tag = check_tag,
+    .conn_key = conn_key,
+    .conn_create = conn_create,
+    .conn_open = conn_open,
+    .conn_close = conn_close,
+    .conn_destroy = conn_destroy,
+    .device_create = device_create,
+    .device_destroy = device_destroy,
+    .device_read = device_read,
+    .device_write = device_write,
+    .reserved = {NULL},
+};
+
+SMP_PLUGIN_EXPORT const smp_plugin_t *smp_plugin_entry(const smp_host_api_t *h);
+
+SMP_PLUGIN_EXPORT const smp_plugin_t *smp_plugin_entry(const smp_host_api_t *h)
+{
+    /* Only fields up to `log` are needed; anything shorter is a host we cannot talk to. */
+    if (h == NULL || h->abi_version != SMP_PLUGIN_ABI_VERSION ||
+        h->struct_size < offsetof(smp_host_api_t, log) + sizeof(h->log) || h->log == NULL) {
+        return NULL;
+    }
+    host = h;
+    return &descriptor;
+}

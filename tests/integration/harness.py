@@ -23,6 +23,7 @@ SOURCE_ROOT = os.environ.get(
     "SIMPUL_SOURCE_ROOT", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 )
 HERE = os.path.dirname(os.path.abspath(__file__))
+SIGTERM = signal.SIGTERM
 
 
 class Failure(AssertionError):
@@ -93,7 +94,9 @@ class Proc:
         except subprocess.TimeoutExpired:
             raise Failure("%s did not exit within %.1fs" % (self.name, timeout))
 
-    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+    def stop(self, sig=None, timeout=10.0):
+        # `signal` here would be the method above, not the module: resolve the default late.
+        sig = SIGTERM if sig is None else sig
         if self.alive():
             os.kill(self.p.pid, sig)
             try:

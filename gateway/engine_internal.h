@@ -1,0 +1,182 @@
+/* Engine internals shared by engine.c and command.c. Not a public surface. */
+#ifndef SMP_ENGINE_INTERNAL_H
+#define SMP_ENGINE_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <simpul/plugin.h>
+#include <uv.h>
+
+#include "bridge.h"
+#include "config.h"
+#include "engine.h"
+#include "store.h"
+#include "value.h"
+
+#define ERRMSG_LEN 128
+/* Longest string value kept from a driver (a Modbus string is at most 250 bytes). */
+#define SMP_STRING_MAX 1024
+
+enum job_type { JOB_READ = 1, JOB_WRITE, JOB_EXIT };
+
+struct conn;
+struct device;
+struct group;
+
+/* A unit of work for a connection's worker. Owned by whichever side holds it. */
+struct job {
+    enum job_type type;
+    struct job *next;
+    struct conn *conn;
+    struct device *dev;
+    /* read */
+    struct group *grp;
+    const uint32_t *idx; /* borrowed from the group */
+    size_t n;
+    smp_reading_t *readings;
+    char **strs; /* copies of string values */
+    char *errs;  /* n * ERRMSG_LEN: per-tag error texts */
+    /* write */
+    uint32_t tag;
+    smp_value_t write_raw;
+    char *write_str; /* owned string behind write_raw.s */
+    smp_reading_t rb;
+    char *rb_str;
+    bool started;
+    void *cmd; /* the command this job serves (command.c); NULL for polls */
+    uint64_t deadline_wall_ms; /* commands with ttl_ms: not started after this => expired */
+    /* result */
+    int status;
+    char errmsg[ERRMSG_LEN];
+    uint64_t done_wall_ms;
+};
+#define JOB_ERR(j, k) ((j)->errs + (size_t)(k) * ERRMSG_LEN)
+
+struct group {
+    struct device *dev;
+    uint32_t interval_ms;
+    uint32_t *idx;
+    size_t n;
+    uv_timer_t timer;
+    bool timer_init;
+    bool in_flight;
+};
+
+struct tag_rt {
+    smp_eval_t current;  /* last value read (NONE when unknown or in error) */
+    smp_eval_t reported; /* last value published: the deadband baseline */
+    uint64_t current_ts;
+    uint64_t restored_ts; /* ts of `reported` when restored from the store */
+    bool dirty;           /* current differs from reported beyond the deadband */
+    int err;
+    bool err_dirty;
+    char errmsg[ERRMSG_LEN];
+};
+
+struct device {
+    smp_engine_t *eng;
+    const smp_device_cfg_t *cfg;
+    struct conn *conn;
+    char scope[160];
+    smp_tag_t *ptags; /* the driver's view of the tags */
+    struct tag_rt *tags;
+    struct group *groups;
+    size_t ngroups;
+    char *topic_data, *topic_status, *topic_result;
+    /* loop thread */
+    int online; /* -1 not polled yet, 0 offline, 1 online */
+    char status_err[ERRMSG_LEN];
+    uint64_t status_ts;
+    uint64_t seq;
+    bool need_full;
+    uint64_t last_full_ms;
+    unsigned cmd_queued; /* commands accepted and not yet answered */
+    /* worker */
+    void *pdev;
+    uint32_t w_backoff_ms;
+    uint64_t w_next_try_ms;
+};
+
+struct conn {
+    smp_engine_t *eng;
+    const smp_plugin_host_t *plugin;
+    const smp_param_t *params;
+    char key[256];
+    char scope[300];
+    struct device **devs;
+    size_t ndevs;
+    uv_thread_t thread;
+    bool started, exited, sync_init;
+    uv_mutex_t mu;
+    uv_cond_t cv;
+    struct job *cmd_head, *cmd_tail, *poll_head, *poll_tail;
+    bool stop;
+    /* worker */
+    void *pconn;
+    bool open;
+    uint32_t backoff_ms;
+    uint64_t next_open_ms;
+    int timeouts;
+    int last_open_err;
+    char last_open_msg[ERRMSG_LEN];
+};
+
+struct smp_engine_stats {
+    uint64_t polls, poll_errors, requests, overruns, values, publishes, acked, replayed;
+    uint64_t commands, store_errors, lost;
+};
+
+struct smp_command_state; /* command.c */
+
+struct smp_engine {
+    uv_loop_t *loop;
+    const smp_config_t *cfg;
+    smp_store_t *store;
+    smp_bridge_t *bridge;
+    struct device *devs;
+    size_t ndevs;
+    struct conn **conns;
+    size_t nconns;
+    uv_async_t done_async;
+    uv_mutex_t done_mu;
+    struct job *done_head, *done_tail;
+    uv_timer_t metrics_timer, stop_timer;
+    bool handles_init;
+    char *topic_metrics, *topic_cmd_sub;
+    uint64_t started_ms;
+    struct smp_engine_stats stats;
+    /* outbox pump */
+    bool backlog;
+    bool fetch_in_flight;
+    size_t fetch_max;
+    int64_t cursor;
+    unsigned conn_epoch, fetch_epoch;
+    int64_t *live_ids;
+    size_t live_n, live_cap;
+    unsigned pending_adds;
+    /* stop */
+    bool stopping, stop_forced, stop_done, bridge_stop_called, bridge_stopped;
+    int workers_alive;
+    void (*stop_cb)(void *arg);
+    void *stop_arg;
+    struct smp_command_state *cmds;
+};
+
+uint64_t smp__wall_ms(void);
+void smp__engine_enqueue(struct conn *c, struct job *j);
+void smp__engine_stop_progress(smp_engine_t *e);
+void smp__engine_apply_reading(smp_engine_t *e, struct device *d, uint32_t t,
+                               const smp_reading_t *r, const char *errmsg, uint64_t ts);
+void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full);
+
+/* command.c */
+void smp__engine_commands_init(smp_engine_t *e);
+void smp__engine_commands_free(smp_engine_t *e);
+bool smp__engine_commands_busy(smp_engine_t *e);
+void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
+                         const smp_mqtt_props_t *props);
+void smp__engine_write_done(smp_engine_t *e, struct job *j);
+void smp__engine_write_discard(smp_engine_t *e, struct job *j);
+
+#endif
