@@ -32,6 +32,7 @@
 #define PASSWORD_MAX_BYTES 65535       /* MQTT's limit */
 #define MSG_MAX 2048
 #define SHOW_MAX 40 /* user text quoted in a message is cut to this */
+#define PATH_SHOW 512 /* file paths in messages are cut to this */
 
 /* ---- diagnostics and the current path ---------------------------------------------------- */
 
@@ -271,14 +272,15 @@ __attribute__((format(printf, 4, 5))) static void err_key(vctx_t *v, const char 
     pop(v, old);
 }
 
-/* Quotes user text for a message: at most SHOW_MAX characters. */
+/* Quotes user text for a message, cut to fit buf (n bytes): callers size buf for what they
+ * quote (SHOW_MAX for names and values, more for file paths). */
 static const char *show(const char *s, char *buf, size_t n)
 {
     size_t len = strlen(s);
-    if (len <= SHOW_MAX && len + 3 <= n) {
+    if (len + 3 <= n) {
         snprintf(buf, n, "\"%s\"", s);
     } else {
-        snprintf(buf, n, "\"%.*s...\"", SHOW_MAX, s);
+        snprintf(buf, n, "\"%.*s...\"", (int)(n > 6 ? n - 6 : 0), s);
     }
     return buf;
 }
@@ -565,7 +567,7 @@ static void check_known(vctx_t *v, json_t *obj, const char *const *allowed)
  * (profiles) or a value. */
 static bool check_name(vctx_t *v, const char *s, int at)
 {
-    char sb[SHOW_MAX + 8];
+    char sb[SHOW_MAX + 6];
     size_t n = strlen(s);
     if (n == 0) {
         err(v, at, "a name must not be empty");
@@ -629,7 +631,7 @@ static char *resolve(vctx_t *v, const char *p)
 /* A file we must be able to read (TLS material). Reports at obj.key. */
 static void check_readable(vctx_t *v, const char *key, const char *path)
 {
-    char sb[SHOW_MAX + 8];
+    char sb[PATH_SHOW];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         err_key(v, key, AT_VALUE, "cannot read %s: %s", show(path, sb, sizeof sb),
@@ -646,7 +648,7 @@ static void check_readable(vctx_t *v, const char *key, const char *path)
 /* Reads the MQTT password; a trailing newline (as editors leave) is not part of it. */
 static char *read_password(vctx_t *v, const char *key, const char *path)
 {
-    char sb[SHOW_MAX + 8];
+    char sb[PATH_SHOW];
     FILE *f = fopen(path, "rbe");
     if (f == NULL) {
         err_key(v, key, AT_VALUE, "cannot read %s: %s", show(path, sb, sizeof sb),
@@ -691,7 +693,7 @@ static void parse_gateway(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
     static const char *const keys[] = {"id",        "data_dir",           "plugin_dir",
                                        "log_level", "metrics_interval_s", NULL};
-    char sb[SHOW_MAX + 8];
+    char sb[SHOW_MAX + 6];
     json_t *g = get(v, root, "gateway", W_OBJECT, true);
     if (g == NULL) {
         return;
@@ -770,7 +772,7 @@ static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
     static const char *const keys[] = {"host",     "port",      "client_id",    "topic_prefix",
                                        "qos",      "keepalive_s", "version",    "username",
                                        "password_file", "tls",  "inflight_max", NULL};
-    char sb[SHOW_MAX + 8];
+    char sb[SHOW_MAX + 6];
     long long x;
     json_t *m = get(v, root, "mqtt", W_OBJECT, false);
     if (m == NULL) {
@@ -912,7 +914,7 @@ static void free_tag(smp_tag_cfg_t *t, size_t nparams)
  * of them are valid. Unknown keys are the plugin pass's business. */
 static bool parse_tag_fields(vctx_t *v, json_t *t, smp_tag_cfg_t *out)
 {
-    char sb[SHOW_MAX + 8];
+    char sb[SHOW_MAX + 6];
     size_t before = v->ndiags;
     memset(out, 0, sizeof *out);
     out->scale = 1;
@@ -1003,7 +1005,7 @@ static void parse_tag_list(vctx_t *v, json_t *arr, tag_src_t **srcs, smp_tag_cfg
             if (prev != NULL) {
                 const char *fpath = (*srcs)[json_integer_value(prev)].path;
                 smp_jsonpos_loc_t first = locate_member(v, fpath != NULL ? fpath : "", "name");
-                char sb[SHOW_MAX + 8];
+                char sb[SHOW_MAX + 6];
                 size_t o2 = push_key(v, "name");
                 err(v, AT_VALUE, "duplicate tag name %s (first at line %u, column %u)",
                     show(name, sb, sizeof sb), (unsigned)first.line, (unsigned)first.col);
@@ -1649,7 +1651,7 @@ static int load_text(const char *name, const char *text, size_t len,
             struct stat st;
             dir = cfg->gateway.plugin_dir;
             if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-                char sb[SHOW_MAX + 8];
+                char sb[PATH_SHOW];
                 size_t old = push_key(&v, "gateway");
                 err_key(&v, "plugin_dir", AT_VALUE, "%s is not a directory",
                         show(dir, sb, sizeof sb));

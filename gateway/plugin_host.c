@@ -466,6 +466,7 @@ static const smp_plugin_host_t *load(smp_plugin_set_t *set, const char *protocol
         dlclose(h);
         return NULL;
     }
+    LOG_DEBUG("plugin", "loaded %s %s from %s", p->name, p->desc->version, path);
     return p;
 }
 

@@ -68,7 +68,7 @@ class RestartTest(h.TestCase):
         assert "tick" in rows, rows
 
 
-SIM_TICK_ADDR = int(os.environ.get("SIM_TICK_ADDR", "100"))
+SIM_TICK_ADDR = int(os.environ.get("SIM_TICK_ADDR", "30"))
 
 if __name__ == "__main__":
     RestartTest().run_all()
