@@ -817,7 +817,7 @@ static void begin_attempt(smp_bridge_t *b)
     }
 }
 
-/* CONNACK accepted: announce the gateway, restore the subscriptions, tell the caller. */
+/* CONNACK accepted: restore the subscriptions, announce the gateway, tell the caller. */
 static void on_connected(smp_bridge_t *b)
 {
     b->state = ST_CONNECTED;
@@ -835,16 +835,19 @@ static void on_connected(smp_bridge_t *b)
     b->failed_attempts = 0;
     b->backoff_ms = BACKOFF_MIN_MS;
 
-    int rc = publish_status(b, "online");
-    if (rc < 0) {
-        LOG_WARN(SCOPE, "cannot publish online status: %s", strerror(-rc));
-    }
+    /* Subscriptions go out before the online status: the broker handles one client's packets
+     * in order, so a platform that sees "online" can send commands and they are delivered. */
+    int rc;
     for (size_t i = 0; i < b->nsubs; i++) {
         rc = mosquitto_subscribe(b->mosq, NULL, b->subs[i].topic, b->subs[i].qos);
         if (rc != MOSQ_ERR_SUCCESS) {
             LOG_WARN(SCOPE, "cannot subscribe to %s: %s", b->subs[i].topic,
                      mosquitto_strerror(rc));
         }
+    }
+    rc = publish_status(b, "online");
+    if (rc < 0) {
+        LOG_WARN(SCOPE, "cannot publish online status: %s", strerror(-rc));
     }
     poll_update(b);
     if (b->cbs.on_connect != NULL) {

@@ -327,7 +327,7 @@ class TestCase:
                         fn(*args)
                     except Exception as e:  # noqa: BLE001
                         print("cleanup error: %r" % e)
-                if not failed or os.environ.get("KEEP") is None:
+                if os.environ.get("KEEP") is None:
                     shutil.rmtree(self.workdir, ignore_errors=True)
         print("%d passed, %d failed" % (passed, failed))
         sys.exit(1 if failed else 0)

@@ -298,6 +298,82 @@ static void write_file(const char *path, const char *content)
     fclose(f);
 }
 
+/* ---- jsonpos ---------------------------------------------------------------------------- */
+
+static void expect_pos(const smp_jsonpos_t *jp, const char *path, bool key, unsigned line,
+                       unsigned col)
+{
+    smp_jsonpos_loc_t loc = {0, 0};
+    bool found = key ? smp_jsonpos_key(jp, path, &loc) : smp_jsonpos_value(jp, path, &loc);
+    if (!found || loc.line != line || loc.col != col) {
+        print_error("%s of \"%s\": expected %u:%u, got %s %u:%u", key ? "key" : "value", path,
+                    line, col, found ? "" : "(not found)", loc.line, loc.col);
+        fail();
+    }
+}
+
+static void test_jsonpos(void **state)
+{
+    (void)state;
+    /* CRLF lines, a tab, escaped and raw UTF-8 keys (columns count characters), a duplicate. */
+    const char *text = "{\r\n"
+                       "\t\"k\\u00e9y\": {\"\xc3\xa9\": [1, {\"x\": true}]},\r\n"
+                       "  \"a\": \"\\ud83d\\ude00\", \"b\": 1, \"b\": 2}";
+    smp_jsonpos_t *jp = NULL;
+    assert_int_equal(smp_jsonpos_scan(text, strlen(text), &jp), 0);
+    expect_pos(jp, "", false, 1, 1);
+    expect_pos(jp, "k\xc3\xa9y", true, 2, 2);
+    expect_pos(jp, "k\xc3\xa9y", false, 2, 14);
+    expect_pos(jp, "k\xc3\xa9y.\xc3\xa9", true, 2, 15);
+    expect_pos(jp, "k\xc3\xa9y.\xc3\xa9", false, 2, 20);
+    expect_pos(jp, "k\xc3\xa9y.\xc3\xa9[0]", false, 2, 21);
+    expect_pos(jp, "k\xc3\xa9y.\xc3\xa9[1]", false, 2, 24);
+    expect_pos(jp, "k\xc3\xa9y.\xc3\xa9[1].x", true, 2, 25);
+    expect_pos(jp, "k\xc3\xa9y.\xc3\xa9[1].x", false, 2, 30);
+    expect_pos(jp, "a", true, 3, 3);
+    expect_pos(jp, "a", false, 3, 8);
+    expect_pos(jp, "b", true, 3, 32);  /* the last occurrence, the one jansson keeps */
+    expect_pos(jp, "b", false, 3, 37);
+    smp_jsonpos_loc_t loc;
+    assert_false(smp_jsonpos_key(jp, "k\xc3\xa9y.\xc3\xa9[0]", &loc)); /* elements have no key */
+    assert_false(smp_jsonpos_value(jp, "nope", &loc));
+    assert_int_equal(smp_jsonpos_ndups(jp), 1);
+    const smp_jsonpos_dup_t *d = smp_jsonpos_dup(jp, 0);
+    assert_string_equal(d->path, "b");
+    assert_true(d->at.line == 3 && d->at.col == 32 && d->first.line == 3 && d->first.col == 24);
+    assert_null(smp_jsonpos_dup(jp, 1));
+    smp_jsonpos_free(jp);
+    smp_jsonpos_free(NULL);
+
+    /* Where jansson stopped: the path of the value being read there. */
+    const char *bad = "{\"a\": {\"b\": [1, 2 3]}}";
+    char path[64];
+    smp_jsonpos_path_at(bad, strlen(bad), (size_t)(strchr(bad, '3') - bad) + 1, path, sizeof path);
+    assert_string_equal(path, "a.b");
+    smp_jsonpos_path_at(bad, strlen(bad), 0, path, sizeof path);
+    assert_string_equal(path, "");
+    smp_jsonpos_path_at(bad, strlen(bad), 3, path, 2); /* cut to fit */
+    assert_string_equal(path, "");
+    const char *unterminated = "{\"gateway\": {\"id\": \"x";
+    smp_jsonpos_path_at(unterminated, strlen(unterminated), strlen(unterminated), path,
+                        sizeof path);
+    assert_string_equal(path, "gateway.id");
+
+    /* A key too long to record costs nothing and breaks nothing. */
+    size_t n = SMP_JSONPOS_MAX_PATH * 3;
+    char *big = malloc(n + 32);
+    assert_non_null(big);
+    big[0] = '{';
+    big[1] = '"';
+    memset(big + 2, 'k', n);
+    strcpy(big + 2 + n, "\": {\"x\": 1}, \"y\": 2}");
+    assert_int_equal(smp_jsonpos_scan(big, strlen(big), &jp), 0);
+    expect_pos(jp, "y", true, 1, (unsigned)n + 16);
+    assert_false(smp_jsonpos_value(jp, "x", &loc));
+    smp_jsonpos_free(jp);
+    free(big);
+}
+
 /* ---- valid configs ----------------------------------------------------------------------- */
 
 static void test_valid_full(void **state)
@@ -1266,6 +1342,7 @@ static void test_allocation_failures(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_jsonpos),
         cmocka_unit_test(test_valid_full),
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_range_boundaries_accepted),
