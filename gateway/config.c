@@ -1691,39 +1691,61 @@ int smp_config_load_text(const char *name, const char *text, size_t len,
     return load_text(name, text, len, plugin_dir_override, NULL, errs, out);
 }
 
+/* Reads a whole file of at most FILE_MAX_BYTES. Returns NULL with *why set on failure. */
+static char *read_file(FILE *f, size_t *len, const char **why)
+{
+    size_t cap = 64 * 1024, n = 0;
+    char *buf = malloc(cap);
+    *why = NULL;
+    while (buf != NULL) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (ferror(f)) {
+            *why = strerror(errno);
+            break;
+        }
+        if (n < cap) {
+            *len = n;
+            return buf; /* end of file */
+        }
+        if (cap > FILE_MAX_BYTES) {
+            *why = "the file is larger than 16 MiB";
+            break;
+        }
+        char *nb = realloc(buf, cap * 2);
+        if (nb == NULL) {
+            break;
+        }
+        buf = nb;
+        cap *= 2;
+    }
+    if (*why == NULL) {
+        *why = "out of memory";
+    }
+    free(buf);
+    return NULL;
+}
+
 int smp_config_load(const char *path, const char *plugin_dir_override, FILE *errs,
                     smp_config_t **out)
 {
     *out = NULL;
     const char *name = path != NULL ? path : "(null)";
-    FILE *f = path != NULL ? fopen(path, "rbe") : NULL;
     const char *why = NULL;
-    int e = path != NULL ? errno : EINVAL;
     char *buf = NULL;
     size_t len = 0;
+    FILE *f = path != NULL ? fopen(path, "rbe") : NULL;
     if (f == NULL) {
-        why = strerror(e);
+        why = strerror(path != NULL ? errno : EINVAL);
     } else {
         struct stat st;
         if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
             why = "is a directory";
         } else {
-            buf = malloc(FILE_MAX_BYTES + 1);
-            if (buf == NULL) {
-                why = "out of memory";
-            } else {
-                len = fread(buf, 1, FILE_MAX_BYTES + 1, f);
-                if (ferror(f)) {
-                    why = strerror(errno);
-                } else if (len > FILE_MAX_BYTES) {
-                    why = "file is larger than 16 MiB";
-                }
-            }
+            buf = read_file(f, &len, &why);
         }
         fclose(f);
     }
     if (why != NULL) {
-        free(buf);
         if (errs != NULL) {
             fprintf(errs, "%s:1:1: (root): cannot read the config: %s\n", name, why);
         }

@@ -190,6 +190,8 @@ int main(int argc, char **argv)
     }
 
     signal(SIGPIPE, SIG_IGN);
+    /* A file-size limit must turn into a write error the store handles, not a dead gateway. */
+    signal(SIGXFSZ, SIG_IGN);
     int n = smp_config_load(a.config_path, a.plugin_dir, stderr, &a.cfg);
     if (n != 0) {
         fprintf(stderr, "%s: %d problem%s; not starting\n", a.config_path, n, n == 1 ? "" : "s");

@@ -118,16 +118,26 @@ class Proc:
 class Broker:
     """A real mosquitto on a free loopback port, configured not to drop queued messages."""
 
-    def __init__(self, workdir, port=None):
+    def __init__(self, workdir, port=None, persistence=False):
         self.workdir = workdir
         self.port = port or free_port()
+        self.persistence = persistence
         self.proc = None
 
     def start(self):
         conf = os.path.join(self.workdir, "mosquitto-%d.conf" % self.port)
         with open(conf, "w") as f:
             f.write("listener %d 127.0.0.1\nallow_anonymous true\n" % self.port)
-            f.write("max_queued_messages 0\nmax_inflight_messages 0\npersistence false\n")
+            f.write("max_queued_messages 0\nmax_inflight_messages 0\n")
+            if self.persistence:
+                # Persistent sessions survive a broker restart (the platform's subscriber).
+                pdir = os.path.join(self.workdir, "mosquitto-data")
+                os.makedirs(pdir, exist_ok=True)
+                os.chmod(self.workdir, 0o755)
+                os.chmod(pdir, 0o777)
+                f.write("persistence true\npersistence_location %s/\nautosave_interval 0\n" % pdir)
+            else:
+                f.write("persistence false\n")
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.proc = Proc("mosquitto-%d" % self.port, [exe, "-c", conf], self.workdir)
         wait_port(self.port, 10, self.proc.p)
@@ -142,14 +152,16 @@ class Broker:
 class Subscriber:
     """A paho client that records every message, keyed by topic, in arrival order."""
 
-    def __init__(self, port, topics, protocol=mqtt.MQTTv311, client_id=None):
+    def __init__(self, port, topics, protocol=mqtt.MQTTv311, client_id=None, clean_session=True):
         self.lock = threading.Lock()
         self.msgs = []  # (topic, payload bytes, retain, properties)
         self.port = port
         self.connected = threading.Event()
         self.protocol = protocol
+        kw = {} if protocol == mqtt.MQTTv5 else {"clean_session": clean_session}
         self.c = mqtt.Client(client_id=client_id or "t-%d-%d" % (os.getpid(), free_port()),
-                             protocol=protocol)
+                             protocol=protocol, **kw)
+        self.c.reconnect_delay_set(min_delay=1, max_delay=2)
         self.c.on_message = self._on_message
         self.c.on_connect = self._on_connect
         self.topics = topics
@@ -244,12 +256,15 @@ class PyModbus:
 class Gateway:
     """The simpul daemon with a config written from a dict."""
 
-    def __init__(self, workdir, config, name="simpul", extra_args=()):
+    def __init__(self, workdir, config, name="simpul", extra_args=(), wrapper=(),
+                 log_level="debug"):
         self.workdir = workdir
         self.config = config
         self.name = name
         self.config_path = os.path.join(workdir, name + ".json")
         self.extra_args = list(extra_args)
+        self.wrapper = list(wrapper)  # e.g. prlimit or setpriv in front of simpul
+        self.log_level = log_level
         self.proc = None
         self.write_config()
 
@@ -258,7 +273,8 @@ class Gateway:
             json.dump(self.config, f, indent=2)
 
     def start(self):
-        self.proc = Proc(self.name, [SIMPUL, "-c", self.config_path, "--log-level", "debug"]
+        self.proc = Proc(self.name, self.wrapper + [SIMPUL, "-c", self.config_path,
+                                                    "--log-level", self.log_level]
                          + self.extra_args, self.workdir,
                          env={"SIMPUL_PLUGIN_DIR": PLUGIN_DIR})
         return self
@@ -333,8 +349,8 @@ class TestCase:
         sys.exit(1 if failed else 0)
 
     # Convenience starters that register their own cleanup.
-    def broker(self, port=None):
-        b = Broker(self.workdir, port).start()
+    def broker(self, port=None, persistence=False):
+        b = Broker(self.workdir, port, persistence).start()
         self.defer(b.stop)
         return b
 
@@ -348,8 +364,8 @@ class TestCase:
         self.defer(p.stop)
         return p
 
-    def gateway(self, config, name="simpul", start=True):
-        g = Gateway(self.workdir, config, name)
+    def gateway(self, config, name="simpul", start=True, **kw):
+        g = Gateway(self.workdir, config, name, **kw)
         if start:
             g.start()
         self.defer(g.stop, signal.SIGKILL)
