@@ -28,10 +28,10 @@
 #include "log.h"
 
 #define NAME_MAX_LEN 64
-#define FILE_MAX_BYTES (16u << 20)     /* a config larger than this is a mistake */
-#define PASSWORD_MAX_BYTES 65535       /* MQTT's limit */
+#define FILE_MAX_BYTES (16u << 20) /* a config larger than this is a mistake */
+#define PASSWORD_MAX_BYTES 65535   /* MQTT's limit */
 #define MSG_MAX 2048
-#define SHOW_MAX 40 /* user text quoted in a message is cut to this */
+#define SHOW_MAX 40   /* user text quoted in a message is cut to this */
 #define PATH_SHOW 512 /* file paths in messages are cut to this */
 
 /* ---- diagnostics and the current path ---------------------------------------------------- */
@@ -315,8 +315,7 @@ static int flush_diags(vctx_t *v, FILE *errs)
             continue;
         }
         if (errs != NULL) {
-            fprintf(errs, "%s:%u:%u: %s\n", v->name, (unsigned)d->line, (unsigned)d->col,
-                    d->text);
+            fprintf(errs, "%s:%u:%u: %s\n", v->name, (unsigned)d->line, (unsigned)d->col, d->text);
         }
         n++;
     }
@@ -556,7 +555,7 @@ static void check_known(vctx_t *v, json_t *obj, const char *const *allowed)
 {
     const char *key;
     json_t *val;
-    json_object_foreach(obj, key, val) {
+    json_object_foreach (obj, key, val) {
         if (!in_list(key, allowed)) {
             report_unknown_key(v, key, allowed, count_strs(allowed), "");
         }
@@ -634,8 +633,7 @@ static void check_readable(vctx_t *v, const char *key, const char *path)
     char sb[PATH_SHOW];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        err_key(v, key, AT_VALUE, "cannot read %s: %s", show(path, sb, sizeof sb),
-                strerror(errno));
+        err_key(v, key, AT_VALUE, "cannot read %s: %s", show(path, sb, sizeof sb), strerror(errno));
         return;
     }
     struct stat st;
@@ -651,8 +649,7 @@ static char *read_password(vctx_t *v, const char *key, const char *path)
     char sb[PATH_SHOW];
     FILE *f = fopen(path, "rbe");
     if (f == NULL) {
-        err_key(v, key, AT_VALUE, "cannot read %s: %s", show(path, sb, sizeof sb),
-                strerror(errno));
+        err_key(v, key, AT_VALUE, "cannot read %s: %s", show(path, sb, sizeof sb), strerror(errno));
         return NULL;
     }
     char *buf = xmalloc(v, PASSWORD_MAX_BYTES + 2);
@@ -769,9 +766,9 @@ static void parse_tls(vctx_t *v, smp_config_t *cfg, json_t *mqtt)
 
 static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
-    static const char *const keys[] = {"host",     "port",      "client_id",    "topic_prefix",
-                                       "qos",      "keepalive_s", "version",    "username",
-                                       "password_file", "tls",  "inflight_max", NULL};
+    static const char *const keys[] = {
+        "host",    "port",     "client_id",     "topic_prefix", "qos",          "keepalive_s",
+        "version", "username", "password_file", "tls",          "inflight_max", NULL};
     char sb[SHOW_MAX + 6];
     long long x;
     json_t *m = get(v, root, "mqtt", W_OBJECT, false);
@@ -862,15 +859,15 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 /* The tag fields the host owns; every other key of a tag belongs to the protocol's plugin.
  * plugin_host.c refuses a plugin that declares one of these. */
 static const char *const generic_tag_keys[] = {
-    "name", "type", "scale", "offset", "unit", "interval_ms", "deadband", "writable", "min", "max",
-    NULL,
+    "name",     "type",     "scale", "offset", "unit", "interval_ms",
+    "deadband", "writable", "min",   "max",    NULL,
 };
 
 static const char *const type_names[] = {
-    [SMP_TYPE_BOOL] = "bool",       [SMP_TYPE_INT16] = "int16",   [SMP_TYPE_UINT16] = "uint16",
-    [SMP_TYPE_INT32] = "int32",     [SMP_TYPE_UINT32] = "uint32", [SMP_TYPE_INT64] = "int64",
-    [SMP_TYPE_UINT64] = "uint64",   [SMP_TYPE_FLOAT32] = "float32",
-    [SMP_TYPE_FLOAT64] = "float64", [SMP_TYPE_STRING] = "string",
+    [SMP_TYPE_BOOL] = "bool",     [SMP_TYPE_INT16] = "int16",     [SMP_TYPE_UINT16] = "uint16",
+    [SMP_TYPE_INT32] = "int32",   [SMP_TYPE_UINT32] = "uint32",   [SMP_TYPE_INT64] = "int64",
+    [SMP_TYPE_UINT64] = "uint64", [SMP_TYPE_FLOAT32] = "float32", [SMP_TYPE_FLOAT64] = "float64",
+    [SMP_TYPE_STRING] = "string",
 };
 
 const char *smp_type_name(smp_type_t t)
@@ -976,8 +973,8 @@ static bool parse_tag_fields(vctx_t *v, json_t *t, smp_tag_cfg_t *out)
     return v->ndiags == before && out->name != NULL && out->type != 0;
 }
 
-/* Parses a tags array at obj.key: fills *srcs and *cfgs (n entries) and reports duplicate
- * names inside it. `base` is the path of obj. */
+/* Parses the tags array `arr` at the current path: fills *srcs and *cfgs (*n entries, owned by
+ * the caller even on failure) and reports duplicate names inside it. */
 static void parse_tag_list(vctx_t *v, json_t *arr, tag_src_t **srcs, smp_tag_cfg_t **cfgs,
                            size_t *n)
 {
@@ -1077,7 +1074,7 @@ static void parse_profiles(vctx_t *v, json_t *root, profiles_t *ps)
     }
     const char *name;
     json_t *p;
-    json_object_foreach(all, name, p) {
+    json_object_foreach (all, name, p) {
         size_t o2 = push_key(v, name);
         check_name(v, name, AT_KEY);
         if (!json_is_object(p)) {
@@ -1111,7 +1108,7 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
 {
     char gb[128], sb[SHOW_MAX + 8];
     static const want_t wants[] = {
-        [SMP_KEY_STRING] = W_STRING, [SMP_KEY_INT] = W_INT,   [SMP_KEY_NUMBER] = W_NUMBER,
+        [SMP_KEY_STRING] = W_STRING, [SMP_KEY_INT] = W_INT,     [SMP_KEY_NUMBER] = W_NUMBER,
         [SMP_KEY_BOOL] = W_BOOL,     [SMP_KEY_ENUM] = W_STRING,
     };
     want_t w = wants[k->type];
@@ -1129,17 +1126,15 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
     case SMP_KEY_INT: {
         long long x = json_integer_value(j);
         if (x < k->min || x > k->max) {
-            err_key(v, k->name, AT_VALUE, "%lld is out of range %lld..%lld", x,
-                    (long long)k->min, (long long)k->max);
+            err_key(v, k->name, AT_VALUE, "%lld is out of range %lld..%lld", x, (long long)k->min,
+                    (long long)k->max);
             return false;
         }
         p->i = x;
         p->d = (double)x;
         break;
     }
-    case SMP_KEY_NUMBER:
-        p->d = json_number_value(j);
-        break;
+    case SMP_KEY_NUMBER: p->d = json_number_value(j); break;
     case SMP_KEY_BOOL:
         p->i = json_is_true(j);
         p->d = (double)p->i;
@@ -1154,8 +1149,8 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
             char list[512] = "";
             size_t len = 0;
             for (size_t i = 0; k->choices[i] != NULL && len < sizeof list; i++) {
-                int w2 = snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "",
-                                  k->choices[i]);
+                int w2 =
+                    snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", k->choices[i]);
                 len += w2 > 0 ? (size_t)w2 : 0;
             }
             err_key(v, k->name, AT_VALUE, "unknown value %s (use one of: %s)",
@@ -1187,7 +1182,7 @@ static int check_params(vctx_t *v, json_t *obj, const smp_plugin_host_t *pl, boo
 
     const char *key;
     json_t *val;
-    json_object_foreach(obj, key, val) {
+    json_object_foreach (obj, key, val) {
         if (tag && in_list(key, generic_tag_keys)) {
             continue;
         }
@@ -1318,8 +1313,7 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
             if (bad == 0 && rc.n == 0 && !v->oom) {
                 if (pl->desc->conn_key(dev->conn_params, dev->conn_key, sizeof dev->conn_key) !=
                     0) {
-                    err(v, AT_VALUE, "protocol \"%s\" could not make a connection key",
-                        pl->name);
+                    err(v, AT_VALUE, "protocol \"%s\" could not make a connection key", pl->name);
                 }
                 dev->conn_key[sizeof dev->conn_key - 1] = '\0';
             }
@@ -1346,8 +1340,8 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
         path_set(v, s->path);
         if (check_params(v, s->obj, pl, true, t->params) == 0 && s->ok &&
             pl->desc->check_tag != NULL) {
-            smp_tag_t view = {.name = t->name, .type = t->type, .writable = t->writable,
-                              .params = t->params};
+            smp_tag_t view = {
+                .name = t->name, .type = t->type, .writable = t->writable, .params = t->params};
             rc.n = 0;
             int bad = pl->desc->check_tag(&view, plugin_report, &rc);
             if (bad > 0 && rc.n == 0) {
@@ -1359,10 +1353,10 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
     free(saved);
 }
 
-static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d,
-                         const profiles_t *ps, json_t *names)
+static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, const profiles_t *ps,
+                         json_t *names)
 {
-    static const char *const keys[] = {"name",      "protocol",  "profile",    "tags",
+    static const char *const keys[] = {"name",        "protocol",  "profile",    "tags",
                                        "interval_ms", "refresh_s", "connection", NULL};
     char sb[SHOW_MAX + 8], gb[128];
     smp_device_cfg_t *dev = &cfg->devices[i];
@@ -1423,7 +1417,7 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d,
             size_t nc = 0;
             const char *k;
             json_t *val;
-            json_object_foreach(ps->index, k, val) {
+            json_object_foreach (ps->index, k, val) {
                 if (nc < 64) {
                     cands[nc++] = k;
                 }
@@ -1476,8 +1470,8 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d,
             } else if (k >= nprof && (size_t)json_integer_value(prev) < nprof) {
                 /* Duplicates inside one list were reported by parse_tag_list. */
                 const tag_src_t *fs = srcs[json_integer_value(prev)];
-                smp_jsonpos_loc_t first = locate_member(v, fs->path != NULL ? fs->path : "",
-                                                        "name");
+                smp_jsonpos_loc_t first =
+                    locate_member(v, fs->path != NULL ? fs->path : "", "name");
                 char *saved = xstrdup(v, cur_path(v));
                 if (saved != NULL && s->path != NULL) {
                     path_set(v, s->path);
@@ -1638,8 +1632,8 @@ static int load_text(const char *name, const char *text, size_t len,
         err(&v, AT_VALUE, "the config must be a JSON object, got %s", got(root, gb, sizeof gb));
         goto done;
     }
-    static const char *const root_keys[] = {"gateway", "mqtt", "store", "profiles", "devices",
-                                            NULL};
+    static const char *const root_keys[] = {"gateway",  "mqtt",    "store",
+                                            "profiles", "devices", NULL};
     check_known(&v, root, root_keys);
     parse_gateway(&v, cfg, root);
     parse_mqtt(&v, cfg, root);
@@ -1703,20 +1697,22 @@ static char *read_file(FILE *f, size_t *len, const char **why)
             *why = strerror(errno);
             break;
         }
+        if (n > FILE_MAX_BYTES) {
+            *why = "the file is larger than 16 MiB";
+            break;
+        }
         if (n < cap) {
             *len = n;
             return buf; /* end of file */
         }
-        if (cap > FILE_MAX_BYTES) {
-            *why = "the file is larger than 16 MiB";
-            break;
-        }
-        char *nb = realloc(buf, cap * 2);
+        /* Grow to one byte past the limit at most, to tell "exactly 16 MiB" from "more". */
+        size_t ncap = cap * 2 > FILE_MAX_BYTES ? (size_t)FILE_MAX_BYTES + 1 : cap * 2;
+        char *nb = realloc(buf, ncap);
         if (nb == NULL) {
             break;
         }
         buf = nb;
-        cap *= 2;
+        cap = ncap;
     }
     if (*why == NULL) {
         *why = "out of memory";

@@ -15,7 +15,7 @@ typedef struct entry {
     char *path; /* NULL: free slot */
     uint32_t hash;
     bool has_key;
-    uint32_t obj; /* serial of the object the key belongs to; duplicates share it */
+    uint32_t obj;            /* serial of the object the key belongs to; duplicates share it */
     smp_jsonpos_loc_t key;   /* the last occurrence of the key */
     smp_jsonpos_loc_t first; /* the first occurrence of the key */
     smp_jsonpos_loc_t val;
@@ -32,20 +32,20 @@ struct smp_jsonpos {
 typedef struct scanner {
     const char *s;
     size_t len;
-    size_t i;         /* next byte */
-    uint32_t line;    /* line of s[i] */
-    uint32_t chars;   /* characters consumed on the current line: the column of s[i] - 1 */
+    size_t i;          /* next byte */
+    uint32_t line;     /* line of s[i] */
+    uint32_t chars;    /* characters consumed on the current line: the column of s[i] - 1 */
     smp_jsonpos_t *jp; /* NULL: do not record (path_at mode) */
     char path[SMP_JSONPOS_MAX_PATH + 1];
     size_t plen;
-    unsigned over;   /* > 0 while the path is too long to record */
+    unsigned over; /* > 0 while the path is too long to record */
     unsigned depth;
     uint32_t next_obj;
     bool stop_mode; /* path_at: stop at the token ending at or after stop_at */
     size_t stop_at;
-    bool stopped; /* a syntax error, the stop token, or out of memory */
+    bool stopped;                             /* a syntax error, the stop token, or out of memory */
     char stop_path[SMP_JSONPOS_MAX_PATH + 1]; /* the path when it stopped */
-    int err;      /* -ENOMEM when recording failed */
+    int err;                                  /* -ENOMEM when recording failed */
 } scanner_t;
 
 /* ---- hash table ------------------------------------------------------------------------- */

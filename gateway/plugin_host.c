@@ -95,8 +95,8 @@ const smp_host_api_t smp__host_api = {
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
-__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen,
-                                                          const char *fmt, ...)
+__attribute__((format(printf, 3, 4))) static void set_err(char *err, size_t errlen, const char *fmt,
+                                                          ...)
 {
     if (err == NULL || errlen == 0) {
         return;
@@ -144,8 +144,8 @@ static bool name_ok(const char *s)
 
 /* Host-owned tag fields (config.h smp_tag_cfg_t). A plugin may not declare these. */
 static const char *const generic_tag_fields[] = {
-    "name", "type", "scale", "offset", "unit", "interval_ms", "deadband", "writable", "min", "max",
-    NULL,
+    "name",     "type",     "scale", "offset", "unit", "interval_ms",
+    "deadband", "writable", "min",   "max",    NULL,
 };
 
 static bool is_generic_tag_field(const char *k)
@@ -203,8 +203,8 @@ static int check_keys(const smp_config_key_t *t, const char *which, bool tag, co
 {
     char pb[64];
     if (t == NULL) {
-        set_err(err, errlen, "%s: %s key table is NULL (give at least the terminating entry)",
-                what, which);
+        set_err(err, errlen, "%s: %s key table is NULL (give at least the terminating entry)", what,
+                which);
         return -1;
     }
     int n = 0;
@@ -216,8 +216,8 @@ static int check_keys(const smp_config_key_t *t, const char *which, bool tag, co
             return -1;
         }
         if (!name_ok(k->name)) {
-            set_err(err, errlen, "%s: %s key \"%s\": a key name is 1-%d of [a-z0-9_]", what,
-                    which, printable(k->name, pb, sizeof pb), MAX_NAME);
+            set_err(err, errlen, "%s: %s key \"%s\": a key name is 1-%d of [a-z0-9_]", what, which,
+                    printable(k->name, pb, sizeof pb), MAX_NAME);
             return -1;
         }
         if (tag && is_generic_tag_field(k->name)) {
@@ -227,8 +227,7 @@ static int check_keys(const smp_config_key_t *t, const char *which, bool tag, co
         }
         for (int m = 0; m < n; m++) {
             if (strcmp(t[m].name, k->name) == 0) {
-                set_err(err, errlen, "%s: %s key \"%s\" is declared twice", what, which,
-                        k->name);
+                set_err(err, errlen, "%s: %s key \"%s\" is declared twice", what, which, k->name);
                 return -1;
             }
         }
@@ -281,14 +280,13 @@ int smp_plugin_check(const smp_plugin_t *desc, const char *what, char *err, size
     }
     /* abi_version is the one field every ABI version shares: check it before anything else. */
     if (desc->abi_version != SMP_PLUGIN_ABI_VERSION) {
-        set_err(err, errlen, "%s: plugin ABI version %u, this simpul supports ABI version %u",
-                what, (unsigned)desc->abi_version, (unsigned)SMP_PLUGIN_ABI_VERSION);
+        set_err(err, errlen, "%s: plugin ABI version %u, this simpul supports ABI version %u", what,
+                (unsigned)desc->abi_version, (unsigned)SMP_PLUGIN_ABI_VERSION);
         return -EINVAL;
     }
     if (desc->struct_size < V1_NEEDED_SIZE) {
-        set_err(err, errlen,
-                "%s: plugin descriptor is %u bytes, ABI version %u needs at least %zu", what,
-                (unsigned)desc->struct_size, (unsigned)SMP_PLUGIN_ABI_VERSION,
+        set_err(err, errlen, "%s: plugin descriptor is %u bytes, ABI version %u needs at least %zu",
+                what, (unsigned)desc->struct_size, (unsigned)SMP_PLUGIN_ABI_VERSION,
                 (size_t)V1_NEEDED_SIZE);
         return -EINVAL;
     }
@@ -421,9 +419,8 @@ int smp_plugin_set_add_static(smp_plugin_set_t *set, const smp_plugin_t *desc, c
 }
 
 /* dlopen()s path and checks what it exports. Returns the plugin or NULL with err set. */
-static const smp_plugin_host_t *load(smp_plugin_set_t *set, const char *protocol,
-                                     const char *path, const char *file, char *err,
-                                     size_t errlen)
+static const smp_plugin_host_t *load(smp_plugin_set_t *set, const char *protocol, const char *path,
+                                     const char *file, char *err, size_t errlen)
 {
     /* RTLD_NOW: an unresolved symbol fails here, at config time, not in the middle of a poll.
      * RTLD_LOCAL: one plugin's symbols cannot satisfy or clash with another's. */
@@ -455,8 +452,8 @@ static const smp_plugin_host_t *load(smp_plugin_set_t *set, const char *protocol
         return NULL;
     }
     if (strcmp(desc->name, protocol) != 0) {
-        set_err(err, errlen, "%s: the plugin is for protocol \"%s\", not \"%s\"", file,
-                desc->name, protocol);
+        set_err(err, errlen, "%s: the plugin is for protocol \"%s\", not \"%s\"", file, desc->name,
+                protocol);
         dlclose(h);
         return NULL;
     }
@@ -470,8 +467,8 @@ static const smp_plugin_host_t *load(smp_plugin_set_t *set, const char *protocol
     return p;
 }
 
-const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *protocol,
-                                            char *err, size_t errlen)
+const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *protocol, char *err,
+                                            size_t errlen)
 {
     char pb[64];
     set_err(err, errlen, "%s", "");
@@ -521,8 +518,7 @@ const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *p
         }
         free(path);
         if (slen < sizeof searched) {
-            int k = snprintf(searched + slen, sizeof searched - slen, "%s%s", slen ? ", " : "",
-                             d);
+            int k = snprintf(searched + slen, sizeof searched - slen, "%s%s", slen ? ", " : "", d);
             slen += k > 0 ? (size_t)k : 0;
         }
     }

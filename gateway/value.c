@@ -13,6 +13,39 @@ static bool scaled(const smp_tag_cfg_t *tag)
     return tag->scale != 1.0 || tag->offset != 0.0;
 }
 
+/* Decimal places of a number as a person wrote it in the config (0.1 -> 1, 0.25 -> 2). */
+static int decimals_of(double x)
+{
+    char buf[64];
+    int n = snprintf(buf, sizeof buf, "%.15g", fabs(x));
+    const char *dot = memchr(buf, '.', (size_t)n);
+    if (dot == NULL || strchr(buf, 'e') != NULL) {
+        return strchr(buf, 'e') != NULL ? -1 : 0;
+    }
+    return (int)(buf + n - dot - 1);
+}
+
+/* raw * 0.1 is 34.800000000000004 in binary floating point; the engineer who wrote scale 0.1
+ * means 34.8. A scaled integer is rounded to the decimals its scale and offset carry. */
+static int scale_decimals(const smp_tag_cfg_t *tag)
+{
+    int a = decimals_of(tag->scale), b = decimals_of(tag->offset);
+    if (a < 0 || b < 0) {
+        return -1; /* exponent notation: leave the value alone */
+    }
+    return a > b ? a : b;
+}
+
+static double round_to_decimals(double d, int decimals)
+{
+    if (decimals < 0 || decimals > 15 || fabs(d) >= 1e15) {
+        return d;
+    }
+    char buf[64];
+    snprintf(buf, sizeof buf, "%.*f", decimals, d);
+    return strtod(buf, NULL);
+}
+
 int smp_eval_from_raw(const smp_tag_cfg_t *tag, const smp_value_t *raw, smp_eval_t *out)
 {
     memset(out, 0, sizeof *out);
@@ -78,6 +111,10 @@ int smp_eval_from_raw(const smp_tag_cfg_t *tag, const smp_value_t *raw, smp_eval
         return -EINVAL;
     }
     d = d * tag->scale + tag->offset;
+    if (isfinite(d) && tag->type != SMP_TYPE_FLOAT32 && tag->type != SMP_TYPE_FLOAT64) {
+        /* Only an integer raw value has no digits beyond what scale and offset give it. */
+        d = round_to_decimals(d, scale_decimals(tag));
+    }
     if (!isfinite(d)) {
         return -EDOM;
     }

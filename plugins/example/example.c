@@ -54,9 +54,15 @@ static const smp_host_api_t *host;
 enum { CONN_HOST, CONN_LATENCY_MS };
 
 static const smp_config_key_t conn_keys[] = {
-    {.name = "host", .type = SMP_KEY_STRING, .required = true,
+    {.name = "host",
+     .type = SMP_KEY_STRING,
+     .required = true,
      .description = "Name of the simulated endpoint; devices with equal host share a connection"},
-    {.name = "latency_ms", .type = SMP_KEY_INT, .min = 0, .max = 10000, .default_value = "0",
+    {.name = "latency_ms",
+     .type = SMP_KEY_INT,
+     .min = 0,
+     .max = 10000,
+     .default_value = "0",
      .description = "Simulated round-trip time of every read or write, in milliseconds"},
     {.name = NULL},
 };
@@ -67,11 +73,20 @@ enum { SIG_COUNTER, SIG_SINE, SIG_TOGGLE }; /* indices into signal_choices */
 static const char *const signal_choices[] = {"counter", "sine", "toggle", NULL};
 
 static const smp_config_key_t tag_keys[] = {
-    {.name = "signal", .type = SMP_KEY_ENUM, .required = true, .choices = signal_choices,
+    {.name = "signal",
+     .type = SMP_KEY_ENUM,
+     .required = true,
+     .choices = signal_choices,
      .description = "counter: counts up by one per read; sine: a sine wave; toggle: flips"},
-    {.name = "period_s", .type = SMP_KEY_INT, .min = 1, .max = 86400, .default_value = "60",
+    {.name = "period_s",
+     .type = SMP_KEY_INT,
+     .min = 1,
+     .max = 86400,
+     .default_value = "60",
      .description = "Period of a sine, in seconds"},
-    {.name = "amplitude", .type = SMP_KEY_NUMBER, .default_value = "1",
+    {.name = "amplitude",
+     .type = SMP_KEY_NUMBER,
+     .default_value = "1",
      .description = "Amplitude of a sine"},
     {.name = NULL},
 };
@@ -156,7 +171,8 @@ static void simulate_latency(const example_conn_t *c)
 {
     int64_t ms = c->params[CONN_LATENCY_MS].i;
     if (ms > 0) {
-        struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000L};
+        struct timespec ts = {.tv_sec = (time_t)(ms / 1000),
+                              .tv_nsec = (long)(ms % 1000) * 1000000L};
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
         }
     }
@@ -167,8 +183,7 @@ static int conn_open(void *cv)
     example_conn_t *c = cv;
     simulate_latency(c);
     c->open = true;
-    host->log(c->log_ctx, SMP_LOG_INFO, "connected to simulated host %s",
-              c->params[CONN_HOST].s);
+    host->log(c->log_ctx, SMP_LOG_INFO, "connected to simulated host %s", c->params[CONN_HOST].s);
     return 0;
 }
 
@@ -240,9 +255,7 @@ static void current(const example_dev_t *d, uint32_t i, smp_value_t *v)
 {
     const smp_tag_t *t = &d->tags[i];
     switch (t->params[TAG_SIGNAL].i) {
-    case SIG_COUNTER:
-        put_number(t->type, (double)d->counter[i], v);
-        break;
+    case SIG_COUNTER: put_number(t->type, (double)d->counter[i], v); break;
     case SIG_SINE: {
         /* Wall time, so every gateway shows the same phase: handy when comparing two. */
         uint64_t period_ms = (uint64_t)t->params[TAG_PERIOD_S].i * 1000u;
@@ -303,11 +316,11 @@ static int device_write(void *dv, uint32_t idx, const smp_value_t *in, smp_readi
     simulate_latency(d->conn);
     switch (t->params[TAG_SIGNAL].i) {
     case SIG_COUNTER: {
-        double x = is_float_type(t->type) ? in->v.d
-                   : (t->type == SMP_TYPE_INT16 || t->type == SMP_TYPE_INT32 ||
-                      t->type == SMP_TYPE_INT64)
-                       ? (double)in->v.i
-                       : (double)in->v.u;
+        double x =
+            is_float_type(t->type) ? in->v.d
+            : (t->type == SMP_TYPE_INT16 || t->type == SMP_TYPE_INT32 || t->type == SMP_TYPE_INT64)
+                ? (double)in->v.i
+                : (double)in->v.u;
         if (!(x >= 0 && x < COUNTER_WRAP)) {
             *message = "counter value out of range 0..9999";
             return SMP_EDEVICE;
@@ -315,12 +328,8 @@ static int device_write(void *dv, uint32_t idx, const smp_value_t *in, smp_readi
         d->counter[idx] = (int64_t)x;
         break;
     }
-    case SIG_TOGGLE:
-        d->counter[idx] = in->v.b;
-        break;
-    default:
-        *message = "a sine is read-only";
-        return SMP_EDEVICE;
+    case SIG_TOGGLE: d->counter[idx] = in->v.b; break;
+    default: *message = "a sine is read-only"; return SMP_EDEVICE;
     }
     readback->status = 0;
     readback->message = NULL;

@@ -1137,6 +1137,23 @@ static void test_load_file(void **state)
     assert_string_equal(errs, line);
     free(errs);
 
+    /* Larger than any sane config: refused before parsing. */
+    f = fopen(path, "w");
+    assert_non_null(f);
+    assert_int_equal(fseek(f, FILE_MAX_BYTES, SEEK_SET), 0);
+    fputc(' ', f);
+    fclose(f);
+    errs = NULL;
+    f = open_memstream(&errs, &len);
+    n = smp_config_load(path, NULL, f, &cfg);
+    fclose(f);
+    assert_int_equal(n, 1);
+    snprintf(line, sizeof line, "%s:1:1: (root): cannot read the config: the file is larger than "
+             "16 MiB\n", path);
+    assert_string_equal(errs, line);
+    free(errs);
+    unlink(path);
+
     rmdir(dir);
     free(path);
     free(dir);

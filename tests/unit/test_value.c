@@ -78,6 +78,16 @@ static void test_scale_offset(void **state)
     t = tag_of(SMP_TYPE_FLOAT32, 2, 1, 0);
     r.v.d = 1.5;
     expect_json(&t, r, "4");
+    /* 348 * 0.1 is 34.800000000000004 in binary; the scale's one decimal gives 34.8. */
+    t = tag_of(SMP_TYPE_INT16, 0.1, 0, 0);
+    r.v.i = 348;
+    expect_json(&t, r, "34.8");
+    t = tag_of(SMP_TYPE_UINT16, 0.1, 0, 0);
+    r.v.u = 2301;
+    expect_json(&t, r, "230.1");
+    t = tag_of(SMP_TYPE_UINT32, 0.01, 0, 0);
+    r.v.u = 123457;
+    expect_json(&t, r, "1234.57");
 }
 
 static void test_not_finite_refused(void **state)
