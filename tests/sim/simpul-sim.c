@@ -869,30 +869,23 @@ static void rtu_read(server_t *s)
         if (need == 0 || need == SIZE_MAX) {
             break; /* wait for more bytes, or for silence */
         }
-        if (need > MODBUS_RTU_MAX_ADU_LENGTH) {
-            break; /* cannot be a request: rtu_bad_frame below */
-        }
-        if (need > p->len - off) {
-            break; /* incomplete: wait for the rest */
-        }
-        if (!crc_ok(p->buf + off, need)) {
-            vlog(s, "rtu: bad CRC, discarding until the line is silent");
+        bool complete = need <= p->len - off;
+        if (need > MODBUS_RTU_MAX_ADU_LENGTH || (complete && !crc_ok(p->buf + off, need))) {
+            vlog(s, "rtu: bad frame, discarding until the line is silent");
             p->discarding = true;
             p->len = 0;
             return;
+        }
+        if (!complete) {
+            break; /* wait for the rest */
         }
         rtu_handle(s, p->buf + off, need);
         off += need;
     }
     memmove(p->buf, p->buf + off, p->len - off);
     p->len -= off;
-    if (p->len >= 2 && (rtu_request_len(p->buf, p->len) > MODBUS_RTU_MAX_ADU_LENGTH &&
-                        rtu_request_len(p->buf, p->len) != SIZE_MAX)) {
-        vlog(s, "rtu: impossible frame length, discarding until the line is silent");
-        p->discarding = true;
-        p->len = 0;
-    } else if (p->len > MODBUS_RTU_MAX_ADU_LENGTH) {
-        /* An unknown function longer than any ADU: noise. */
+    if (p->len > MODBUS_RTU_MAX_ADU_LENGTH) {
+        /* Bytes of an unknown function beyond the longest ADU: noise. */
         p->discarding = true;
         p->len = 0;
     }

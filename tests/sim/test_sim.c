@@ -42,6 +42,10 @@ typedef struct sim {
 static sim_t g_sim;
 static bool g_running;
 
+/* socat, for the RTU test; 0 when not running. */
+static pid_t g_socat;
+static char g_pty_dir[64];
+
 /* Clients still open when an assertion fails, for the teardown. */
 #define MAX_CLIENTS 8
 static modbus_t *g_clients[MAX_CLIENTS];
@@ -192,6 +196,12 @@ static int teardown(void **state)
             modbus_free(g_clients[i]);
             g_clients[i] = NULL;
         }
+    }
+    if (g_socat > 0) {
+        kill(g_socat, SIGTERM);
+        waitpid(g_socat, NULL, 0);
+        g_socat = 0;
+        rmdir(g_pty_dir);
     }
     if (g_running) {
         sim_t *s = &g_sim;
@@ -641,6 +651,75 @@ static void test_garbage_never_stops_the_server(void **state)
     sim_stop(s);
 }
 
+/* ---- RTU, over a pty pair made by socat ---- */
+
+static void test_rtu_over_pty(void **state)
+{
+    (void)state;
+    char sim_tty[96], gw_tty[96], a1[128], a2[128];
+    strcpy(g_pty_dir, "/tmp/simpul-sim-pty-XXXXXX");
+    assert_non_null(mkdtemp(g_pty_dir));
+    snprintf(sim_tty, sizeof sim_tty, "%s/sim", g_pty_dir);
+    snprintf(gw_tty, sizeof gw_tty, "%s/gw", g_pty_dir);
+    snprintf(a1, sizeof a1, "pty,raw,echo=0,link=%s", sim_tty);
+    snprintf(a2, sizeof a2, "pty,raw,echo=0,link=%s", gw_tty);
+    g_socat = fork();
+    assert_true(g_socat >= 0);
+    if (g_socat == 0) {
+        execlp("socat", "socat", a1, a2, (char *)NULL);
+        _exit(127);
+    }
+    int64_t deadline = now_ms() + 5000;
+    while (access(sim_tty, F_OK) != 0 || access(gw_tty, F_OK) != 0) {
+        int status;
+        if (waitpid(g_socat, &status, WNOHANG) == g_socat) {
+            g_socat = 0;
+            rmdir(g_pty_dir);
+            skip(); /* no socat here */
+        }
+        assert_true(now_ms() < deadline);
+        pause_briefly();
+    }
+
+    sim_t *s = sim_start("--static", "--rtu", sim_tty, "--baud", "19200", NULL);
+    wait_output(s, "listening on tcp"); /* the tty is open once this line is out */
+    modbus_t *mb = modbus_new_rtu(gw_tty, 19200, 'N', 8, 1);
+    assert_non_null(mb);
+    g_clients[MAX_CLIENTS - 1] = mb;
+    assert_int_equal(modbus_connect(mb), 0);
+    modbus_set_response_timeout(mb, 1, 0);
+    modbus_set_slave(mb, 1);
+    assert_int_equal(read_hr(mb, 10), 1450);
+    assert_int_equal(modbus_write_register(mb, 10, 1000), 1);
+    assert_int_equal(read_hr(mb, 10), 1000);
+    assert_int_equal(modbus_write_register(mb, 10, 3001), -1);
+    assert_int_equal(errno, EMBXILVAL);
+    modbus_set_slave(mb, 17);
+    uint16_t p[2];
+    assert_int_equal(modbus_read_input_registers(mb, 0, 2, p), 2);
+    assert_true(f32(p, "DCBA") == 96.5f);
+    /* On a bus, nobody answers for an absent unit. */
+    modbus_set_slave(mb, 5);
+    modbus_set_response_timeout(mb, 0, 300000);
+    uint16_t v;
+    assert_int_equal(modbus_read_registers(mb, 10, 1, &v), -1);
+    assert_int_equal(errno, ETIMEDOUT);
+    /* The serial side and the TCP side serve the same devices. */
+    modbus_t *tcp = client(s, 1);
+    assert_int_equal(read_hr(tcp, 10), 1000);
+    client_free(tcp);
+    g_clients[MAX_CLIENTS - 1] = NULL;
+    modbus_close(mb);
+    modbus_free(mb);
+    assert_string_equal(read_file(s->wlog_path), "1 6 10 1 1000 ok\n1 6 10 1 3001 exception:3\n");
+    sim_stop(s);
+
+    kill(g_socat, SIGTERM);
+    waitpid(g_socat, NULL, 0);
+    g_socat = 0;
+    rmdir(g_pty_dir);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -661,6 +740,7 @@ int main(int argc, char **argv)
         cmocka_unit_test_teardown(test_heartbeat_ticks_when_simulating, teardown),
         cmocka_unit_test_teardown(test_half_frame_does_not_block_others, teardown),
         cmocka_unit_test_teardown(test_garbage_never_stops_the_server, teardown),
+        cmocka_unit_test_teardown(test_rtu_over_pty, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
