@@ -209,6 +209,18 @@ struct smp_store {
     uint64_t last_prune_ms; /* monotonic */
     bool prune_more;        /* the last prune hit its chunk size: old rows remain */
     uint64_t commits_since_ckpt;
+
+    /* Checkpointer: a second connection on its own thread folds the WAL back into the
+     * database, so the fsync a checkpoint needs never sits in front of a commit that a
+     * command's answer is waiting for. */
+    sqlite3 *ckpt_db;
+    uv_thread_t ckpt_thread;
+    bool ckpt_started;
+    uv_mutex_t ckpt_mu;
+    uv_cond_t ckpt_cond;
+    bool ckpt_stop;
+    int ckpt_wal_pages; /* WAL size after the last commit (ckpt_mu) */
+    bool ckpt_dirty;    /* commits since the last checkpoint (ckpt_mu) */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -938,7 +950,7 @@ static void idle_work(smp_store_t *st)
     if (prune_due(st)) {
         prune_old(st);
     }
-    if (st->commits_since_ckpt > 0 && !st->in_memory) {
+    if (st->commits_since_ckpt > 0 && !st->in_memory && !st->ckpt_started) {
         int rc = sqlite3_wal_checkpoint_v2(st->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
         if (rc == SQLITE_OK) {
             st->commits_since_ckpt = 0;
@@ -1149,6 +1161,84 @@ static void finalize_all(smp_store_t *st)
     }
 }
 
+static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int pages)
+{
+    (void)db;
+    (void)name;
+    smp_store_t *st = arg;
+    uv_mutex_lock(&st->ckpt_mu);
+    st->ckpt_wal_pages = pages;
+    st->ckpt_dirty = true;
+    if (pages >= wal_autocheckpoint_pages) {
+        uv_cond_signal(&st->ckpt_cond);
+    }
+    uv_mutex_unlock(&st->ckpt_mu);
+    return SQLITE_OK;
+}
+
+static void checkpointer_main(void *arg)
+{
+    smp_store_t *st = arg;
+    uv_mutex_lock(&st->ckpt_mu);
+    while (!st->ckpt_stop) {
+        bool big = st->ckpt_wal_pages >= wal_autocheckpoint_pages;
+        if (!big) {
+            int r = uv_cond_timedwait(&st->ckpt_cond, &st->ckpt_mu, idle_tick_ms * 1000000u);
+            big = st->ckpt_wal_pages >= wal_autocheckpoint_pages;
+            /* A quiet second with commits behind it is a good time to fold the WAL back. */
+            if (st->ckpt_stop || (!big && !(r == UV_ETIMEDOUT && st->ckpt_dirty))) {
+                continue;
+            }
+        }
+        st->ckpt_wal_pages = 0;
+        st->ckpt_dirty = false;
+        uv_mutex_unlock(&st->ckpt_mu);
+        /* PASSIVE: copies what no reader still needs and never blocks the writer. */
+        int rc = sqlite3_wal_checkpoint_v2(st->ckpt_db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL,
+                                           NULL);
+        if (rc != SQLITE_OK && rc != SQLITE_BUSY && rc != SQLITE_LOCKED) {
+            LOG_WARN(SCOPE, "checkpoint: %s", sqlite3_errstr(rc));
+        }
+        uv_mutex_lock(&st->ckpt_mu);
+    }
+    uv_mutex_unlock(&st->ckpt_mu);
+}
+
+/* Starts the checkpointer on a second connection. Without it (in memory, or the second
+ * connection cannot open) the writer checkpoints itself, as SQLite does by default. */
+static void checkpointer_start(smp_store_t *st)
+{
+    if (st->in_memory || st->db == NULL) {
+        return;
+    }
+    int rc = sqlite3_open_v2(st->path, &st->ckpt_db, SQLITE_OPEN_READWRITE, NULL);
+    if (rc == SQLITE_OK && uv_thread_create(&st->ckpt_thread, checkpointer_main, st) == 0) {
+        st->ckpt_started = true;
+        return;
+    }
+    LOG_WARN(SCOPE, "no checkpointer thread (%s): the writer checkpoints itself",
+             rc == SQLITE_OK ? "thread" : sqlite3_errstr(rc));
+    sqlite3_close(st->ckpt_db);
+    st->ckpt_db = NULL;
+    sqlite3_wal_autocheckpoint(st->db, wal_autocheckpoint_pages);
+}
+
+static void checkpointer_stop(smp_store_t *st)
+{
+    if (st->ckpt_started) {
+        uv_mutex_lock(&st->ckpt_mu);
+        st->ckpt_stop = true;
+        uv_cond_signal(&st->ckpt_cond);
+        uv_mutex_unlock(&st->ckpt_mu);
+        uv_thread_join(&st->ckpt_thread);
+        st->ckpt_started = false;
+    }
+    if (st->ckpt_db != NULL) {
+        sqlite3_close(st->ckpt_db);
+        st->ckpt_db = NULL;
+    }
+}
+
 static void db_close(smp_store_t *st)
 {
     finalize_all(st);
@@ -1262,10 +1352,11 @@ static int try_open(smp_store_t *st, const char *path)
         rc = exec_sql(st, sql);
     }
     if (rc == SQLITE_OK) {
-        /* SQLite's default, made explicit: a commit that leaves more than this many pages in
-         * the WAL checkpoints them (on the writer thread), so the WAL stays bounded. */
-        why = "wal autocheckpoint";
-        rc = sqlite3_wal_autocheckpoint(st->db, wal_autocheckpoint_pages);
+        /* The writer never checkpoints (a checkpoint's fsync would stall commits); it reports
+         * the WAL's size to the checkpointer thread instead, which checkpoints once the WAL
+         * passes wal_autocheckpoint_pages, and when the store is idle. */
+        why = "wal hook";
+        sqlite3_wal_hook(st->db, on_wal_commit, st);
     }
     if (rc == SQLITE_OK) {
         why = "integrity check";
@@ -1442,7 +1533,10 @@ static void close_async(smp_store_t *st)
 
 static void free_store(smp_store_t *st)
 {
+    checkpointer_stop(st);
     db_close(st);
+    uv_cond_destroy(&st->ckpt_cond);
+    uv_mutex_destroy(&st->ckpt_mu);
     uv_cond_destroy(&st->cond);
     uv_mutex_destroy(&st->mu);
     uv_mutex_destroy(&st->db_mu);
@@ -1499,6 +1593,9 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
         free(st);
         return -ENOMEM;
     }
+    if (uv_mutex_init(&st->ckpt_mu) != 0 || uv_cond_init(&st->ckpt_cond) != 0) {
+        abort(); /* only fails for lack of resources at start-up */
+    }
 
     int rc = open_db(st);
     if (rc == 0 && st->outbox_max > 0 && st->ob_bytes > st->outbox_max) {
@@ -1531,6 +1628,7 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
         return rc;
     }
     st->writer_started = true;
+    checkpointer_start(st);
     LOG_INFO(SCOPE, "opened %s%s: outbox %" PRId64 " messages, %" PRId64 " bytes", st->path,
              st->in_memory ? " (in memory)" : "", st->ob_rows, st->ob_bytes);
     *out = st;

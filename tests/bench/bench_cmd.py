@@ -67,6 +67,14 @@ def main():
         print("command round trip, %d sequential writes with read-back (ms): "
               "p50 %.2f  p90 %.2f  p99 %.2f  max %.2f" % (n, pct(50), pct(90), pct(99), lat[-1]))
         g.stop()
+        import sqlite3
+        db = sqlite3.connect(cfg["store"]["path"])
+        inner = sorted(r[0] / 1000.0 for r in db.execute(
+            "select latency_us from audit where code = 'ok'"))[50:]
+        db.close()
+        ipct = lambda p: inner[min(len(inner) - 1, int(p / 100.0 * len(inner)))]  # noqa: E731
+        print("  inside simpul (MQTT message received -> device confirmed, audit latency_us, ms): "
+              "p50 %.2f  p90 %.2f  p99 %.2f  max %.2f" % (ipct(50), ipct(90), ipct(99), inner[-1]))
     finally:
         for fn, args in reversed(t.cleanups):
             try:

@@ -128,7 +128,7 @@ class Broker:
         conf = os.path.join(self.workdir, "mosquitto-%d.conf" % self.port)
         with open(conf, "w") as f:
             f.write("listener %d 127.0.0.1\nallow_anonymous true\n" % self.port)
-            f.write("max_queued_messages 0\nmax_inflight_messages 0\n")
+            f.write("max_queued_messages 0\nmax_inflight_messages 0\nset_tcp_nodelay true\n")
             if self.persistence:
                 # Persistent sessions survive a broker restart (the platform's subscriber).
                 pdir = os.path.join(self.workdir, "mosquitto-data")
@@ -170,6 +170,10 @@ class Subscriber:
         wait_for(self.connected.is_set, 10, "subscriber connected")
 
     def _on_connect(self, c, userdata, flags, rc, properties=None):
+        # Like the gateway, the test client must not hold small packets back (Nagle).
+        sock = c.socket()
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for t in self.topics:
             c.subscribe(t, qos=1)
         self.connected.set()
