@@ -848,8 +848,14 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
     if (get_int(v, st, "history_retention_h", 0, 87600, false, &x)) {
         cfg->store.history_retention_h = (int)x;
     }
-    if (get_int(v, st, "outbox_max_mb", 1, 1048576, false, &x)) {
-        cfg->store.outbox_max_mb = (int)x;
+    double mb;
+    if (get_num(v, st, "outbox_max_mb", false, &mb)) {
+        /* A number, not only an integer: a small site (or a test) may want less than 1 MB. */
+        if (!(mb >= 0.01 && mb <= 1048576)) {
+            err_key(v, "outbox_max_mb", AT_VALUE, "%g is out of range 0.01..1048576", mb);
+        } else {
+            cfg->store.outbox_max_mb = mb;
+        }
     }
     pop(v, old);
 }

@@ -71,7 +71,7 @@ typedef struct smp_config {
     struct {
         char *path; /* default data_dir + "/simpul.db" */
         int history_retention_h; /* default 168 */
-        int outbox_max_mb;       /* default 256 */
+        double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
     } store;
     smp_device_cfg_t *devices;
     size_t ndevices;

@@ -142,8 +142,8 @@ class OutboxTest(h.TestCase):
         g2.stop()
 
     def test_tiny_outbox_drops_oldest_and_counts(self):
-        # 0.02 MB = 20971 bytes of payload: about 300 heartbeat messages.
-        cfg = self.setup(ndev=2, store_extra={"outbox_max_mb": 0.02},
+        # 0.01 MB = 10485 bytes of payload: about 150 heartbeat messages.
+        cfg = self.setup(ndev=2, store_extra={"outbox_max_mb": 0.01},
                          gw_extra={"metrics_interval_s": 1})
         self.gateway(cfg)
         h.wait_for(lambda: all(len(v) >= 3 for v in seqs_by_device(self.sub, self.devices).values()),
@@ -154,7 +154,7 @@ class OutboxTest(h.TestCase):
         db_seq = lambda: sqlite3.connect(cfg["store"]["path"]).execute(  # noqa: E731
             "select coalesce(sum(seq),0) from device_seq").fetchone()[0]
         start_sum = db_seq()
-        h.wait_for(lambda: db_seq() - start_sum >= 800, 60, "800 messages produced")
+        h.wait_for(lambda: db_seq() - start_sum >= 400, 60, "400 messages produced")
         self.restart_broker()
         self.wait_all_caught_up(90, allow_gaps=True)
 

@@ -828,7 +828,7 @@ static void test_out_of_range(void **state)
     expect_line(&r, "t.json:3:48: mqtt.keepalive_s: 65536 is out of range 1..65535");
     expect_line(&r, "t.json:3:71: mqtt.inflight_max: 0 is out of range 1..65535");
     expect_line(&r, "t.json:4:36: store.history_retention_h: 87601 is out of range 0..87600");
-    expect_line(&r, "t.json:4:60: store.outbox_max_mb: 0 is out of range 1..1048576");
+    expect_line(&r, "t.json:4:60: store.outbox_max_mb: 0 is out of range 0.01..1048576");
     expect_line(&r, "t.json:6:54: devices[0].interval_ms: 9 is out of range 10..86400000");
     expect_line(&r, "t.json:6:70: devices[0].refresh_s: 86401 is out of range 1..86400");
     expect_line(&r, "t.json:7:42: devices[0].connection.port: 70000 is out of range 1..65535");
