@@ -7,6 +7,7 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -291,6 +292,8 @@ static void run_write(struct conn *c, struct job *j)
 static void worker_main(void *arg)
 {
     struct conn *c = arg;
+    /* Thread names show in top -H, perf and gdb. */
+    pthread_setname_np(pthread_self(), "smp-worker");
     const smp_plugin_t *p = c->plugin->desc;
     c->pconn = p->conn_create(c->params, c->scope);
     if (c->pconn == NULL) {
@@ -471,6 +474,7 @@ static bool live_take(smp_engine_t *e, int64_t id)
 }
 
 static void pump(smp_engine_t *e);
+static void flush_acks(smp_engine_t *e);
 
 static size_t replay_window(const smp_engine_t *e)
 {
@@ -538,13 +542,17 @@ static void pump(smp_engine_t *e)
     }
     size_t inflight = smp_bridge_inflight(e->bridge);
     size_t window = replay_window(e);
-    if (inflight >= window) {
+    /* Refill in batches of at least a quarter window: one store round trip per ack would make
+     * the writer thread, not the broker, the limit of the replay rate. */
+    size_t min_batch = window / 4 ? window / 4 : 1;
+    if (inflight >= window || window - inflight < min_batch) {
         return; /* an ack will call us again */
     }
     size_t space = window - inflight;
     e->fetch_max = space < REPLAY_BATCH ? space : REPLAY_BATCH;
     e->fetch_in_flight = true;
     e->fetch_epoch = e->conn_epoch;
+    flush_acks(e); /* store ops run in order: the fetch must not see acked rows */
     smp_store_outbox_fetch(e->store, e->cursor, e->fetch_max, on_fetch, e);
 }
 
@@ -861,11 +869,43 @@ static void on_mqtt_disconnect(void *arg)
     e->conn_epoch++;
 }
 
+static void flush_acks(smp_engine_t *e)
+{
+    if (e->acks_n > 0) {
+        smp_store_outbox_ack_many(e->store, e->acks, e->acks_n);
+        e->acks_n = 0;
+    }
+}
+
+static void on_acks_check(uv_check_t *c)
+{
+    smp_engine_t *e = c->data;
+    flush_acks(e);
+    uv_check_stop(c);
+}
+
 static void on_mqtt_ack(void *arg, uint64_t token)
 {
     smp_engine_t *e = arg;
     e->stats.acked++;
-    smp_store_outbox_ack(e->store, (int64_t)token);
+    /* A burst of PUBACKs arrives in one read: delete them with one store operation, after the
+     * loop iteration (uv_check), rather than waking the writer thread once per ack. */
+    if (e->acks_n == e->acks_cap) {
+        size_t cap = e->acks_cap ? e->acks_cap * 2 : 256;
+        int64_t *p = realloc(e->acks, cap * sizeof *p);
+        if (p == NULL) {
+            smp_store_outbox_ack(e->store, (int64_t)token);
+            live_take(e, (int64_t)token);
+            pump(e);
+            return;
+        }
+        e->acks = p;
+        e->acks_cap = cap;
+    }
+    e->acks[e->acks_n++] = (int64_t)token;
+    if (e->acks_n == 1) {
+        uv_check_start(&e->acks_check, on_acks_check);
+    }
     live_take(e, (int64_t)token);
     pump(e);
 }
@@ -1111,6 +1151,8 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
     e->metrics_timer.data = e;
     uv_timer_init(loop, &e->stop_timer);
     e->stop_timer.data = e;
+    uv_check_init(loop, &e->acks_check);
+    e->acks_check.data = e;
     e->handles_init = true;
     *out = e;
     return 0;
@@ -1282,6 +1324,7 @@ void smp_engine_free(smp_engine_t *e)
         uv_close((uv_handle_t *)&e->done_async, close_noop);
         uv_close((uv_handle_t *)&e->metrics_timer, close_noop);
         uv_close((uv_handle_t *)&e->stop_timer, close_noop);
+        uv_close((uv_handle_t *)&e->acks_check, close_noop);
         uv_run(e->loop, UV_RUN_NOWAIT);
     } else {
         for (size_t k = 0; k < e->ndevs; k++) {
@@ -1306,6 +1349,8 @@ void smp_engine_free(smp_engine_t *e)
         }
         j = next;
     }
+    flush_acks(e);
+    free(e->acks);
     smp_bridge_free(e->bridge);
     smp__engine_commands_free(e);
     smp_store_close(e->store);

@@ -155,6 +155,9 @@ struct smp_engine {
     int64_t *live_ids;
     size_t live_n, live_cap;
     unsigned pending_adds;
+    int64_t *acks; /* PUBACKed ids, deleted in one store operation per loop iteration */
+    size_t acks_n, acks_cap;
+    uv_check_t acks_check;
     /* stop */
     bool stopping, stop_forced, stop_done, bridge_stop_called, bridge_stopped;
     int workers_alive;

@@ -15,6 +15,7 @@
 #include "store.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdlib.h>
@@ -532,10 +533,10 @@ static int apply_add(smp_store_t *st, op_t *o)
     return step_done(st, ST_SEQ_SET, "device seq");
 }
 
-static int apply_ack(smp_store_t *st, op_t *o)
+static int apply_ack_one(smp_store_t *st, int64_t id)
 {
     sqlite3_stmt *s = st->stmt[ST_OB_ACK];
-    int rc = sqlite3_bind_int64(s, 1, o->id);
+    int rc = sqlite3_bind_int64(s, 1, id);
     if (rc != SQLITE_OK) {
         return sql_fail(st, rc, "outbox ack");
     }
@@ -546,6 +547,24 @@ static int apply_ack(smp_store_t *st, op_t *o)
     sqlite3_reset(s);
     if (rc != SQLITE_DONE) {
         return sql_fail(st, rc, "outbox ack");
+    }
+    return 0;
+}
+
+/* One id (o->id), or many (an int64_t array in the payload). */
+static int apply_ack(smp_store_t *st, op_t *o)
+{
+    if (o->len == 0) {
+        return apply_ack_one(st, o->id);
+    }
+    size_t n = o->len / sizeof(int64_t);
+    for (size_t k = 0; k < n; k++) {
+        int64_t id;
+        memcpy(&id, (const char *)o->payload + k * sizeof id, sizeof id);
+        int rc = apply_ack_one(st, id);
+        if (rc != 0) {
+            return rc;
+        }
     }
     return 0;
 }
@@ -1022,6 +1041,7 @@ static op_t *take_batch(smp_store_t *st, size_t max)
 static void writer_main(void *arg)
 {
     smp_store_t *st = arg;
+    pthread_setname_np(pthread_self(), "smp-store");
     uv_mutex_lock(&st->mu);
     for (;;) {
         if (st->q_head == NULL) {
@@ -1179,6 +1199,7 @@ static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int pages)
 static void checkpointer_main(void *arg)
 {
     smp_store_t *st = arg;
+    pthread_setname_np(pthread_self(), "smp-checkpoint");
     uv_mutex_lock(&st->ckpt_mu);
     while (!st->ckpt_stop) {
         bool big = st->ckpt_wal_pages >= wal_autocheckpoint_pages;
@@ -1816,6 +1837,19 @@ void smp_store_outbox_ack(smp_store_t *st, int64_t id)
         return;
     }
     o->id = id;
+    enqueue(st, o);
+}
+
+void smp_store_outbox_ack_many(smp_store_t *st, const int64_t *ids, size_t n)
+{
+    if (st == NULL || n == 0) {
+        return;
+    }
+    op_t *o = op_new(OP_OUTBOX_ACK, NULL, ids, n * sizeof *ids);
+    if (o == NULL) {
+        LOG_ERR(SCOPE, "outbox ack of %zu rows: out of memory", n);
+        return;
+    }
     enqueue(st, o);
 }
 

@@ -61,6 +61,8 @@ void smp_store_outbox_add(smp_store_t *st, const char *device, uint64_t seq, con
                           const void *payload, size_t len, smp_store_added_cb cb, void *arg);
 /* The broker acknowledged row `id`: delete it. */
 void smp_store_outbox_ack(smp_store_t *st, int64_t id);
+/* The same for n rows at once (ids copied): one queue operation instead of n. */
+void smp_store_outbox_ack_many(smp_store_t *st, const int64_t *ids, size_t n);
 
 /* Fetches up to `max` outbox rows with id > after_id, oldest first. cb runs on the loop thread;
  * the rows and their strings are valid only during the callback. */
