@@ -173,11 +173,16 @@ class CommandsTest(h.TestCase):
         assert r3 == r1, (r3, r1)
         writes = [line for line in write_lines(self.wlog) if line[2] == "11"]
         assert len(writes) == 1, writes
-        db = sqlite3.connect(self.cfg["store"]["path"])
-        codes = [row[0] for row in db.execute(
-            "select code from audit where cmd_id='dup-1' order by received_ms")]
-        db.close()
-        assert codes == ["ok", "duplicate", "duplicate"], codes
+        def audit_codes():
+            db = sqlite3.connect(self.cfg["store"]["path"], timeout=5)
+            try:
+                return [row[0] for row in db.execute(
+                    "select code from audit where cmd_id='dup-1' order by id")]
+            finally:
+                db.close()
+        # The audit row of an answer is committed in the store's next batch: wait for it.
+        h.wait_for(lambda: len(audit_codes()) >= 3, 10, "three audit rows")
+        assert audit_codes() == ["ok", "duplicate", "duplicate"], audit_codes()
 
     def test_error_codes(self):
         self.setup_peer()
