@@ -143,6 +143,29 @@ class PollingTest(h.TestCase):
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
 
 
+    def test_per_tag_interval(self):
+        b = self.broker()
+        sim = self.sim(["--pumps", "1", "--lights", "0"])
+        dev = {"name": "pump-a", "protocol": "modbus", "interval_ms": 100,
+               "connection": {"transport": "tcp", "host": "127.0.0.1", "port": sim.port,
+                              "unit_id": 1, "timeout_ms": 500},
+               "tags": [{"name": "fast", "table": "input_register", "address": SIM_TICK_ADDR,
+                         "type": "uint32"},
+                        {"name": "slow", "table": "input_register", "address": SIM_TICK_ADDR,
+                         "type": "uint32", "interval_ms": 1000}]}
+        cfg = h.base_config(self.workdir, b.port, [dev])
+        topic = "simpul/gw-test/pump-a/data"
+        sub = self.subscriber(b.port, [topic])
+        self.gateway(cfg)
+        h.wait_for(lambda: sum("fast" in j["values"] for j in sub.json(topic)) >= 31, 20,
+                   "31 polls of the fast tag")
+        msgs = sub.json(topic)
+        fast = sum("fast" in j["values"] for j in msgs)
+        slow = sum("slow" in j["values"] for j in msgs)
+        # ~3 s at 100 ms vs 1000 ms: the slow tag is read about ten times less often.
+        assert 2 <= slow <= 5, (fast, slow)
+
+
 # simpul-sim's free-running tick register (docs/simulator.md).
 SIM_TICK_ADDR = int(os.environ.get("SIM_TICK_ADDR", "30"))
 
