@@ -36,14 +36,14 @@
 
 #include "log.h"
 
-#define SCOPE "mqtt"
+#define SCOPE            "mqtt"
 
 #define MISC_INTERVAL_MS 500 /* mosquitto_loop_misc: keepalive pings and their timeouts */
-#define BACKOFF_MIN_MS 1000
-#define BACKOFF_MAX_MS 30000
-#define MAX_ADDRS 8 /* addresses tried per resolution of the broker's host name */
+#define BACKOFF_MIN_MS   1000
+#define BACKOFF_MAX_MS   30000
+#define MAX_ADDRS        8 /* addresses tried per resolution of the broker's host name */
 #define DEFAULT_INFLIGHT 256
-#define REASON_LEN 160
+#define REASON_LEN       160
 
 enum bridge_state {
     ST_IDLE,       /* created, not started */
@@ -462,8 +462,7 @@ static void on_mosq_message(struct mosquitto *m, void *obj, const struct mosquit
     if (props != NULL) {
         /* Both allocate copies; freed below. */
         mosquitto_property_read_string(props, MQTT_PROP_RESPONSE_TOPIC, &response_topic, false);
-        mosquitto_property_read_binary(props, MQTT_PROP_CORRELATION_DATA, &corr, &corr_len,
-                                       false);
+        mosquitto_property_read_binary(props, MQTT_PROP_CORRELATION_DATA, &corr, &corr_len, false);
     }
     smp_mqtt_props_t p = {
         .response_topic = response_topic,
@@ -546,8 +545,8 @@ static int publish_status(smp_bridge_t *b, const char *state)
 {
     char payload[96];
     int n = snprintf(payload, sizeof payload,
-                     "{\"state\":\"%s\",\"version\":\"%s\",\"ts\":%" PRIu64 "}", state,
-                     SMP_VERSION, wall_ms());
+                     "{\"state\":\"%s\",\"version\":\"%s\",\"ts\":%" PRIu64 "}", state, SMP_VERSION,
+                     wall_ms());
     return do_publish(b, b->status_topic, payload, (size_t)n, /* qos = */ 1, /* retain = */ true,
                       /* token = */ 0, NULL);
 }
@@ -635,9 +634,9 @@ static int configure(smp_bridge_t *b, struct mosquitto *m)
     }
     /* The Will's ts is the time of the connection attempt: the broker sends it unchanged. */
     char will[96];
-    int n = snprintf(will, sizeof will,
-                     "{\"state\":\"offline\",\"version\":\"%s\",\"ts\":%" PRIu64 "}",
-                     SMP_VERSION, wall_ms());
+    int n =
+        snprintf(will, sizeof will, "{\"state\":\"offline\",\"version\":\"%s\",\"ts\":%" PRIu64 "}",
+                 SMP_VERSION, wall_ms());
     rc = mosquitto_will_set(m, b->status_topic, n, will, /* qos = */ 1, /* retain = */ true);
     if (rc != MOSQ_ERR_SUCCESS) {
         return rc;
@@ -851,8 +850,7 @@ static void on_connected(smp_bridge_t *b)
     for (size_t i = 0; i < b->nsubs; i++) {
         rc = mosquitto_subscribe(b->mosq, NULL, b->subs[i].topic, b->subs[i].qos);
         if (rc != MOSQ_ERR_SUCCESS) {
-            LOG_WARN(SCOPE, "cannot subscribe to %s: %s", b->subs[i].topic,
-                     mosquitto_strerror(rc));
+            LOG_WARN(SCOPE, "cannot subscribe to %s: %s", b->subs[i].topic, mosquitto_strerror(rc));
         }
     }
     rc = publish_status(b, "online");
@@ -891,8 +889,8 @@ static void conn_lost(smp_bridge_t *b)
         return;
     }
     if (!was_connected && b->addr_idx + 1 < b->naddrs) {
-        LOG_DEBUG(SCOPE, "%s port %d: %s; trying the next address", b->addrs[b->addr_idx],
-                  b->port, reason);
+        LOG_DEBUG(SCOPE, "%s port %d: %s; trying the next address", b->addrs[b->addr_idx], b->port,
+                  reason);
         b->addr_idx++;
         connect_next(b);
         return;
@@ -1026,8 +1024,8 @@ static void init_timers(smp_bridge_t *b)
 
 /* ---- public API ----------------------------------------------------------------------------- */
 
-int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cbs_t *cbs,
-                   void *arg, smp_bridge_t **out)
+int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cbs_t *cbs, void *arg,
+                   smp_bridge_t **out)
 {
     if (loop == NULL || cfg == NULL || out == NULL || cfg->gateway.id == NULL) {
         return -EINVAL;
@@ -1165,8 +1163,8 @@ int smp_bridge_subscribe(smp_bridge_t *b, const char *topic, int qos)
     return 0;
 }
 
-int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, size_t len,
-                       int qos, bool retain, uint64_t token, const smp_mqtt_props_t *props)
+int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, size_t len, int qos,
+                       bool retain, uint64_t token, const smp_mqtt_props_t *props)
 {
     if (b == NULL || topic == NULL || (payload == NULL && len > 0) || qos < 0 || qos > 1) {
         return -EINVAL;

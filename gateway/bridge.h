@@ -41,8 +41,8 @@ typedef struct smp_bridge_cbs {
 } smp_bridge_cbs_t;
 
 /* `cfg` is borrowed and must outlive the bridge. Returns 0 or a negative code. */
-int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cbs_t *cbs,
-                   void *arg, smp_bridge_t **out);
+int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cbs_t *cbs, void *arg,
+                   smp_bridge_t **out);
 /* Starts connecting (asynchronously). */
 int smp_bridge_start(smp_bridge_t *b);
 /* Adds a subscription, sent now if connected and again after every reconnect. */
@@ -50,8 +50,8 @@ int smp_bridge_subscribe(smp_bridge_t *b, const char *topic, int qos);
 /* Publishes. For qos 1 with a non-zero token, on_ack(token) follows the PUBACK. Returns 0,
  * -ENOTCONN when not connected, -EAGAIN when the in-flight window is full, or another negative
  * code. Publishing with `props` (MQTT 5) sets Correlation Data on the message. */
-int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, size_t len,
-                       int qos, bool retain, uint64_t token, const smp_mqtt_props_t *props);
+int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, size_t len, int qos,
+                       bool retain, uint64_t token, const smp_mqtt_props_t *props);
 bool smp_bridge_connected(const smp_bridge_t *b);
 size_t smp_bridge_inflight(const smp_bridge_t *b);
 /* Publishes the retained offline status, waits (bounded by timeout_ms) for outstanding

@@ -98,8 +98,8 @@ int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error
     /* The id first, so that every later error can be answered with it. */
     json_t *id = json_object_get(root, "id");
     if (json_is_string(id) && json_string_length(id) >= 1 &&
-        json_string_length(id) <= SMP_CMD_ID_MAX && strlen(json_string_value(id)) ==
-                                                        json_string_length(id)) {
+        json_string_length(id) <= SMP_CMD_ID_MAX &&
+        strlen(json_string_value(id)) == json_string_length(id)) {
         snprintf(out->id, sizeof out->id, "%s", json_string_value(id));
         out->has_id = true;
     } else {
@@ -108,9 +108,10 @@ int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error
     }
     const char *key;
     json_t *val;
-    json_object_foreach(root, key, val) {
-        static const char *const known[] = {"id", "op", "tag", "value", "tags", "ts",
-                                            "ttl_ms", "from", "to", "limit", NULL};
+    json_object_foreach(root, key, val)
+    {
+        static const char *const known[] = {"id",     "op",   "tag", "value", "tags", "ts",
+                                            "ttl_ms", "from", "to",  "limit", NULL};
         bool ok = false;
         for (size_t k = 0; known[k] != NULL; k++) {
             ok = ok || strcmp(known[k], key) == 0;
@@ -191,7 +192,8 @@ int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error
         }
         size_t k;
         json_t *t;
-        json_array_foreach(tags, k, t) {
+        json_array_foreach(tags, k, t)
+        {
             if (!json_is_string(t) || !name_ok(json_string_value(t), 127)) {
                 set_err(err, "bad_request", "tags[%zu] must be a tag name", k);
                 goto out;
@@ -246,15 +248,40 @@ bool smp_cmd_expired(const smp_cmd_t *cmd, uint64_t now_ms)
 static bool raw_range(smp_type_t t, double *lo, double *hi)
 {
     switch (t) {
-    case SMP_TYPE_INT16: *lo = -32768.0; *hi = 32767.0; return true;
-    case SMP_TYPE_UINT16: *lo = 0; *hi = 65535.0; return true;
-    case SMP_TYPE_INT32: *lo = -2147483648.0; *hi = 2147483647.0; return true;
-    case SMP_TYPE_UINT32: *lo = 0; *hi = 4294967295.0; return true;
-    case SMP_TYPE_INT64: *lo = -9223372036854775808.0; *hi = 9223372036854775807.0; return true;
-    case SMP_TYPE_UINT64: *lo = 0; *hi = 18446744073709551615.0; return true;
-    case SMP_TYPE_FLOAT32: *lo = -FLT_MAX; *hi = FLT_MAX; return true;
-    case SMP_TYPE_FLOAT64: *lo = -DBL_MAX; *hi = DBL_MAX; return true;
-    default: return false;
+    case SMP_TYPE_INT16:
+        *lo = -32768.0;
+        *hi = 32767.0;
+        return true;
+    case SMP_TYPE_UINT16:
+        *lo = 0;
+        *hi = 65535.0;
+        return true;
+    case SMP_TYPE_INT32:
+        *lo = -2147483648.0;
+        *hi = 2147483647.0;
+        return true;
+    case SMP_TYPE_UINT32:
+        *lo = 0;
+        *hi = 4294967295.0;
+        return true;
+    case SMP_TYPE_INT64:
+        *lo = -9223372036854775808.0;
+        *hi = 9223372036854775807.0;
+        return true;
+    case SMP_TYPE_UINT64:
+        *lo = 0;
+        *hi = 18446744073709551615.0;
+        return true;
+    case SMP_TYPE_FLOAT32:
+        *lo = -FLT_MAX;
+        *hi = FLT_MAX;
+        return true;
+    case SMP_TYPE_FLOAT64:
+        *lo = -DBL_MAX;
+        *hi = DBL_MAX;
+        return true;
+    default:
+        return false;
     }
 }
 
@@ -396,12 +423,12 @@ bool smp_cmd_raw_equal(const smp_tag_cfg_t *tag, const smp_value_t *a, const smp
 
 /* A remembered command: the at-most-once record. result is NULL while it runs. */
 struct cmd_entry {
-    struct cmd_entry *hnext;           /* hash chain */
-    struct cmd_entry *older, *newer;   /* age list, for expiry */
-    char *key;                         /* device "\n" id */
-    char *result;                      /* JSON text once answered */
-    uint64_t mono_ms;                  /* when first seen */
-    unsigned waiting;                  /* duplicates received while it ran */
+    struct cmd_entry *hnext;         /* hash chain */
+    struct cmd_entry *older, *newer; /* age list, for expiry */
+    char *key;                       /* device "\n" id */
+    char *result;                    /* JSON text once answered */
+    uint64_t mono_ms;                /* when first seen */
+    unsigned waiting;                /* duplicates received while it ran */
 };
 
 #define CMD_BUCKETS 4096u
@@ -543,9 +570,10 @@ static void restore_cmd(void *arg, const char *device, const char *id, const cha
         smp_buf_init(&b);
         smp_buf_puts(&b, "{\"id\":");
         smp_buf_json_string(&b, id, strlen(id));
-        smp_buf_printf(&b, ",\"ok\":false,\"error\":{\"code\":\"timeout\",\"message\":\"the "
-                           "gateway restarted before the device confirmed; outcome unknown\"},"
-                           "\"ts\":%" PRIu64 "}",
+        smp_buf_printf(&b,
+                       ",\"ok\":false,\"error\":{\"code\":\"timeout\",\"message\":\"the "
+                       "gateway restarted before the device confirmed; outcome unknown\"},"
+                       "\"ts\":%" PRIu64 "}",
                        smp__wall_ms());
         x->result = b.oom ? NULL : strdup(b.p);
         smp_buf_free(&b);
@@ -678,7 +706,8 @@ static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *cod
     if (b->oom) {
         smp_buf_free(b);
         smp_buf_init(b);
-        smp_buf_puts(b, "{\"ok\":false,\"error\":{\"code\":\"busy\",\"message\":\"out of memory\"}}");
+        smp_buf_puts(b,
+                     "{\"ok\":false,\"error\":{\"code\":\"busy\",\"message\":\"out of memory\"}}");
     }
     audit(e, m, code, message);
     e->stats.commands++;
@@ -928,8 +957,8 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
             return;
         }
         e->cmds->in_progress++;
-        smp_store_history(e->store, m->device, m->c.tag, m->c.from, m->c.to, m->c.limit,
-                          on_history, m);
+        smp_store_history(e->store, m->device, m->c.tag, m->c.from, m->c.to, m->c.limit, on_history,
+                          m);
         return;
     }
     struct job *j = calloc(1, sizeof *j);
@@ -945,8 +974,8 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
             return;
         }
         smp_cmd_error_t verr = {0};
-        if (smp_cmd_to_raw(&m->d->cfg->tags[t], m->c.value, &j->write_raw, &j->write_str,
-                           &verr) < 0) {
+        if (smp_cmd_to_raw(&m->d->cfg->tags[t], m->c.value, &j->write_raw, &j->write_str, &verr) <
+            0) {
             free(j);
             fail(e, m, verr.code, verr.message);
             return;
@@ -1066,8 +1095,8 @@ static void write_done(smp_engine_t *e, struct cmd *m, struct job *j)
         smp_buf_init(&got);
         append_reading(&got, tc, &j->rb);
         char msg[256];
-        snprintf(msg, sizeof msg, "device reads back %s after the write of %s",
-                 got.p ? got.p : "?", m->value_json ? m->value_json : "?");
+        snprintf(msg, sizeof msg, "device reads back %s after the write of %s", got.p ? got.p : "?",
+                 m->value_json ? m->value_json : "?");
         smp_buf_free(&got);
         fail(e, m, "device_error", msg);
         return;

@@ -18,10 +18,10 @@
 #include "config.h"
 
 #define SMP_CMD_MAX_PAYLOAD 65536
-#define SMP_CMD_ID_MAX 128
-#define SMP_CMD_MAX_TAGS 256
-#define SMP_CMD_DEDUP_MS (10u * 60u * 1000u)
-#define SMP_CMD_QUEUE_MAX 16 /* commands waiting per device before "busy" */
+#define SMP_CMD_ID_MAX      128
+#define SMP_CMD_MAX_TAGS    256
+#define SMP_CMD_DEDUP_MS    (10u * 60u * 1000u)
+#define SMP_CMD_QUEUE_MAX   16 /* commands waiting per device before "busy" */
 #define SMP_CMD_HISTORY_MAX 1000
 
 typedef enum smp_cmd_op {

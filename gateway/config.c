@@ -27,12 +27,12 @@
 #include "jsonpos.h"
 #include "log.h"
 
-#define NAME_MAX_LEN 64
-#define FILE_MAX_BYTES (16u << 20) /* a config larger than this is a mistake */
-#define PASSWORD_MAX_BYTES 65535   /* MQTT's limit */
-#define MSG_MAX 2048
-#define SHOW_MAX 40   /* user text quoted in a message is cut to this */
-#define PATH_SHOW 512 /* file paths in messages are cut to this */
+#define NAME_MAX_LEN       64
+#define FILE_MAX_BYTES     (16u << 20) /* a config larger than this is a mistake */
+#define PASSWORD_MAX_BYTES 65535       /* MQTT's limit */
+#define MSG_MAX            2048
+#define SHOW_MAX           40  /* user text quoted in a message is cut to this */
+#define PATH_SHOW          512 /* file paths in messages are cut to this */
 
 /* ---- diagnostics and the current path ---------------------------------------------------- */
 
@@ -345,24 +345,36 @@ typedef enum want { W_STRING, W_INT, W_NUMBER, W_BOOL, W_OBJECT, W_ARRAY } want_
 static const char *want_name(want_t w)
 {
     switch (w) {
-    case W_STRING: return "a string";
-    case W_INT: return "an integer";
-    case W_NUMBER: return "a number";
-    case W_BOOL: return "true or false";
-    case W_OBJECT: return "an object";
-    default: return "an array";
+    case W_STRING:
+        return "a string";
+    case W_INT:
+        return "an integer";
+    case W_NUMBER:
+        return "a number";
+    case W_BOOL:
+        return "true or false";
+    case W_OBJECT:
+        return "an object";
+    default:
+        return "an array";
     }
 }
 
 static bool type_ok(const json_t *j, want_t w)
 {
     switch (w) {
-    case W_STRING: return json_is_string(j);
-    case W_INT: return json_is_integer(j);
-    case W_NUMBER: return json_is_number(j);
-    case W_BOOL: return json_is_boolean(j);
-    case W_OBJECT: return json_is_object(j);
-    default: return json_is_array(j);
+    case W_STRING:
+        return json_is_string(j);
+    case W_INT:
+        return json_is_integer(j);
+    case W_NUMBER:
+        return json_is_number(j);
+    case W_BOOL:
+        return json_is_boolean(j);
+    case W_OBJECT:
+        return json_is_object(j);
+    default:
+        return json_is_array(j);
     }
 }
 
@@ -371,13 +383,24 @@ static const char *got(const json_t *j, char *buf, size_t n)
 {
     const char *kind;
     switch (json_typeof(j)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_NULL: return "null";
-    case JSON_STRING: kind = "a string"; break;
-    case JSON_INTEGER: kind = "an integer"; break;
-    case JSON_REAL: kind = "a number"; break;
-    default: kind = "a boolean"; break;
+    case JSON_OBJECT:
+        return "an object";
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_NULL:
+        return "null";
+    case JSON_STRING:
+        kind = "a string";
+        break;
+    case JSON_INTEGER:
+        kind = "an integer";
+        break;
+    case JSON_REAL:
+        kind = "a number";
+        break;
+    default:
+        kind = "a boolean";
+        break;
     }
     char *text = json_dumps(j, JSON_ENCODE_ANY);
     if (text == NULL) {
@@ -555,7 +578,8 @@ static void check_known(vctx_t *v, json_t *obj, const char *const *allowed)
 {
     const char *key;
     json_t *val;
-    json_object_foreach (obj, key, val) {
+    json_object_foreach(obj, key, val)
+    {
         if (!in_list(key, allowed)) {
             report_unknown_key(v, key, allowed, count_strs(allowed), "");
         }
@@ -1080,7 +1104,8 @@ static void parse_profiles(vctx_t *v, json_t *root, profiles_t *ps)
     }
     const char *name;
     json_t *p;
-    json_object_foreach (all, name, p) {
+    json_object_foreach(all, name, p)
+    {
         size_t o2 = push_key(v, name);
         check_name(v, name, AT_KEY);
         if (!json_is_object(p)) {
@@ -1140,7 +1165,9 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
         p->d = (double)x;
         break;
     }
-    case SMP_KEY_NUMBER: p->d = json_number_value(j); break;
+    case SMP_KEY_NUMBER:
+        p->d = json_number_value(j);
+        break;
     case SMP_KEY_BOOL:
         p->i = json_is_true(j);
         p->d = (double)p->i;
@@ -1188,7 +1215,8 @@ static int check_params(vctx_t *v, json_t *obj, const smp_plugin_host_t *pl, boo
 
     const char *key;
     json_t *val;
-    json_object_foreach (obj, key, val) {
+    json_object_foreach(obj, key, val)
+    {
         if (tag && in_list(key, generic_tag_keys)) {
             continue;
         }
@@ -1423,7 +1451,8 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, cons
             size_t nc = 0;
             const char *k;
             json_t *val;
-            json_object_foreach (ps->index, k, val) {
+            json_object_foreach(ps->index, k, val)
+            {
                 if (nc < 64) {
                     cands[nc++] = k;
                 }

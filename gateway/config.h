@@ -21,27 +21,27 @@
 typedef struct smp_tag_cfg {
     char *name;
     smp_type_t type;
-    double scale;  /* default 1 */
-    double offset; /* default 0 */
-    char *unit;    /* NULL when absent */
+    double scale;         /* default 1 */
+    double offset;        /* default 0 */
+    char *unit;           /* NULL when absent */
     uint32_t interval_ms; /* 0 = the device's */
     double deadband;      /* default 0: any change is reported */
     bool writable;
     bool has_min, has_max;
-    double min, max; /* engineering units */
+    double min, max;     /* engineering units */
     smp_param_t *params; /* plugin tag keys, index-aligned with plugin->tag_keys */
 } smp_tag_cfg_t;
 
 typedef struct smp_device_cfg {
     char *name;
     char *protocol;
-    char *profile; /* NULL when absent */
-    uint32_t interval_ms; /* default 1000 */
-    uint32_t refresh_s;   /* full refresh period, default 300 */
+    char *profile;                   /* NULL when absent */
+    uint32_t interval_ms;            /* default 1000 */
+    uint32_t refresh_s;              /* full refresh period, default 300 */
     const smp_plugin_host_t *plugin; /* borrowed from the config's plugin set */
     smp_param_t *conn_params;        /* index-aligned with plugin->desc->conn_keys */
     char conn_key[256];              /* from plugin conn_key(): equal => shared connection */
-    smp_tag_cfg_t *tags; /* profile's tags first, then the device's own */
+    smp_tag_cfg_t *tags;             /* profile's tags first, then the device's own */
     size_t ntags;
 } smp_device_cfg_t;
 
@@ -49,27 +49,27 @@ typedef struct smp_config {
     char *path; /* the file loaded */
     struct {
         char *id;
-        char *data_dir;   /* default "./data" */
-        char *plugin_dir; /* NULL: use the default search path (plugin_host.h) */
-        char *log_level;  /* default "info" */
+        char *data_dir;         /* default "./data" */
+        char *plugin_dir;       /* NULL: use the default search path (plugin_host.h) */
+        char *log_level;        /* default "info" */
         int metrics_interval_s; /* P/G/metrics period, default 60 */
     } gateway;
     struct {
-        char *host; /* default "127.0.0.1" */
-        int port;   /* default 1883 */
-        char *client_id; /* default "simpul-" + gateway id */
+        char *host;         /* default "127.0.0.1" */
+        int port;           /* default 1883 */
+        char *client_id;    /* default "simpul-" + gateway id */
         char *topic_prefix; /* default "simpul" */
         int qos;            /* 0 or 1, default 1 */
         int keepalive_s;    /* default 30 */
         int version;        /* 3 (= "3.1"), 4 (= "3.1.1", default) or 5 (= "5") */
         char *username;
-        char *password;      /* read from password_file at load time; NULL when absent */
+        char *password; /* read from password_file at load time; NULL when absent */
         char *password_file;
         char *tls_ca_file, *tls_cert_file, *tls_key_file;
-        int inflight_max;     /* QoS 1 messages awaiting PUBACK, default 256 */
+        int inflight_max; /* QoS 1 messages awaiting PUBACK, default 256 */
     } mqtt;
     struct {
-        char *path; /* default data_dir + "/simpul.db" */
+        char *path;              /* default data_dir + "/simpul.db" */
         int history_retention_h; /* default 168 */
         double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
     } store;

@@ -24,7 +24,7 @@
 
 /* Backoff of a connection (or a silent device) after a failure: 1 s doubling to 30 s. */
 #define BACKOFF_INITIAL_MS 1000u
-#define BACKOFF_MAX_MS 30000u
+#define BACKOFF_MAX_MS     30000u
 /* Consecutive timeouts on one connection, across its devices, before it is reopened. */
 #define TIMEOUTS_BEFORE_REOPEN 2
 /* Outbox rows fetched per round trip while replaying. */
@@ -262,8 +262,7 @@ static void run_write(struct conn *c, struct job *j)
         set_worker_error(j, rc, message);
         /* The driver refused the value itself (-ERANGE, -EPERM, -E2BIG) or the device
          * answered with an exception: the connection is fine. */
-        if (rc != SMP_EDEVICE && rc != -ERANGE && rc != -EPERM && rc != -E2BIG &&
-            rc != -EINVAL) {
+        if (rc != SMP_EDEVICE && rc != -ERANGE && rc != -EPERM && rc != -E2BIG && rc != -EINVAL) {
             after_failure(c, d, rc, now);
         }
         return;
@@ -302,8 +301,8 @@ static void worker_main(void *arg)
     for (size_t k = 0; k < c->ndevs; k++) {
         struct device *d = c->devs[k];
         if (c->pconn != NULL) {
-            d->pdev = p->device_create(c->pconn, d->cfg->conn_params, d->ptags, d->cfg->ntags,
-                                       d->scope);
+            d->pdev =
+                p->device_create(c->pconn, d->cfg->conn_params, d->ptags, d->cfg->ntags, d->scope);
             if (d->pdev == NULL) {
                 LOG_ERR(d->scope, "driver could not create the device");
             }
@@ -572,8 +571,8 @@ static void on_outbox_added(void *arg, int status, int64_t id)
         /* Not persisted (disk full, I/O error): publish from memory, best effort. */
         e->stats.store_errors++;
         if (smp_bridge_connected(e->bridge) &&
-            smp_bridge_publish(e->bridge, m->topic, m->payload, m->len, e->cfg->mqtt.qos, false,
-                               0, NULL) == 0) {
+            smp_bridge_publish(e->bridge, m->topic, m->payload, m->len, e->cfg->mqtt.qos, false, 0,
+                               NULL) == 0) {
             e->stats.publishes++;
         } else {
             e->stats.lost++;
@@ -830,8 +829,9 @@ static void metrics_publish(smp_engine_t *e)
                    ",\"replayed\":%" PRIu64,
                    e->stats.values, e->stats.publishes, e->stats.acked, e->stats.replayed);
     smp_buf_printf(&b,
-                   ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64 ",\"outbox_bytes\":%" PRIu64
-                   ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64 ",\"rss_kb\":%ld}",
+                   ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64
+                   ",\"outbox_bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64
+                   ",\"rss_kb\":%ld}",
                    e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
     publish_direct(e, e->topic_metrics, &b, false);
@@ -1182,8 +1182,9 @@ int smp_engine_start(smp_engine_t *e)
             uv_timer_start(&d->groups[g].timer, on_group_timer, first, d->groups[g].interval_ms);
         }
     }
-    uint64_t mi = (uint64_t)(e->cfg->gateway.metrics_interval_s ? e->cfg->gateway.metrics_interval_s
-                                                                : 60) * 1000u;
+    uint64_t mi =
+        (uint64_t)(e->cfg->gateway.metrics_interval_s ? e->cfg->gateway.metrics_interval_s : 60) *
+        1000u;
     uv_timer_start(&e->metrics_timer, on_metrics_timer, mi, mi);
     smp_bridge_subscribe(e->bridge, e->topic_cmd_sub, 1);
     int rc = smp_bridge_start(e->bridge);

@@ -44,14 +44,14 @@ struct job {
     smp_reading_t rb;
     char *rb_str;
     bool started;
-    void *cmd; /* the command this job serves (command.c); NULL for polls */
+    void *cmd;                 /* the command this job serves (command.c); NULL for polls */
     uint64_t deadline_wall_ms; /* commands with ttl_ms: not started after this => expired */
     /* result */
     int status;
     char errmsg[ERRMSG_LEN];
     uint64_t done_wall_ms;
 };
-#define JOB_ERR(j, k) ((j)->errs + (size_t)(k) * ERRMSG_LEN)
+#define JOB_ERR(j, k) ((j)->errs + (size_t)(k)*ERRMSG_LEN)
 
 struct group {
     struct device *dev;

@@ -339,16 +339,34 @@ static bool read_string(scanner_t *sc, char *buf, size_t cap, size_t *n, bool *t
         }
         const char *simple = NULL;
         switch (c) {
-        case '"': simple = "\""; break;
-        case '\\': simple = "\\"; break;
-        case '/': simple = "/"; break;
-        case 'b': simple = "\b"; break;
-        case 'f': simple = "\f"; break;
-        case 'n': simple = "\n"; break;
-        case 'r': simple = "\r"; break;
-        case 't': simple = "\t"; break;
-        case 'u': break;
-        default: return fail(sc);
+        case '"':
+            simple = "\"";
+            break;
+        case '\\':
+            simple = "\\";
+            break;
+        case '/':
+            simple = "/";
+            break;
+        case 'b':
+            simple = "\b";
+            break;
+        case 'f':
+            simple = "\f";
+            break;
+        case 'n':
+            simple = "\n";
+            break;
+        case 'r':
+            simple = "\r";
+            break;
+        case 't':
+            simple = "\t";
+            break;
+        case 'u':
+            break;
+        default:
+            return fail(sc);
         }
         adv(sc);
         if (simple != NULL) {
@@ -615,13 +633,27 @@ static bool parse_value(scanner_t *sc)
     bool ok;
     sc->depth++;
     switch (c) {
-    case '{': ok = parse_object(sc); break;
-    case '[': ok = parse_array(sc); break;
-    case '"': ok = read_string(sc, NULL, 0, NULL, NULL); break;
-    case 't': ok = read_literal(sc, "true"); break;
-    case 'f': ok = read_literal(sc, "false"); break;
-    case 'n': ok = read_literal(sc, "null"); break;
-    default: ok = (c == '-' || is_digit(c)) ? read_number(sc) : fail(sc); break;
+    case '{':
+        ok = parse_object(sc);
+        break;
+    case '[':
+        ok = parse_array(sc);
+        break;
+    case '"':
+        ok = read_string(sc, NULL, 0, NULL, NULL);
+        break;
+    case 't':
+        ok = read_literal(sc, "true");
+        break;
+    case 'f':
+        ok = read_literal(sc, "false");
+        break;
+    case 'n':
+        ok = read_literal(sc, "null");
+        break;
+    default:
+        ok = (c == '-' || is_digit(c)) ? read_number(sc) : fail(sc);
+        break;
     }
     sc->depth--;
     return ok;

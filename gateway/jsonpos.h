@@ -28,7 +28,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SMP_JSONPOS_MAX_PATH 1024
+#define SMP_JSONPOS_MAX_PATH  1024
 #define SMP_JSONPOS_MAX_DEPTH 64
 
 typedef struct smp_jsonpos_loc {

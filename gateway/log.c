@@ -34,9 +34,8 @@ void smp__vlog(int level, const char *scope, const char *fmt, va_list ap)
     gettimeofday(&tv, NULL);
     gmtime_r(&tv.tv_sec, &tm);
     int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ %-5s ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, (int)(tv.tv_usec / 1000),
-                     level >= 0 && level < 4 ? level_names[level] : "?");
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     (int)(tv.tv_usec / 1000), level >= 0 && level < 4 ? level_names[level] : "?");
     if (scope != NULL && n < (int)sizeof line) {
         n += snprintf(line + n, sizeof line - (size_t)n, "[%s] ", scope);
     }

@@ -15,15 +15,15 @@ void smp__log(int level, const char *scope, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void smp__vlog(int level, const char *scope, const char *fmt, va_list ap);
 
-#define SMP_LOG(level, scope, ...)                                                                \
-    do {                                                                                          \
-        if ((level) <= smp__log_level) {                                                          \
-            smp__log((level), (scope), __VA_ARGS__);                                              \
-        }                                                                                         \
+#define SMP_LOG(level, scope, ...)                                                                 \
+    do {                                                                                           \
+        if ((level) <= smp__log_level) {                                                           \
+            smp__log((level), (scope), __VA_ARGS__);                                               \
+        }                                                                                          \
     } while (0)
-#define LOG_ERR(scope, ...) SMP_LOG(SMP_LOG_ERROR, scope, __VA_ARGS__)
-#define LOG_WARN(scope, ...) SMP_LOG(SMP_LOG_WARN, scope, __VA_ARGS__)
-#define LOG_INFO(scope, ...) SMP_LOG(SMP_LOG_INFO, scope, __VA_ARGS__)
+#define LOG_ERR(scope, ...)   SMP_LOG(SMP_LOG_ERROR, scope, __VA_ARGS__)
+#define LOG_WARN(scope, ...)  SMP_LOG(SMP_LOG_WARN, scope, __VA_ARGS__)
+#define LOG_INFO(scope, ...)  SMP_LOG(SMP_LOG_INFO, scope, __VA_ARGS__)
 #define LOG_DEBUG(scope, ...) SMP_LOG(SMP_LOG_DEBUG, scope, __VA_ARGS__)
 
 #endif

@@ -19,23 +19,24 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "Usage: simpul -c FILE [--check] [--log-level LEVEL] [--plugin-dir DIR]\n"
-            "       simpul --version | --help\n"
-            "\n"
-            "Edge gateway: polls field devices (Modbus TCP/RTU) and bridges them to MQTT.\n"
-            "\n"
-            "  -c, --config FILE      the JSON config file (see docs/config.md)\n"
-            "      --check            validate FILE and every plugin's part of it; print each\n"
-            "                         problem as FILE:LINE:COL: path.to.key: message;\n"
-            "                         exit 0 when valid, 1 when not\n"
-            "  -l, --log-level LEVEL  error | warn | info | debug (overrides gateway.log_level)\n"
-            "      --plugin-dir DIR   where protocol plugins (NAME.so) are found\n"
-            "  -V, --version          print the version and exit\n"
-            "  -h, --help             print this help and exit\n"
-            "\n"
-            "Signals: SIGTERM/SIGINT stop gracefully (offline status published, store flushed);\n"
-            "SIGHUP reloads the config (a bad new config is rejected, the old one keeps running).\n");
+    fprintf(
+        f,
+        "Usage: simpul -c FILE [--check] [--log-level LEVEL] [--plugin-dir DIR]\n"
+        "       simpul --version | --help\n"
+        "\n"
+        "Edge gateway: polls field devices (Modbus TCP/RTU) and bridges them to MQTT.\n"
+        "\n"
+        "  -c, --config FILE      the JSON config file (see docs/config.md)\n"
+        "      --check            validate FILE and every plugin's part of it; print each\n"
+        "                         problem as FILE:LINE:COL: path.to.key: message;\n"
+        "                         exit 0 when valid, 1 when not\n"
+        "  -l, --log-level LEVEL  error | warn | info | debug (overrides gateway.log_level)\n"
+        "      --plugin-dir DIR   where protocol plugins (NAME.so) are found\n"
+        "  -V, --version          print the version and exit\n"
+        "  -h, --help             print this help and exit\n"
+        "\n"
+        "Signals: SIGTERM/SIGINT stop gracefully (offline status published, store flushed);\n"
+        "SIGHUP reloads the config (a bad new config is rejected, the old one keeps running).\n");
 }
 
 struct app {
@@ -98,7 +99,8 @@ static void on_hup(uv_signal_t *s, int signum)
         LOG_ERR("main", "reload rejected, %d problem(s); the running config stays:", n);
         if (buf != NULL) {
             char *save = NULL;
-            for (char *line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+            for (char *line = strtok_r(buf, "\n", &save); line;
+                 line = strtok_r(NULL, "\n", &save)) {
                 LOG_ERR("main", "%s", line);
             }
         }
@@ -157,7 +159,8 @@ int main(int argc, char **argv)
         case 'l':
             a.cli_log_level = smp_log_level_parse(optarg);
             if (a.cli_log_level < 0) {
-                fprintf(stderr, "simpul: --log-level: '%s' is not one of error, warn, info, debug\n",
+                fprintf(stderr,
+                        "simpul: --log-level: '%s' is not one of error, warn, info, debug\n",
                         optarg);
                 return 2;
             }

@@ -29,9 +29,9 @@
 
 /* Bounds on what a sane plugin declares; they keep a corrupt or unterminated table from
  * sending the host on a long walk through the plugin's memory. */
-#define MAX_KEYS 64
+#define MAX_KEYS    64
 #define MAX_CHOICES 64
-#define MAX_NAME 64
+#define MAX_NAME    64
 
 /* The v1 members the host uses: everything before `reserved`. */
 #define V1_NEEDED_SIZE offsetof(smp_plugin_t, reserved)
@@ -171,9 +171,15 @@ static bool default_ok(const smp_config_key_t *k, const char **why)
     }
     *why = "does not match the key's type";
     switch (k->type) {
-    case SMP_KEY_STRING: ok = json_is_string(j); break;
-    case SMP_KEY_NUMBER: ok = json_is_number(j); break;
-    case SMP_KEY_BOOL: ok = json_is_boolean(j); break;
+    case SMP_KEY_STRING:
+        ok = json_is_string(j);
+        break;
+    case SMP_KEY_NUMBER:
+        ok = json_is_number(j);
+        break;
+    case SMP_KEY_BOOL:
+        ok = json_is_boolean(j);
+        break;
     case SMP_KEY_INT:
         ok = json_is_integer(j);
         if (ok && (json_integer_value(j) < k->min || json_integer_value(j) > k->max)) {

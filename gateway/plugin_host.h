@@ -26,8 +26,8 @@ smp_plugin_set_t *smp_plugin_set_new(const char *plugin_dir);
  * and writes a one-line reason (e.g. "modbus.so: plugin ABI version 2, this simpul supports ABI
  * version 1") into err. `protocol` must match [a-z0-9_]+ (it becomes a file name). The first
  * directory of the search order that holds "P.so" decides; a broken plugin there is an error. */
-const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *protocol,
-                                            char *err, size_t errlen);
+const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *protocol, char *err,
+                                            size_t errlen);
 /* Registers a descriptor without dlopen (unit tests). The descriptor is checked like a loaded
  * one. Returns 0 or a negative code with the reason in err. */
 int smp_plugin_set_add_static(smp_plugin_set_t *set, const smp_plugin_t *desc, char *err,

@@ -28,23 +28,23 @@
 
 #include "log.h"
 
-#define SCOPE "store"
+#define SCOPE          "store"
 #define SCHEMA_VERSION 1
 
 /* Tunables. Plain statics rather than options: nothing outside needs to change them, and the
  * unit tests (which #include this file) can shorten the timers. */
-static size_t batch_max_ops = 10000;     /* ops per transaction: bounds commit latency and WAL */
-static uint64_t idle_tick_ms = 1000;     /* idle wake-up for pruning and checkpoints */
+static size_t batch_max_ops = 10000;      /* ops per transaction: bounds commit latency and WAL */
+static uint64_t idle_tick_ms = 1000;      /* idle wake-up for pruning and checkpoints */
 static uint64_t prune_interval_ms = 1000; /* at most one prune per interval, unless behind */
-static uint64_t prune_backlog_ms = 20;   /* wake-up while old history rows remain */
-static int prune_chunk = 1000;           /* rows per prune: a bounded, short delete */
-static int64_t cmd_result_keep_ms = 24 * 3600000LL;  /* far beyond the 10 min dedup window */
-static int64_t audit_keep_ms = 90 * 24 * 3600000LL;  /* the audit trail outlives history */
-static int busy_timeout_ms = 5000;       /* another process (sqlite3 CLI) holding a lock */
-static int close_apply_rounds = 32;      /* callbacks that queue more work during close */
+static uint64_t prune_backlog_ms = 20;    /* wake-up while old history rows remain */
+static int prune_chunk = 1000;            /* rows per prune: a bounded, short delete */
+static int64_t cmd_result_keep_ms = 24 * 3600000LL; /* far beyond the 10 min dedup window */
+static int64_t audit_keep_ms = 90 * 24 * 3600000LL; /* the audit trail outlives history */
+static int busy_timeout_ms = 5000;  /* another process (sqlite3 CLI) holding a lock */
+static int close_apply_rounds = 32; /* callbacks that queue more work during close */
 static int64_t journal_size_limit = 64 * 1024 * 1024; /* WAL truncated to this after reset */
 static int wal_autocheckpoint_pages = 1000;
-static int cache_kib = 16384;           /* page cache: the hot leaf of every tag fits */
+static int cache_kib = 16384; /* page cache: the hot leaf of every tag fits */
 
 enum op_kind {
     OP_PUT_VALUE,
@@ -60,14 +60,14 @@ enum op_kind {
 typedef struct op {
     struct op *next;
     enum op_kind kind;
-    int status;         /* 0, or a negative code (preset for invalid arguments) */
-    int64_t id;         /* add: assigned row id; ack: row to delete; fetch: after_id */
-    int64_t ts_ms;      /* put, cmd_put: time; history: from_ms; audit: received_ms */
-    int64_t to_ms;      /* history: to_ms; audit: latency_us */
-    uint64_t seq;       /* add */
-    size_t max;         /* fetch: max rows; history: limit */
-    const char *device; /* put, add, history, cmd_put, audit (may be NULL) */
-    const char *name;   /* put: tag; add: topic; history: tag; cmd_put, audit: command id */
+    int status;             /* 0, or a negative code (preset for invalid arguments) */
+    int64_t id;             /* add: assigned row id; ack: row to delete; fetch: after_id */
+    int64_t ts_ms;          /* put, cmd_put: time; history: from_ms; audit: received_ms */
+    int64_t to_ms;          /* history: to_ms; audit: latency_us */
+    uint64_t seq;           /* add */
+    size_t max;             /* fetch: max rows; history: limit */
+    const char *device;     /* put, add, history, cmd_put, audit (may be NULL) */
+    const char *name;       /* put: tag; add: topic; history: tag; cmd_put, audit: command id */
     const char *value_json; /* put; cmd_put: result (may be NULL); audit */
     const char *aux[4];     /* audit: op, tag, code, message (each may be NULL) */
     const void *payload;    /* add */
@@ -120,7 +120,8 @@ static const char *const stmt_sql[ST_COUNT] = {
     [ST_PUT_HIST] = "INSERT INTO history(device, tag, ts_ms, value_json) VALUES(?1, ?2, ?3, ?4)",
     [ST_SEQ_SET] = "INSERT INTO device_seq(device, seq) VALUES(?1, ?2)"
                    " ON CONFLICT(device) DO UPDATE SET seq = excluded.seq",
-    [ST_OB_ADD] = "INSERT INTO outbox(device, seq, topic, payload, ts_ms) VALUES(?1, ?2, ?3, ?4, ?5)",
+    [ST_OB_ADD] =
+        "INSERT INTO outbox(device, seq, topic, payload, ts_ms) VALUES(?1, ?2, ?3, ?4, ?5)",
     [ST_OB_ACK] = "DELETE FROM outbox WHERE id = ?1 RETURNING length(payload)",
     [ST_OB_FETCH] = "SELECT id, device, seq, topic, payload FROM outbox WHERE id > ?1"
                     " ORDER BY id LIMIT ?2",
@@ -199,10 +200,10 @@ struct smp_store {
 
     /* Writer state: used under db_mu (the writer, and the start-up reads that may log an
      * error), or by open/close while the writer is not running. */
-    int64_t ob_rows, ob_bytes;                   /* committed outbox totals */
-    int64_t tx_rows, tx_bytes, tx_dropped;       /* changes by the open transaction */
-    uint64_t ob_dropped;                         /* since start */
-    bool ob_full;                                /* in an "outbox full" episode */
+    int64_t ob_rows, ob_bytes;             /* committed outbox totals */
+    int64_t tx_rows, tx_bytes, tx_dropped; /* changes by the open transaction */
+    uint64_t ob_dropped;                   /* since start */
+    bool ob_full;                          /* in an "outbox full" episode */
     uint64_t ob_episode_dropped;
     bool err_episode;
     int err_code;
@@ -780,7 +781,8 @@ static int read_fetch(smp_store_t *st, op_t *o)
             err = -ENOMEM; /* SQLite could not materialise the blob */
             break;
         }
-        if ((err = col_text(s, 1, &b, &r->dev)) != 0 || (err = col_text(s, 3, &b, &r->topic)) != 0 ||
+        if ((err = col_text(s, 1, &b, &r->dev)) != 0 ||
+            (err = col_text(s, 3, &b, &r->topic)) != 0 ||
             (err = rbuf_add(&b, blob, blob != NULL ? r->len : 0, false, &r->pay)) != 0) {
             break;
         }
@@ -912,8 +914,7 @@ static void prune_old(smp_store_t *st)
     int changed = 0;
     int rc = tx_begin(st);
     if (rc == 0 && st->retention_ms > 0) {
-        rc = prune_one(st, ST_HIST_PRUNE, now - st->retention_ms, &more, &changed,
-                       "history prune");
+        rc = prune_one(st, ST_HIST_PRUNE, now - st->retention_ms, &more, &changed, "history prune");
     }
     if (rc == 0) {
         rc = prune_one(st, ST_CMD_PRUNE, now - cmd_result_keep_ms, &more, &changed,
@@ -1215,8 +1216,8 @@ static void checkpointer_main(void *arg)
         st->ckpt_dirty = false;
         uv_mutex_unlock(&st->ckpt_mu);
         /* PASSIVE: copies what no reader still needs and never blocks the writer. */
-        int rc = sqlite3_wal_checkpoint_v2(st->ckpt_db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL,
-                                           NULL);
+        int rc =
+            sqlite3_wal_checkpoint_v2(st->ckpt_db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
         if (rc != SQLITE_OK && rc != SQLITE_BUSY && rc != SQLITE_LOCKED) {
             LOG_WARN(SCOPE, "checkpoint: %s", sqlite3_errstr(rc));
         }
@@ -1338,8 +1339,8 @@ static int try_open(smp_store_t *st, const char *path)
 {
     const char *why = "open";
     char text[256];
-    int rc = sqlite3_open_v2(path, &st->db,
-                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+    int rc = sqlite3_open_v2(
+        path, &st->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc == SQLITE_OK) {
         /* Until the file has passed every check, keep SQLite from deleting its -wal when we
          * close it: a bad database is moved aside together with its WAL, as evidence. (The
@@ -1357,7 +1358,8 @@ static int try_open(smp_store_t *st, const char *path)
         why = "journal mode";
         rc = query_text(st, "PRAGMA journal_mode = WAL", text, sizeof text);
     }
-    if (rc == SQLITE_OK && strcmp(text, "wal") != 0 && !(st->in_memory && strcmp(text, "memory") == 0)) {
+    if (rc == SQLITE_OK && strcmp(text, "wal") != 0 &&
+        !(st->in_memory && strcmp(text, "memory") == 0)) {
         LOG_WARN(SCOPE, "%s: cannot switch to WAL mode (journal mode is '%s')", path, text);
         db_close(st);
         return -EIO;
@@ -1513,8 +1515,8 @@ static int open_db(smp_store_t *st)
     } else if (access(st->path, F_OK) != 0) {
         LOG_ERR(SCOPE, "cannot create %s (%s)", st->path, strerror(-rc));
     } else {
-        LOG_ERR(SCOPE, "cannot use %s (%s): moving it aside and starting a new database",
-                st->path, strerror(-rc));
+        LOG_ERR(SCOPE, "cannot use %s (%s): moving it aside and starting a new database", st->path,
+                strerror(-rc));
         if (move_aside(st->path) == 0) {
             rc = try_open(st, st->path);
             if (rc == 0) {
@@ -1585,8 +1587,8 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
         return -ENOMEM;
     }
     st->loop = loop;
-    st->retention_ms = opts->history_retention_h > 0 ? (int64_t)opts->history_retention_h * 3600000
-                                                     : 0;
+    st->retention_ms =
+        opts->history_retention_h > 0 ? (int64_t)opts->history_retention_h * 3600000 : 0;
     st->outbox_max = opts->outbox_max_bytes > 0 ? opts->outbox_max_bytes : 0;
     if (uv_mutex_init(&st->mu) != 0) {
         free(st->path);
@@ -1878,8 +1880,8 @@ void smp_store_history(smp_store_t *st, const char *device, const char *tag, int
     if (cb == NULL) {
         return;
     }
-    op_t *o = st != NULL ? op_new(OP_HISTORY, (const char *[OP_NSTRS]){device, tag}, NULL, 0)
-                         : NULL;
+    op_t *o =
+        st != NULL ? op_new(OP_HISTORY, (const char *[OP_NSTRS]){device, tag}, NULL, 0) : NULL;
     if (o == NULL) {
         cb(arg, st == NULL ? -EINVAL : -ENOMEM, NULL, 0);
         return;
@@ -1908,8 +1910,8 @@ void smp_store_stats(smp_store_t *st, smp_store_stats_t *out)
     uv_mutex_unlock(&st->done_mu);
 }
 
-void smp_store_cmd_put(smp_store_t *st, const char *device, const char *id,
-                       const char *result_json, int64_t ts_ms, smp_store_added_cb cb, void *arg)
+void smp_store_cmd_put(smp_store_t *st, const char *device, const char *id, const char *result_json,
+                       int64_t ts_ms, smp_store_added_cb cb, void *arg)
 {
     bool bad = st == NULL || device == NULL || id == NULL;
     op_t *o = st != NULL
@@ -1968,8 +1970,8 @@ int smp_store_load_cmds(smp_store_t *st, int64_t since_ms, smp_store_cmd_cb cb, 
     uv_mutex_unlock(&st->db_mu);
     /* Called back without the lock: the callback may queue operations (cmd_put). */
     for (size_t k = 0; err == 0 && k < n; k++) {
-        cb(arg, b.p + tmp[k].dev, b.p + tmp[k].id,
-           tmp[k].res != SIZE_MAX ? b.p + tmp[k].res : NULL, tmp[k].ts);
+        cb(arg, b.p + tmp[k].dev, b.p + tmp[k].id, tmp[k].res != SIZE_MAX ? b.p + tmp[k].res : NULL,
+           tmp[k].ts);
     }
     free(tmp);
     free(b.p);

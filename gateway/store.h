@@ -26,8 +26,8 @@
 typedef struct smp_store smp_store_t;
 
 typedef struct smp_store_opts {
-    const char *path;        /* database file; ":memory:" allowed (tests) */
-    int history_retention_h; /* history rows older than this are pruned, a little at a time */
+    const char *path;         /* database file; ":memory:" allowed (tests) */
+    int history_retention_h;  /* history rows older than this are pruned, a little at a time */
     int64_t outbox_max_bytes; /* when the outbox exceeds this, the oldest rows are dropped */
 } smp_store_opts_t;
 
@@ -74,10 +74,9 @@ typedef struct smp_outbox_row {
     const void *payload;
     size_t len;
 } smp_outbox_row_t;
-typedef void (*smp_store_fetch_cb)(void *arg, int status, const smp_outbox_row_t *rows,
-                                   size_t n);
-void smp_store_outbox_fetch(smp_store_t *st, int64_t after_id, size_t max,
-                            smp_store_fetch_cb cb, void *arg);
+typedef void (*smp_store_fetch_cb)(void *arg, int status, const smp_outbox_row_t *rows, size_t n);
+void smp_store_outbox_fetch(smp_store_t *st, int64_t after_id, size_t max, smp_store_fetch_cb cb,
+                            void *arg);
 
 /* Counters, read on the loop thread (updated by the writer; approximate is fine). */
 typedef struct smp_store_stats {
@@ -107,8 +106,8 @@ void smp_store_history(smp_store_t *st, const char *device, const char *tag, int
 #define SMP_STORE_CMD_API
 /* Records that command (device, id) was accepted and is about to run (result_json NULL) or its
  * final result. cb runs after the commit, before which the caller must not act on it. */
-void smp_store_cmd_put(smp_store_t *st, const char *device, const char *id,
-                       const char *result_json, int64_t ts_ms, smp_store_added_cb cb, void *arg);
+void smp_store_cmd_put(smp_store_t *st, const char *device, const char *id, const char *result_json,
+                       int64_t ts_ms, smp_store_added_cb cb, void *arg);
 /* Start-up: calls cb for every command recorded at or after since_ms (result_json NULL for a
  * command that was still running when the gateway stopped). */
 typedef void (*smp_store_cmd_cb)(void *arg, const char *device, const char *id,

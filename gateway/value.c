@@ -279,21 +279,33 @@ int smp_eval_from_json(const smp_tag_cfg_t *tag, const char *text, smp_eval_t *o
             if (c == '\\' && k + 2 < len) {
                 char e = text[++k];
                 switch (e) {
-                case 'n': c = '\n'; break;
-                case 't': c = '\t'; break;
-                case 'r': c = '\r'; break;
-                case 'b': c = '\b'; break;
-                case 'f': c = '\f'; break;
+                case 'n':
+                    c = '\n';
+                    break;
+                case 't':
+                    c = '\t';
+                    break;
+                case 'r':
+                    c = '\r';
+                    break;
+                case 'b':
+                    c = '\b';
+                    break;
+                case 'f':
+                    c = '\f';
+                    break;
                 case 'u':
                     if (k + 4 < len) {
-                        unsigned cp = (unsigned)strtoul((char[5]){text[k + 1], text[k + 2],
-                                                                  text[k + 3], text[k + 4], 0},
-                                                        NULL, 16);
+                        unsigned cp = (unsigned)strtoul(
+                            (char[5]){text[k + 1], text[k + 2], text[k + 3], text[k + 4], 0}, NULL,
+                            16);
                         k += 4;
                         c = cp < 0x80 ? (char)cp : '?';
                     }
                     break;
-                default: c = e; break;
+                default:
+                    c = e;
+                    break;
                 }
             }
             s[o++] = c;

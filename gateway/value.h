@@ -20,11 +20,11 @@
 typedef enum smp_eval_kind {
     SMP_EV_NONE = 0,
     SMP_EV_BOOL,
-    SMP_EV_INT,    /* i */
-    SMP_EV_UINT,   /* u */
+    SMP_EV_INT,     /* i */
+    SMP_EV_UINT,    /* u */
     SMP_EV_FLOAT32, /* d holds a float32 value exactly */
-    SMP_EV_DOUBLE, /* d */
-    SMP_EV_STRING, /* s (owned, NUL-terminated, valid UTF-8) */
+    SMP_EV_DOUBLE,  /* d */
+    SMP_EV_STRING,  /* s (owned, NUL-terminated, valid UTF-8) */
 } smp_eval_kind_t;
 
 typedef struct smp_eval {

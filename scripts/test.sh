@@ -72,6 +72,14 @@ if [ $quick -eq 0 ]; then
   fi
 fi
 
+# Format (style.md): every C file as clang-format (Debian 12's, 14) would write it.
+if git ls-files '*.c' '*.h' | xargs clang-format --dry-run --Werror >format.log 2>&1; then
+  echo "=== clang-format: OK"
+else
+  head -30 format.log
+  failed_suites+=("clang-format"); total_fail=$((total_fail + 1))
+fi
+
 if [ ${#failed_suites[@]} -gt 0 ]; then
   echo "FAILED: ${failed_suites[*]}"
 fi

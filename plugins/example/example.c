@@ -40,7 +40,7 @@
 #endif
 
 #define COUNTER_WRAP 10000 /* a counter runs 0..9999, so it fits every integer type */
-#define EXAMPLE_PI 3.14159265358979323846
+#define EXAMPLE_PI   3.14159265358979323846
 
 /* Set once by the entry point; the host keeps the table valid until the plugin is unloaded. */
 static const smp_host_api_t *host;
@@ -255,7 +255,9 @@ static void current(const example_dev_t *d, uint32_t i, smp_value_t *v)
 {
     const smp_tag_t *t = &d->tags[i];
     switch (t->params[TAG_SIGNAL].i) {
-    case SIG_COUNTER: put_number(t->type, (double)d->counter[i], v); break;
+    case SIG_COUNTER:
+        put_number(t->type, (double)d->counter[i], v);
+        break;
     case SIG_SINE: {
         /* Wall time, so every gateway shows the same phase: handy when comparing two. */
         uint64_t period_ms = (uint64_t)t->params[TAG_PERIOD_S].i * 1000u;
@@ -290,9 +292,14 @@ static int device_read(void *dv, const uint32_t *idx, size_t n, smp_reading_t *o
         current(d, i, &out[k].value);
         /* Advance after reading, so the first read shows 0 / false. */
         switch (d->tags[i].params[TAG_SIGNAL].i) {
-        case SIG_COUNTER: d->counter[i] = (d->counter[i] + 1) % COUNTER_WRAP; break;
-        case SIG_TOGGLE: d->counter[i] = !d->counter[i]; break;
-        default: break;
+        case SIG_COUNTER:
+            d->counter[i] = (d->counter[i] + 1) % COUNTER_WRAP;
+            break;
+        case SIG_TOGGLE:
+            d->counter[i] = !d->counter[i];
+            break;
+        default:
+            break;
         }
     }
     return 1;
@@ -328,8 +335,12 @@ static int device_write(void *dv, uint32_t idx, const smp_value_t *in, smp_readi
         d->counter[idx] = (int64_t)x;
         break;
     }
-    case SIG_TOGGLE: d->counter[idx] = in->v.b; break;
-    default: *message = "a sine is read-only"; return SMP_EDEVICE;
+    case SIG_TOGGLE:
+        d->counter[idx] = in->v.b;
+        break;
+    default:
+        *message = "a sine is read-only";
+        return SMP_EDEVICE;
     }
     readback->status = 0;
     readback->message = NULL;

@@ -74,13 +74,13 @@ static const char *const order_choices[] = {"ABCD", "BADC", "CDAB", "DCBA", NULL
 /* Defaults the driver applies itself. The keys that belong to one transport only carry no
  * default in the tables: the host marks a key with a default as `set`, and check_connection
  * must tell a key the integrator wrote from one the host filled in. */
-#define DEFAULT_PORT 502
-#define DEFAULT_BAUD 9600
-#define DEFAULT_DATA_BITS 8
-#define DEFAULT_STOP_BITS 1
-#define DEFAULT_UNIT_ID 1
+#define DEFAULT_PORT       502
+#define DEFAULT_BAUD       9600
+#define DEFAULT_DATA_BITS  8
+#define DEFAULT_STOP_BITS  1
+#define DEFAULT_UNIT_ID    1
 #define DEFAULT_TIMEOUT_MS 1000
-#define DEFAULT_MAX_GAP 8
+#define DEFAULT_MAX_GAP    8
 
 static const smp_config_key_t conn_keys[CK_COUNT + 1] = {
     [CK_TRANSPORT] = {"transport", SMP_KEY_ENUM, true, 0, 0, transport_choices, NULL,

@@ -61,8 +61,8 @@ static void on_idle(uv_idle_t *h)
     size_t end = b->queued + b->chunk < b->ops ? b->queued + b->chunk : b->ops;
     for (; b->queued < end; b->queued++) {
         if (b->mode == MODE_ADD) {
-            smp_store_outbox_add(b->st, "pump-01", b->queued + 1, "simpul/gw/pump-01/data",
-                                 payload, sizeof payload - 1, on_added, b);
+            smp_store_outbox_add(b->st, "pump-01", b->queued + 1, "simpul/gw/pump-01/data", payload,
+                                 sizeof payload - 1, on_added, b);
         } else {
             snprintf(tag, sizeof tag, "tag%zu", b->queued % 500);
             snprintf(value, sizeof value, "%zu.5", b->queued);
@@ -105,9 +105,8 @@ static int run(uv_loop_t *loop, smp_store_t *st, enum mode mode, size_t ops, siz
     double secs = (double)(t1 - t0) / 1e9;
     uint64_t commits = s1.commits - s0.commits;
     printf("%-11s %8zu ops in %6.3f s = %9.0f ops/s, %" PRIu64 " commits (%.0f ops/commit)%s\n",
-           mode == MODE_ADD ? "outbox_add" : "put_value", ops, secs, (double)ops / secs,
-           commits, commits ? (double)ops / (double)commits : 0.0,
-           b.failures ? " FAILURES" : "");
+           mode == MODE_ADD ? "outbox_add" : "put_value", ops, secs, (double)ops / secs, commits,
+           commits ? (double)ops / (double)commits : 0.0, b.failures ? " FAILURES" : "");
     return b.failures ? 1 : 0;
 }
 
@@ -133,8 +132,8 @@ int main(int argc, char **argv)
     snprintf(path, sizeof path, "%s/bench.db", dir);
     uv_loop_t loop;
     uv_loop_init(&loop);
-    smp_store_opts_t opts = {.path = path, .history_retention_h = 168,
-                             .outbox_max_bytes = (int64_t)1 << 30};
+    smp_store_opts_t opts = {
+        .path = path, .history_retention_h = 168, .outbox_max_bytes = (int64_t)1 << 30};
     smp_store_t *st = NULL;
     int rc = smp_store_open(&loop, &opts, &st);
     if (rc != 0) {

@@ -18,10 +18,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
     }
     if (rc == 0 && c.op == SMP_CMD_WRITE) {
-        static const smp_type_t types[] = {SMP_TYPE_BOOL,   SMP_TYPE_INT16,   SMP_TYPE_UINT16,
-                                           SMP_TYPE_INT32,  SMP_TYPE_UINT32,  SMP_TYPE_INT64,
-                                           SMP_TYPE_UINT64, SMP_TYPE_FLOAT32, SMP_TYPE_FLOAT64,
-                                           SMP_TYPE_STRING};
+        static const smp_type_t types[] = {
+            SMP_TYPE_BOOL,  SMP_TYPE_INT16,  SMP_TYPE_UINT16,  SMP_TYPE_INT32,   SMP_TYPE_UINT32,
+            SMP_TYPE_INT64, SMP_TYPE_UINT64, SMP_TYPE_FLOAT32, SMP_TYPE_FLOAT64, SMP_TYPE_STRING};
         for (size_t k = 0; k < sizeof types / sizeof types[0]; k++) {
             smp_tag_cfg_t tag;
             memset(&tag, 0, sizeof tag);

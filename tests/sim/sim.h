@@ -16,7 +16,7 @@
 #include <modbus/modbus.h>
 
 /* Unit ids: pumps are 1..SIM_MAX_PUMPS, lights start at SIM_LIGHT_BASE + 1. */
-#define SIM_MAX_PUMPS 10
+#define SIM_MAX_PUMPS  10
 #define SIM_LIGHT_BASE 10
 #define SIM_MAX_LIGHTS 237 /* units 11..247: 247 is the highest Modbus unit id */
 
@@ -36,63 +36,63 @@ typedef enum sim_kind {
 /* ---- Register map (docs/simulator.md) ---- */
 
 /* Common to every unit. */
-#define SIM_IR_COUNT 32 /* input registers 0..31 exist; unlisted ones read 0 */
-#define SIM_HR_START 10 /* holding registers start at 10; 0..9 are illegal addresses */
-#define SIM_IR_NAME 20  /* string, 8 registers = 16 characters, NUL padded */
-#define SIM_NAME_REGS 8
+#define SIM_IR_COUNT     32 /* input registers 0..31 exist; unlisted ones read 0 */
+#define SIM_HR_START     10 /* holding registers start at 10; 0..9 are illegal addresses */
+#define SIM_IR_NAME      20 /* string, 8 registers = 16 characters, NUL padded */
+#define SIM_NAME_REGS    8
 #define SIM_IR_HEARTBEAT 30 /* uint32 ABCD, 30..31 */
 
 /* Pump. */
-#define SIM_PUMP_COIL_RUNNING 0
+#define SIM_PUMP_COIL_RUNNING     0
 #define SIM_PUMP_COIL_FAULT_RESET 1
-#define SIM_PUMP_NB_COILS 2
-#define SIM_PUMP_DI_FAULT 0
-#define SIM_PUMP_DI_AT_SPEED 1
-#define SIM_PUMP_DI_LOW_FLOW 2
-#define SIM_PUMP_NB_DI 3
-#define SIM_PUMP_HR_SPEED_SP 10 /* uint16 rpm, 0..3000 */
-#define SIM_PUMP_HR_RAMP_S 11   /* uint16 s, 1..60 */
-#define SIM_PUMP_HR_LOW_FLOW 12 /* float32 CDAB m3/h, 12..13, 0..100 */
-#define SIM_PUMP_NB_HR 4
-#define SIM_PUMP_IR_FLOW 0       /* float32 CDAB m3/h */
-#define SIM_PUMP_IR_PRESSURE 2   /* float32 ABCD bar */
-#define SIM_PUMP_IR_CURRENT 4    /* float32 BADC A */
-#define SIM_PUMP_IR_RPM 6        /* uint16 rpm */
-#define SIM_PUMP_IR_TEMP 7       /* int16 0.1 degC */
-#define SIM_PUMP_IR_FAULT_CODE 8 /* uint16 */
-#define SIM_PUMP_IR_STATUS 9     /* bit 0 motor on, bit 1 remote */
-#define SIM_PUMP_IR_RUN_HOURS 10 /* uint32 ABCD 0.01 h */
-#define SIM_PUMP_IR_ENERGY 12    /* uint32 CDAB 0.1 kWh */
+#define SIM_PUMP_NB_COILS         2
+#define SIM_PUMP_DI_FAULT         0
+#define SIM_PUMP_DI_AT_SPEED      1
+#define SIM_PUMP_DI_LOW_FLOW      2
+#define SIM_PUMP_NB_DI            3
+#define SIM_PUMP_HR_SPEED_SP      10 /* uint16 rpm, 0..3000 */
+#define SIM_PUMP_HR_RAMP_S        11 /* uint16 s, 1..60 */
+#define SIM_PUMP_HR_LOW_FLOW      12 /* float32 CDAB m3/h, 12..13, 0..100 */
+#define SIM_PUMP_NB_HR            4
+#define SIM_PUMP_IR_FLOW          0  /* float32 CDAB m3/h */
+#define SIM_PUMP_IR_PRESSURE      2  /* float32 ABCD bar */
+#define SIM_PUMP_IR_CURRENT       4  /* float32 BADC A */
+#define SIM_PUMP_IR_RPM           6  /* uint16 rpm */
+#define SIM_PUMP_IR_TEMP          7  /* int16 0.1 degC */
+#define SIM_PUMP_IR_FAULT_CODE    8  /* uint16 */
+#define SIM_PUMP_IR_STATUS        9  /* bit 0 motor on, bit 1 remote */
+#define SIM_PUMP_IR_RUN_HOURS     10 /* uint32 ABCD 0.01 h */
+#define SIM_PUMP_IR_ENERGY        12 /* uint32 CDAB 0.1 kWh */
 
-#define SIM_PUMP_SPEED_MAX 3000
-#define SIM_PUMP_RAMP_MIN 1
-#define SIM_PUMP_RAMP_MAX 60
-#define SIM_PUMP_LOW_FLOW_MAX 100.0f
-#define SIM_PUMP_FAULT_OVERTEMP 1
+#define SIM_PUMP_SPEED_MAX        3000
+#define SIM_PUMP_RAMP_MIN         1
+#define SIM_PUMP_RAMP_MAX         60
+#define SIM_PUMP_LOW_FLOW_MAX     100.0f
+#define SIM_PUMP_FAULT_OVERTEMP   1
 
 /* Light. */
-#define SIM_LIGHT_COIL_ON 0
-#define SIM_LIGHT_NB_COILS 1
-#define SIM_LIGHT_DI_FAULT 0
-#define SIM_LIGHT_NB_DI 1
-#define SIM_LIGHT_HR_DIM 10 /* uint16 %, 0..100 */
-#define SIM_LIGHT_NB_HR 1
-#define SIM_LIGHT_IR_POWER 0      /* float32 DCBA W */
-#define SIM_LIGHT_IR_VOLTAGE 2    /* uint16 0.1 V */
-#define SIM_LIGHT_IR_TEMP 3       /* int16 0.1 degC */
+#define SIM_LIGHT_COIL_ON       0
+#define SIM_LIGHT_NB_COILS      1
+#define SIM_LIGHT_DI_FAULT      0
+#define SIM_LIGHT_NB_DI         1
+#define SIM_LIGHT_HR_DIM        10 /* uint16 %, 0..100 */
+#define SIM_LIGHT_NB_HR         1
+#define SIM_LIGHT_IR_POWER      0 /* float32 DCBA W */
+#define SIM_LIGHT_IR_VOLTAGE    2 /* uint16 0.1 V */
+#define SIM_LIGHT_IR_TEMP       3 /* int16 0.1 degC */
 #define SIM_LIGHT_IR_BURN_HOURS 4 /* uint32 ABCD 0.01 h */
 #define SIM_LIGHT_IR_FAULT_CODE 6 /* uint16 */
-#define SIM_LIGHT_IR_STATUS 7     /* bit 0 lit */
+#define SIM_LIGHT_IR_STATUS     7 /* bit 0 lit */
 
-#define SIM_LIGHT_DIM_MAX 100
-#define SIM_LIGHT_FAULT_LAMP 1
+#define SIM_LIGHT_DIM_MAX       100
+#define SIM_LIGHT_FAULT_LAMP    1
 
 /* Modbus exception codes the simulator answers with. */
 #define SIM_EX_ILLEGAL_FUNCTION 0x01
-#define SIM_EX_ILLEGAL_ADDRESS 0x02
-#define SIM_EX_ILLEGAL_VALUE 0x03
-#define SIM_EX_DEVICE_FAILURE 0x04
-#define SIM_EX_GATEWAY_TARGET 0x0B
+#define SIM_EX_ILLEGAL_ADDRESS  0x02
+#define SIM_EX_ILLEGAL_VALUE    0x03
+#define SIM_EX_DEVICE_FAILURE   0x04
+#define SIM_EX_GATEWAY_TARGET   0x0B
 
 /* A small deterministic PRNG (xorshift64*), so that --seed reproduces a run. */
 typedef struct sim_rng {

@@ -30,31 +30,31 @@ typedef enum word_order {
 
 /* Pump model constants. The reference point is 1450 rpm (a 4-pole motor on 50 Hz), where the
  * pump delivers 12.5 m3/h at 2.25 bar and draws 7.5 A. */
-#define PUMP_RPM_REF 1450.0
-#define PUMP_FLOW_REF 12.5          /* m3/h at the reference speed */
-#define PUMP_STATIC_HEAD 0.5        /* bar with no flow: the water column on the outlet */
-#define PUMP_DYN_HEAD 1.75          /* bar added at the reference flow (grows with flow^2) */
-#define PUMP_I_IDLE 2.0             /* A magnetising current */
-#define PUMP_I_LOAD 5.5             /* A of load current at the reference speed (grows with n^3) */
-#define PUMP_T_AMBIENT 30.0         /* degC, Dumai is warm all year */
-#define PUMP_T_PER_AMP (11.5 / 5.5) /* degC of steady-state rise per ampere of load current */
-#define PUMP_T_TAU 60.0             /* s, thermal time constant of the winding */
-#define PUMP_T_TRIP 95.0            /* degC: over-temperature trip */
-#define PUMP_T_RESET 80.0           /* degC: a fault reset is accepted below this */
-#define PUMP_KW_PER_AMP 0.5889      /* sqrt(3) * 0.4 kV * cos(phi) 0.85 */
-#define PUMP_AT_SPEED_BAND 30.0     /* rpm */
-#define PUMP_RAMP_FULL 3000.0       /* ramp_s is the time for 0 -> 3000 rpm */
+#define PUMP_RPM_REF       1450.0
+#define PUMP_FLOW_REF      12.5 /* m3/h at the reference speed */
+#define PUMP_STATIC_HEAD   0.5  /* bar with no flow: the water column on the outlet */
+#define PUMP_DYN_HEAD      1.75 /* bar added at the reference flow (grows with flow^2) */
+#define PUMP_I_IDLE        2.0  /* A magnetising current */
+#define PUMP_I_LOAD        5.5  /* A of load current at the reference speed (grows with n^3) */
+#define PUMP_T_AMBIENT     30.0 /* degC, Dumai is warm all year */
+#define PUMP_T_PER_AMP     (11.5 / 5.5) /* degC of steady-state rise per ampere of load current */
+#define PUMP_T_TAU         60.0         /* s, thermal time constant of the winding */
+#define PUMP_T_TRIP        95.0         /* degC: over-temperature trip */
+#define PUMP_T_RESET       80.0         /* degC: a fault reset is accepted below this */
+#define PUMP_KW_PER_AMP    0.5889       /* sqrt(3) * 0.4 kV * cos(phi) 0.85 */
+#define PUMP_AT_SPEED_BAND 30.0         /* rpm */
+#define PUMP_RAMP_FULL     3000.0       /* ramp_s is the time for 0 -> 3000 rpm */
 
 /* Light model constants: a 120 W LED luminaire with a 0.5 W standby controller. */
-#define LIGHT_P_RATED 120.0
-#define LIGHT_P_STANDBY 0.5
-#define LIGHT_SOFT_START 2.0 /* output fraction per second */
-#define LIGHT_T_AMBIENT 30.0
-#define LIGHT_T_PER_W 0.05
-#define LIGHT_T_TAU 120.0
-#define LIGHT_V_NOMINAL 230.0
-#define LIGHT_FAILING_INDEX 4    /* light-04's lamp fails ... */
-#define LIGHT_FAIL_AFTER_S 120.0 /* ... two minutes into a simulating run */
+#define LIGHT_P_RATED       120.0
+#define LIGHT_P_STANDBY     0.5
+#define LIGHT_SOFT_START    2.0 /* output fraction per second */
+#define LIGHT_T_AMBIENT     30.0
+#define LIGHT_T_PER_W       0.05
+#define LIGHT_T_TAU         120.0
+#define LIGHT_V_NOMINAL     230.0
+#define LIGHT_FAILING_INDEX 4     /* light-04's lamp fails ... */
+#define LIGHT_FAIL_AFTER_S  120.0 /* ... two minutes into a simulating run */
 
 const char *smp__sim_table_name(sim_table_t table)
 {

@@ -36,19 +36,19 @@
 #include <time.h>
 #include <unistd.h>
 
-#define SIM_VERSION "1.0.0"
-#define DEFAULT_PORT 15020
-#define DEFAULT_BIND "127.0.0.1"
-#define DEFAULT_PUMPS 3
+#define SIM_VERSION    "1.0.0"
+#define DEFAULT_PORT   15020
+#define DEFAULT_BIND   "127.0.0.1"
+#define DEFAULT_PUMPS  3
 #define DEFAULT_LIGHTS 8
-#define TICK_NS (100 * 1000000LL)
-#define MAX_DT_S 1.0 /* a stalled process does not make pumps jump */
-#define MAX_CLIENTS 64
-#define MAX_RULES 32
-#define MAX_UNIT 247
-#define MBAP_LEN 7
-#define CLIENT_BUF 1024 /* > one maximal TCP ADU (260), so a frame always fits */
-#define RTU_BUF 512
+#define TICK_NS        (100 * 1000000LL)
+#define MAX_DT_S       1.0 /* a stalled process does not make pumps jump */
+#define MAX_CLIENTS    64
+#define MAX_RULES      32
+#define MAX_UNIT       247
+#define MBAP_LEN       7
+#define CLIENT_BUF     1024 /* > one maximal TCP ADU (260), so a frame always fits */
+#define RTU_BUF        512
 #define RTU_MIN_GAP_NS (20 * 1000000LL)
 
 typedef struct rule {

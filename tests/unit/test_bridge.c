@@ -45,18 +45,18 @@
 
 extern char **environ;
 
-#define MOSQUITTO_BIN "/usr/sbin/mosquitto"
+#define MOSQUITTO_BIN        "/usr/sbin/mosquitto"
 #define MOSQUITTO_PASSWD_BIN "/usr/bin/mosquitto_passwd"
-#define OPENSSL_BIN "/usr/bin/openssl"
-#define TEST_WATCHDOG_S 40
-#define STATUS_TOPIC "simpul/gw1/status"
+#define OPENSSL_BIN          "/usr/bin/openssl"
+#define TEST_WATCHDOG_S      40
+#define STATUS_TOPIC         "simpul/gw1/status"
 
 /* ---- fixture -------------------------------------------------------------------------------- */
 
 typedef struct broker {
     pid_t pid;
     int port;
-    int tls_port;   /* 0: no TLS listener */
+    int tls_port; /* 0: no TLS listener */
     uv_pipe_t *log_pipe;
     char *log;
     size_t log_len;
@@ -123,14 +123,14 @@ static void on_wake(uv_async_t *a)
 }
 
 /* Runs the loop until `cond` holds or `ms` milliseconds pass. The caller asserts afterwards. */
-#define WAIT_UNTIL(cond, ms)                                                                      \
-    do {                                                                                          \
-        fx.deadline_hit = false;                                                                  \
-        uv_timer_start(&fx.deadline, on_deadline, (ms), 0);                                       \
-        while (!(cond) && !fx.deadline_hit) {                                                     \
-            uv_run(&fx.loop, UV_RUN_ONCE);                                                        \
-        }                                                                                         \
-        uv_timer_stop(&fx.deadline);                                                              \
+#define WAIT_UNTIL(cond, ms)                                                                       \
+    do {                                                                                           \
+        fx.deadline_hit = false;                                                                   \
+        uv_timer_start(&fx.deadline, on_deadline, (ms), 0);                                        \
+        while (!(cond) && !fx.deadline_hit) {                                                      \
+            uv_run(&fx.loop, UV_RUN_ONCE);                                                         \
+        }                                                                                          \
+        uv_timer_stop(&fx.deadline);                                                               \
     } while (0)
 
 /* An exposure window: runs the loop for `ms` whatever happens. */
@@ -241,7 +241,7 @@ static int count_in(const char *hay, const char *needle)
 }
 
 typedef struct broker_opts {
-    bool anonymous;           /* default true via broker_start_default */
+    bool anonymous; /* default true via broker_start_default */
     const char *password_file;
     const char *acl_file;
     const char *tls_ca, *tls_cert, *tls_key; /* for the TLS listener (tls_port) */
@@ -875,12 +875,11 @@ static void test_publish_qos1_acked_with_token(void **state)
     obs_subscribe(o, "simpul/gw1/pump-01/#");
     static const unsigned char bin[] = {0x00, 0x01, 'a', 0x00, 0xff, '{'};
     const char *text = "{\"ts\":1,\"seq\":42,\"values\":{\"running\":true}}";
-    assert_int_equal(smp_bridge_publish(b, "simpul/gw1/pump-01/bin", bin, sizeof bin, 1, false,
-                                        42, NULL),
-                     0);
-    assert_int_equal(smp_bridge_publish(b, "simpul/gw1/pump-01/data", text, strlen(text), 1,
-                                        false, 43, NULL),
-                     0);
+    assert_int_equal(
+        smp_bridge_publish(b, "simpul/gw1/pump-01/bin", bin, sizeof bin, 1, false, 42, NULL), 0);
+    assert_int_equal(
+        smp_bridge_publish(b, "simpul/gw1/pump-01/data", text, strlen(text), 1, false, 43, NULL),
+        0);
     assert_int_equal(smp_bridge_publish(b, "simpul/gw1/pump-01/q0", "zero", 4, 0, false, 44, NULL),
                      0);
     assert_true(smp_bridge_inflight(b) >= 2);
@@ -1051,9 +1050,9 @@ static void test_incoming_message_delivered(void **state)
 
     obs_t *o = obs_start(fx.broker.port);
     static const unsigned char cmd[] = "{\"id\":\"c-1\",\"op\":\"read\"}\0tail";
-    assert_int_equal(mosquitto_publish(o->m, NULL, "simpul/gw1/pump-01/cmd", (int)sizeof cmd, cmd,
-                                       1, false),
-                     MOSQ_ERR_SUCCESS);
+    assert_int_equal(
+        mosquitto_publish(o->m, NULL, "simpul/gw1/pump-01/cmd", (int)sizeof cmd, cmd, 1, false),
+        MOSQ_ERR_SUCCESS);
     assert_int_equal(mosquitto_publish(o->m, NULL, "simpul/gw1/late", 4, "late", 1, false),
                      MOSQ_ERR_SUCCESS);
     WAIT_UNTIL(r.nmsgs >= 2, 5000);
@@ -1100,9 +1099,9 @@ static void test_mqtt5_response_topic_and_correlation_data(void **state)
     assert_int_equal(mosquitto_property_add_binary(&props, MQTT_PROP_CORRELATION_DATA, corr,
                                                    (uint16_t)sizeof corr),
                      MOSQ_ERR_SUCCESS);
-    assert_int_equal(mosquitto_publish_v5(o->m, NULL, "simpul/gw1/pump-01/cmd", 4, "ping", 1,
-                                          false, props),
-                     MOSQ_ERR_SUCCESS);
+    assert_int_equal(
+        mosquitto_publish_v5(o->m, NULL, "simpul/gw1/pump-01/cmd", 4, "ping", 1, false, props),
+        MOSQ_ERR_SUCCESS);
     mosquitto_property_free_all(&props);
 
     WAIT_UNTIL(r.nmsgs > 0 && obs_find(o, "reply/gw1", NULL) != NULL && has_ack(&r, 99), 5000);
@@ -1346,9 +1345,23 @@ static void make_ca(const char *name, char *crt, char *key, size_t n)
     snprintf(subj, sizeof subj, "/CN=%s", name);
     snprintf(crt, n, "%s/%s.crt", fx.dir, name);
     snprintf(key, n, "%s/%s.key", fx.dir, name);
-    char *argv[] = {OPENSSL_BIN, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", crt,
-                    "-days", "2", "-subj", subj, NULL};
+    char *argv[] = {OPENSSL_BIN,
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    key,
+                    "-out",
+                    crt,
+                    "-days",
+                    "2",
+                    "-subj",
+                    subj,
+                    NULL};
     assert_int_equal(run_tool(argv), 0);
 }
 
@@ -1367,18 +1380,20 @@ static void test_tls_verifies_broker_certificate(void **state)
     path_in_dir(srv_crt, sizeof srv_crt, "server.crt");
     path_in_dir(ext, sizeof ext, "server.ext");
     write_file(ext, "subjectAltName=DNS:localhost\n");
-    char *req[] = {OPENSSL_BIN, "req", "-newkey", "ec", "-pkeyopt",
-                   "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", srv_key, "-out", srv_csr,
-                   "-subj", "/CN=localhost", NULL};
+    char *req[] = {
+        OPENSSL_BIN,     "req",     "-newkey", "ec",   "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes",        "-keyout", srv_key,   "-out", srv_csr,    "-subj",
+        "/CN=localhost", NULL};
     assert_int_equal(run_tool(req), 0);
-    char *sign[] = {OPENSSL_BIN, "x509", "-req", "-in", srv_csr, "-CA", ca_crt, "-CAkey", ca_key,
-                    "-CAcreateserial", "-out", srv_crt, "-days", "2", "-extfile", ext, NULL};
+    char *sign[] = {
+        OPENSSL_BIN,       "x509", "-req",  "-in",   srv_csr, "-CA",      ca_crt, "-CAkey", ca_key,
+        "-CAcreateserial", "-out", srv_crt, "-days", "2",     "-extfile", ext,    NULL};
     assert_int_equal(run_tool(sign), 0);
     chmod(srv_key, 0644); /* read by the broker after it drops privileges */
     chmod(ca_key, 0644);
 
-    broker_opts_t opts = {.anonymous = true, .tls_ca = ca_crt, .tls_cert = srv_crt,
-                          .tls_key = srv_key};
+    broker_opts_t opts = {
+        .anonymous = true, .tls_ca = ca_crt, .tls_cert = srv_crt, .tls_key = srv_key};
     broker_start(&fx.broker, &opts);
 
     smp_config_t cfg = base_cfg(fx.broker.tls_port);

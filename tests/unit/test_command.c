@@ -55,8 +55,9 @@ static void test_parse_valid(void **state)
     smp_cmd_free(&c);
 
     assert_int_equal(
-        parse("{\"id\":\"h\",\"op\":\"history\",\"tag\":\"flow\",\"from\":10,\"to\":20,\"limit\":5}",
-              &c, &err),
+        parse(
+            "{\"id\":\"h\",\"op\":\"history\",\"tag\":\"flow\",\"from\":10,\"to\":20,\"limit\":5}",
+            &c, &err),
         0);
     assert_int_equal(c.from, 10);
     assert_int_equal(c.to, 20);
@@ -76,17 +77,18 @@ static void test_parse_bad(void **state)
     expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\"}", "value is required", true);
     expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\",\"value\":{\"k\":1}}", "value must be",
                true);
-    expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\",\"value\":null}", "value must be", true);
-    expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a/b\",\"value\":1}", "tag must be", true);
-    expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\",\"value\":1,\"extra\":1}", "unknown key",
+    expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\",\"value\":null}", "value must be",
                true);
+    expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a/b\",\"value\":1}", "tag must be", true);
+    expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\",\"value\":1,\"extra\":1}",
+               "unknown key", true);
     expect_bad("{\"id\":\"x\",\"op\":\"read\",\"tags\":[]}", "tags must be", true);
     expect_bad("{\"id\":\"x\",\"op\":\"read\",\"tags\":[1]}", "tags[0]", true);
     expect_bad("{\"id\":\"x\",\"op\":\"read\",\"tag\":\"a\",\"tags\":[\"a\"]}", "takes tags", true);
     expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\",\"value\":1,\"ttl_ms\":-5}", "ttl_ms",
                true);
-    expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\",\"value\":1,\"ts\":\"now\"}", "ts must",
-               true);
+    expect_bad("{\"id\":\"x\",\"op\":\"write\",\"tag\":\"a\",\"value\":1,\"ts\":\"now\"}",
+               "ts must", true);
     expect_bad("{\"id\":\"x\",\"id\":\"y\",\"op\":\"read\",\"tags\":[\"a\"]}", "not valid JSON",
                false);
     expect_bad("{\"id\":\"x\",\"op\":\"history\",\"tag\":\"a\",\"from\":5,\"to\":1}", "to must not",

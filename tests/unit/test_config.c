@@ -60,10 +60,10 @@ static char *fail_strdup(const char *s)
 }
 
 #undef strdup
-#define malloc fail_malloc
-#define calloc fail_calloc
+#define malloc  fail_malloc
+#define calloc  fail_calloc
 #define realloc fail_realloc
-#define strdup fail_strdup
+#define strdup  fail_strdup
 #include "../../gateway/config.c"
 #undef malloc
 #undef calloc
@@ -306,8 +306,8 @@ static void expect_pos(const smp_jsonpos_t *jp, const char *path, bool key, unsi
     smp_jsonpos_loc_t loc = {0, 0};
     bool found = key ? smp_jsonpos_key(jp, path, &loc) : smp_jsonpos_value(jp, path, &loc);
     if (!found || loc.line != line || loc.col != col) {
-        print_error("%s of \"%s\": expected %u:%u, got %s %u:%u", key ? "key" : "value", path,
-                    line, col, found ? "" : "(not found)", loc.line, loc.col);
+        print_error("%s of \"%s\": expected %u:%u, got %s %u:%u", key ? "key" : "value", path, line,
+                    col, found ? "" : "(not found)", loc.line, loc.col);
         fail();
     }
 }
@@ -332,7 +332,7 @@ static void test_jsonpos(void **state)
     expect_pos(jp, "k\xc3\xa9y.\xc3\xa9[1].x", false, 2, 30);
     expect_pos(jp, "a", true, 3, 3);
     expect_pos(jp, "a", false, 3, 8);
-    expect_pos(jp, "b", true, 3, 32);  /* the last occurrence, the one jansson keeps */
+    expect_pos(jp, "b", true, 3, 32); /* the last occurrence, the one jansson keeps */
     expect_pos(jp, "b", false, 3, 37);
     smp_jsonpos_loc_t loc;
     assert_false(smp_jsonpos_key(jp, "k\xc3\xa9y.\xc3\xa9[0]", &loc)); /* elements have no key */
@@ -393,9 +393,11 @@ static void test_valid_full(void **state)
     write_file(key, "key");
     const char *text =
         "{\n"
-        "  \"gateway\": {\"id\": \"dumai-gw-01\", \"data_dir\": \"state\", \"log_level\": \"debug\",\n"
+        "  \"gateway\": {\"id\": \"dumai-gw-01\", \"data_dir\": \"state\", \"log_level\": "
+        "\"debug\",\n"
         "              \"metrics_interval_s\": 10},\n"
-        "  \"mqtt\": {\"host\": \"broker.local\", \"port\": 8883, \"topic_prefix\": \"city/dumai\",\n"
+        "  \"mqtt\": {\"host\": \"broker.local\", \"port\": 8883, \"topic_prefix\": "
+        "\"city/dumai\",\n"
         "           \"qos\": 0, \"keepalive_s\": 15, \"version\": \"5\", \"username\": \"gw\",\n"
         "           \"password_file\": \"secret.txt\",\n"
         "           \"tls\": {\"ca_file\": \"ca.pem\", \"cert_file\": \"sub/cert.pem\",\n"
@@ -404,14 +406,18 @@ static void test_valid_full(void **state)
         "  \"store\": {\"history_retention_h\": 0, \"outbox_max_mb\": 1},\n"
         "  \"profiles\": {\n"
         "    \"p1\": {\"tags\": [\n"
-        "      {\"name\": \"a\", \"type\": \"bool\", \"reg\": 0, \"kind\": \"b\", \"writable\": true},\n"
-        "      {\"name\": \"b\", \"type\": \"float32\", \"reg\": 2, \"scale\": 0.1, \"offset\": -5,\n"
-        "       \"unit\": \"bar\", \"deadband\": 0.5, \"min\": -10, \"max\": 10, \"interval_ms\": 250}\n"
+        "      {\"name\": \"a\", \"type\": \"bool\", \"reg\": 0, \"kind\": \"b\", \"writable\": "
+        "true},\n"
+        "      {\"name\": \"b\", \"type\": \"float32\", \"reg\": 2, \"scale\": 0.1, \"offset\": "
+        "-5,\n"
+        "       \"unit\": \"bar\", \"deadband\": 0.5, \"min\": -10, \"max\": 10, \"interval_ms\": "
+        "250}\n"
         "    ]},\n"
         "    \"unused\": {\"tags\": []}\n"
         "  },\n"
         "  \"devices\": [\n"
-        "    {\"name\": \"d1\", \"protocol\": \"fix\", \"profile\": \"p1\", \"interval_ms\": 2000,\n"
+        "    {\"name\": \"d1\", \"protocol\": \"fix\", \"profile\": \"p1\", \"interval_ms\": "
+        "2000,\n"
         "     \"refresh_s\": 60,\n"
         "     \"connection\": {\"addr\": \"10.0.0.1\", \"port\": 1502, \"mode\": \"slow\",\n"
         "                    \"ratio\": 2.5, \"on\": false},\n"
@@ -576,7 +582,8 @@ static void test_range_boundaries_accepted(void **state)
     (void)state;
     res_t r = load(
         "{\"gateway\": {\"id\": \"g\", \"metrics_interval_s\": 86400},\n"
-        " \"mqtt\": {\"port\": 65535, \"qos\": 0, \"keepalive_s\": 65535, \"inflight_max\": 65535},\n"
+        " \"mqtt\": {\"port\": 65535, \"qos\": 0, \"keepalive_s\": 65535, \"inflight_max\": "
+        "65535},\n"
         " \"store\": {\"history_retention_h\": 87600, \"outbox_max_mb\": 1048576},\n"
         " \"devices\": [{\"name\": \"d\", \"protocol\": \"fix\", \"interval_ms\": 86400000,\n"
         "   \"refresh_s\": 1, \"connection\": {\"addr\": \"a\", \"port\": 1},\n"
@@ -665,7 +672,8 @@ static void test_wrong_types(void **state)
         "  \"devices\": [\n"
         "    {\"name\": \"d1\", \"protocol\": \"fix\", \"interval_ms\": 1e3,\n"
         "     \"connection\": {\"addr\": 5, \"port\": 502.0, \"on\": \"true\", \"ratio\": \"2\"},\n"
-        "     \"tags\": [{\"name\": \"t1\", \"type\": \"int16\", \"reg\": 1, \"writable\": 1, \"scale\": \"2\"}]},\n"
+        "     \"tags\": [{\"name\": \"t1\", \"type\": \"int16\", \"reg\": 1, \"writable\": 1, "
+        "\"scale\": \"2\"}]},\n"
         "    \"d2\"\n"
         "  ]\n"
         "}\n");
@@ -676,17 +684,21 @@ static void test_wrong_types(void **state)
     expect_line(&r, "t.json:3:35: mqtt.qos: expected an integer, got a number (1.5)");
     expect_line(&r, "t.json:3:47: mqtt.tls: expected an object, got a string (\"yes\")");
     expect_line(&r, "t.json:4:30: profiles.p.tags: expected an array, got an object");
-    expect_line(&r, "t.json:6:54: devices[0].interval_ms: expected an integer, got a number (1000.0)");
-    expect_line(&r, "t.json:7:29: devices[0].connection.addr: expected a string, got an integer (5)");
     expect_line(&r,
-                "t.json:7:40: devices[0].connection.port: expected an integer, got a number (502.0)");
+                "t.json:6:54: devices[0].interval_ms: expected an integer, got a number (1000.0)");
     expect_line(&r,
-                "t.json:7:53: devices[0].connection.on: expected true or false, got a string (\"true\")");
+                "t.json:7:29: devices[0].connection.addr: expected a string, got an integer (5)");
+    expect_line(
+        &r, "t.json:7:40: devices[0].connection.port: expected an integer, got a number (502.0)");
+    expect_line(
+        &r,
+        "t.json:7:53: devices[0].connection.on: expected true or false, got a string (\"true\")");
+    expect_line(
+        &r, "t.json:7:70: devices[0].connection.ratio: expected a number, got a string (\"2\")");
+    expect_line(
+        &r, "t.json:8:69: devices[0].tags[0].writable: expected true or false, got an integer (1)");
     expect_line(&r,
-                "t.json:7:70: devices[0].connection.ratio: expected a number, got a string (\"2\")");
-    expect_line(&r,
-                "t.json:8:69: devices[0].tags[0].writable: expected true or false, got an integer (1)");
-    expect_line(&r, "t.json:8:81: devices[0].tags[0].scale: expected a number, got a string (\"2\")");
+                "t.json:8:81: devices[0].tags[0].scale: expected a number, got a string (\"2\")");
     expect_line(&r, "t.json:9:5: devices[1]: expected an object, got a string (\"d2\")");
     res_free(&r);
 
@@ -713,10 +725,13 @@ static void test_invalid_names(void **state)
         "  ]\n"
         "}\n");
     expect_errors(&r, 5);
-    expect_line(&r, "t.json:2:21: gateway.id: invalid name \"gw 1\": use only A-Z, a-z, 0-9, _ and -");
-    expect_line(&r, "t.json:3:16: profiles.p.x: invalid name \"p.x\": use only A-Z, a-z, 0-9, _ and -");
     expect_line(&r,
-                "t.json:5:14: devices[0].name: invalid name \"pump/01\": use only A-Z, a-z, 0-9, _ and -");
+                "t.json:2:21: gateway.id: invalid name \"gw 1\": use only A-Z, a-z, 0-9, _ and -");
+    expect_line(&r,
+                "t.json:3:16: profiles.p.x: invalid name \"p.x\": use only A-Z, a-z, 0-9, _ and -");
+    expect_line(
+        &r,
+        "t.json:5:14: devices[0].name: invalid name \"pump/01\": use only A-Z, a-z, 0-9, _ and -");
     expect_line(&r, "t.json:6:24: devices[0].tags[0].name: name is 65 characters long, at most 64 "
                     "are allowed");
     expect_line(&r, "t.json:8:24: devices[1].tags[0].name: must not be empty");
@@ -726,15 +741,17 @@ static void test_invalid_names(void **state)
 static void test_unknown_profile(void **state)
 {
     (void)state;
-    res_t r = load(
-        "{\n"
-        "  \"gateway\": {\"id\": \"gw-1\"},\n"
-        "  \"profiles\": {\"pump-v1\": {\"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1}]}},\n"
-        "  \"devices\": [\n"
-        "    {\"name\": \"d1\", \"protocol\": \"fix\", \"profile\": \"pump-v2\", \"connection\": {\"addr\": \"a\"}},\n"
-        "    {\"name\": \"d2\", \"protocol\": \"fix\", \"profile\": \"zzz\", \"connection\": {\"addr\": \"a\"}}\n"
-        "  ]\n"
-        "}\n");
+    res_t r = load("{\n"
+                   "  \"gateway\": {\"id\": \"gw-1\"},\n"
+                   "  \"profiles\": {\"pump-v1\": {\"tags\": [{\"name\": \"t\", \"type\": "
+                   "\"bool\", \"reg\": 1}]}},\n"
+                   "  \"devices\": [\n"
+                   "    {\"name\": \"d1\", \"protocol\": \"fix\", \"profile\": \"pump-v2\", "
+                   "\"connection\": {\"addr\": \"a\"}},\n"
+                   "    {\"name\": \"d2\", \"protocol\": \"fix\", \"profile\": \"zzz\", "
+                   "\"connection\": {\"addr\": \"a\"}}\n"
+                   "  ]\n"
+                   "}\n");
     /* No "has no tags" on top: the profile's problem is the one to fix. */
     expect_errors(&r, 2);
     expect_line(&r, "t.json:5:50: devices[0].profile: unknown profile \"pump-v2\" (did you mean "
@@ -746,15 +763,17 @@ static void test_unknown_profile(void **state)
 static void test_duplicate_device(void **state)
 {
     (void)state;
-    res_t r = load(
-        "{\n"
-        "  \"gateway\": {\"id\": \"gw-1\"},\n"
-        "  \"devices\": [\n"
-        "    {\"name\": \"d1\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\"}, \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1}]},\n"
-        "    {\"name\": \"d2\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\"}, \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1}]},\n"
-        "    {\"name\": \"d1\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\"}, \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1}]}\n"
-        "  ]\n"
-        "}\n");
+    res_t r = load("{\n"
+                   "  \"gateway\": {\"id\": \"gw-1\"},\n"
+                   "  \"devices\": [\n"
+                   "    {\"name\": \"d1\", \"protocol\": \"fix\", \"connection\": {\"addr\": "
+                   "\"a\"}, \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1}]},\n"
+                   "    {\"name\": \"d2\", \"protocol\": \"fix\", \"connection\": {\"addr\": "
+                   "\"a\"}, \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1}]},\n"
+                   "    {\"name\": \"d1\", \"protocol\": \"fix\", \"connection\": {\"addr\": "
+                   "\"a\"}, \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1}]}\n"
+                   "  ]\n"
+                   "}\n");
     expect_errors(&r, 1);
     expect_line(&r, "t.json:6:14: devices[2].name: duplicate device name \"d1\" (first at line 4, "
                     "column 14)");
@@ -764,27 +783,30 @@ static void test_duplicate_device(void **state)
 static void test_duplicate_tag(void **state)
 {
     (void)state;
-    res_t r = load(
-        "{\n"
-        "  \"gateway\": {\"id\": \"gw-1\"},\n"
-        "  \"profiles\": {\"p\": {\"tags\": [\n"
-        "    {\"name\": \"a\", \"type\": \"bool\", \"reg\": 1},\n"
-        "    {\"name\": \"b\", \"type\": \"bool\", \"reg\": 2},\n"
-        "    {\"name\": \"a\", \"type\": \"bool\", \"reg\": 3}\n"
-        "  ]}},\n"
-        "  \"devices\": [\n"
-        "    {\"name\": \"d1\", \"protocol\": \"fix\", \"profile\": \"p\", \"connection\": {\"addr\": \"a\"},\n"
-        "     \"tags\": [{\"name\": \"b\", \"type\": \"bool\", \"reg\": 4}, {\"name\": \"c\", \"type\": \"bool\", \"reg\": 5},\n"
-        "             {\"name\": \"c\", \"type\": \"bool\", \"reg\": 6}]}\n"
-        "  ]\n"
-        "}\n");
+    res_t r = load("{\n"
+                   "  \"gateway\": {\"id\": \"gw-1\"},\n"
+                   "  \"profiles\": {\"p\": {\"tags\": [\n"
+                   "    {\"name\": \"a\", \"type\": \"bool\", \"reg\": 1},\n"
+                   "    {\"name\": \"b\", \"type\": \"bool\", \"reg\": 2},\n"
+                   "    {\"name\": \"a\", \"type\": \"bool\", \"reg\": 3}\n"
+                   "  ]}},\n"
+                   "  \"devices\": [\n"
+                   "    {\"name\": \"d1\", \"protocol\": \"fix\", \"profile\": \"p\", "
+                   "\"connection\": {\"addr\": \"a\"},\n"
+                   "     \"tags\": [{\"name\": \"b\", \"type\": \"bool\", \"reg\": 4}, {\"name\": "
+                   "\"c\", \"type\": \"bool\", \"reg\": 5},\n"
+                   "             {\"name\": \"c\", \"type\": \"bool\", \"reg\": 6}]}\n"
+                   "  ]\n"
+                   "}\n");
     expect_errors(&r, 3);
     expect_line(&r, "t.json:6:14: profiles.p.tags[2].name: duplicate tag name \"a\" (first at line "
                     "4, column 14)");
-    expect_line(&r, "t.json:10:24: devices[0].tags[0].name: duplicate tag name \"b\": profile \"p\" "
-                    "has it (line 5, column 14)");
-    expect_line(&r, "t.json:11:23: devices[0].tags[2].name: duplicate tag name \"c\" (first at line "
-                    "10, column 65)");
+    expect_line(&r,
+                "t.json:10:24: devices[0].tags[0].name: duplicate tag name \"b\": profile \"p\" "
+                "has it (line 5, column 14)");
+    expect_line(&r,
+                "t.json:11:23: devices[0].tags[2].name: duplicate tag name \"c\" (first at line "
+                "10, column 65)");
     res_free(&r);
 }
 
@@ -817,7 +839,8 @@ static void test_out_of_range(void **state)
         "  \"devices\": [\n"
         "    {\"name\": \"d1\", \"protocol\": \"fix\", \"interval_ms\": 9, \"refresh_s\": 86401,\n"
         "     \"connection\": {\"addr\": \"a\", \"port\": 70000},\n"
-        "     \"tags\": [{\"name\": \"t\", \"type\": \"int16\", \"reg\": 65536, \"scale\": 0, \"deadband\": -1,\n"
+        "     \"tags\": [{\"name\": \"t\", \"type\": \"int16\", \"reg\": 65536, \"scale\": 0, "
+        "\"deadband\": -1,\n"
         "               \"min\": 5, \"max\": 4, \"interval_ms\": 86400001}]}\n"
         "  ]\n"
         "}\n");
@@ -833,11 +856,12 @@ static void test_out_of_range(void **state)
     expect_line(&r, "t.json:6:70: devices[0].refresh_s: 86401 is out of range 1..86400");
     expect_line(&r, "t.json:7:42: devices[0].connection.port: 70000 is out of range 1..65535");
     expect_line(&r, "t.json:8:53: devices[0].tags[0].reg: 65536 is out of range 0..65535");
-    expect_line(&r, "t.json:8:69: devices[0].tags[0].scale: scale must not be 0 (writes divide by it)");
+    expect_line(&r,
+                "t.json:8:69: devices[0].tags[0].scale: scale must not be 0 (writes divide by it)");
     expect_line(&r, "t.json:8:84: devices[0].tags[0].deadband: deadband must be >= 0, got -1");
     expect_line(&r, "t.json:9:33: devices[0].tags[0].max: max 4 is less than min 5");
-    expect_line(&r,
-                "t.json:9:51: devices[0].tags[0].interval_ms: 86400001 is out of range 10..86400000");
+    expect_line(
+        &r, "t.json:9:51: devices[0].tags[0].interval_ms: 86400001 is out of range 10..86400000");
     res_free(&r);
 }
 
@@ -850,7 +874,8 @@ static void test_missing_required(void **state)
                    "  \"devices\": [\n"
                    "    {\"protocol\": \"fix\", \"tags\": [{\"reg\": 1}]},\n"
                    "    {\"name\": \"d2\", \"tags\": [{\"name\": \"t\", \"type\": \"bool\"}]},\n"
-                   "    {\"name\": \"d3\", \"protocol\": \"fix\", \"tags\": [{\"name\": \"t\", \"type\": \"bool\"}]}\n"
+                   "    {\"name\": \"d3\", \"protocol\": \"fix\", \"tags\": [{\"name\": \"t\", "
+                   "\"type\": \"bool\"}]}\n"
                    "  ]\n"
                    "}\n");
     expect_errors(&r, 9);
@@ -874,7 +899,8 @@ static void test_missing_required(void **state)
 
     r = load("{\n"
              "  \"gateway\": {\"id\": \"g\"},\n"
-             "  \"devices\": [{\"name\": \"d\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\"}}]\n"
+             "  \"devices\": [{\"name\": \"d\", \"protocol\": \"fix\", \"connection\": {\"addr\": "
+             "\"a\"}}]\n"
              "}\n");
     expect_errors(&r, 1);
     expect_line(&r, "t.json:3:15: devices[0]: the device has no tags: give a \"profile\" or "
@@ -889,9 +915,11 @@ static void test_bad_plugin_keys(void **state)
         "{\n"
         "  \"gateway\": {\"id\": \"gw-1\"},\n"
         "  \"devices\": [\n"
-        "    {\"name\": \"d1\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\", \"mode\": \"medium\"},\n"
+        "    {\"name\": \"d1\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\", \"mode\": "
+        "\"medium\"},\n"
         "     \"tags\": [{\"name\": \"t\", \"type\": \"int16\", \"reg\": 1, \"kind\": \"c\"}]},\n"
-        "    {\"name\": \"d2\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\", \"mode\": \"slow\"},\n"
+        "    {\"name\": \"d2\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\", \"mode\": "
+        "\"slow\"},\n"
         "     \"tags\": [{\"name\": \"t\", \"type\": \"int16\", \"reg\": 1, \"kind\": \"b\"}]},\n"
         "    {\"name\": \"d3\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"refuse\"},\n"
         "     \"tags\": [{\"name\": \"t\", \"type\": \"int16\", \"reg\": 999}]}\n"
@@ -899,8 +927,9 @@ static void test_bad_plugin_keys(void **state)
         "}\n");
     expect_errors(&r, 6);
     /* Table checks: enum choices. */
-    expect_line(&r, "t.json:4:75: devices[0].connection.mode: unknown value \"medium\" (use one of: "
-                    "fast, slow)");
+    expect_line(&r,
+                "t.json:4:75: devices[0].connection.mode: unknown value \"medium\" (use one of: "
+                "fast, slow)");
     expect_line(&r, "t.json:5:64: devices[0].tags[0].kind: unknown value \"c\" (use one of: a, b)");
     /* The plugin's own checks: a key it names that is absent points at the object... */
     expect_line(&r, "t.json:6:53: devices[1].connection.ratio: needed in slow mode");
@@ -914,13 +943,14 @@ static void test_bad_plugin_keys(void **state)
 static void test_type_restrictions(void **state)
 {
     (void)state;
-    res_t r = load(
-        "{\n"
-        "  \"gateway\": {\"id\": \"g\"},\n"
-        "  \"devices\": [{\"name\": \"d\", \"protocol\": \"fix\", \"connection\": {\"addr\": \"a\"},\n"
-        "    \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1, \"scale\": 2, \"max\": 1},\n"
-        "             {\"name\": \"u\", \"type\": \"str\", \"reg\": 2}]}]\n"
-        "}\n");
+    res_t r = load("{\n"
+                   "  \"gateway\": {\"id\": \"g\"},\n"
+                   "  \"devices\": [{\"name\": \"d\", \"protocol\": \"fix\", \"connection\": "
+                   "{\"addr\": \"a\"},\n"
+                   "    \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1, \"scale\": 2, "
+                   "\"max\": 1},\n"
+                   "             {\"name\": \"u\", \"type\": \"str\", \"reg\": 2}]}]\n"
+                   "}\n");
     expect_errors(&r, 3);
     expect_line(&r, "t.json:4:54: devices[0].tags[0].scale: not allowed for type bool");
     expect_line(&r, "t.json:4:66: devices[0].tags[0].max: not allowed for type bool");
@@ -934,7 +964,8 @@ static void test_mqtt_and_files(void **state)
     (void)state;
     res_t r = load("{\n"
                    "  \"gateway\": {\"id\": \"g\", \"log_level\": \"verbose\"},\n"
-                   "  \"mqtt\": {\"version\": 5, \"topic_prefix\": \"a/+\", \"password_file\": \"/nonexistent/pw\",\n"
+                   "  \"mqtt\": {\"version\": 5, \"topic_prefix\": \"a/+\", \"password_file\": "
+                   "\"/nonexistent/pw\",\n"
                    "           \"tls\": {\"cert_file\": \"/nonexistent/c.pem\"}},\n"
                    "  \"devices\": []\n"
                    "}\n");
@@ -963,13 +994,15 @@ static void test_mqtt_and_files(void **state)
 static void test_missing_or_bad_plugin(void **state)
 {
     (void)state;
-    res_t r = load(
-        "{\n"
-        "  \"gateway\": {\"id\": \"gw-1\"},\n"
-        "  \"devices\": [{\"name\": \"d1\", \"protocol\": \"nosuch\", \"tags\": [{\"name\": \"t\", \"type\": \"bool\"}]},\n"
-        "              {\"name\": \"d2\", \"protocol\": \"Bad/Name\", \"tags\": [{\"name\": \"t\", \"type\": \"bool\"}]},\n"
-        "              {\"name\": \"d3\", \"protocol\": \"badabi\", \"tags\": [{\"name\": \"t\", \"type\": \"bool\"}]}]\n"
-        "}\n");
+    res_t r = load("{\n"
+                   "  \"gateway\": {\"id\": \"gw-1\"},\n"
+                   "  \"devices\": [{\"name\": \"d1\", \"protocol\": \"nosuch\", \"tags\": "
+                   "[{\"name\": \"t\", \"type\": \"bool\"}]},\n"
+                   "              {\"name\": \"d2\", \"protocol\": \"Bad/Name\", \"tags\": "
+                   "[{\"name\": \"t\", \"type\": \"bool\"}]},\n"
+                   "              {\"name\": \"d3\", \"protocol\": \"badabi\", \"tags\": "
+                   "[{\"name\": \"t\", \"type\": \"bool\"}]}]\n"
+                   "}\n");
     expect_errors(&r, 3);
     expect_prefix(&r, "t.json:3:42: devices[0].protocol: no plugin for protocol \"nosuch\": "
                       "nosuch.so not found in " SMP_TEST_EXAMPLE_PLUGIN_DIR);
@@ -1005,25 +1038,26 @@ static void test_example_plugin(void **state)
         "  \"devices\": [{\"name\": \"demo-01\", \"protocol\": \"example\",\n"
         "    \"connection\": {\"host\": \"sim-a\", \"latency_ms\": 5},\n"
         "    \"tags\": [{\"name\": \"count\", \"type\": \"uint32\", \"signal\": \"counter\"},\n"
-        "             {\"name\": \"wave\", \"type\": \"float64\", \"signal\": \"sine\", \"period_s\": 30}]}]\n"
+        "             {\"name\": \"wave\", \"type\": \"float64\", \"signal\": \"sine\", "
+        "\"period_s\": 30}]}]\n"
         "}\n");
     expect_ok(&r);
     const smp_device_cfg_t *d = &r.cfg->devices[0];
     assert_non_null(d->plugin->handle); /* really dlopen()ed */
     assert_string_equal(d->conn_key, "example:sim-a");
     assert_int_equal(d->tags[1].params[1].i, 30); /* period_s */
-    assert_true(d->tags[1].params[2].d == 1);      /* amplitude defaults to 1 */
+    assert_true(d->tags[1].params[2].d == 1);     /* amplitude defaults to 1 */
     res_free(&r);
 
-    r = load(
-        "{\n"
-        "  \"gateway\": {\"id\": \"g\"},\n"
-        "  \"devices\": [{\"name\": \"demo-01\", \"protocol\": \"example\",\n"
-        "    \"connection\": {\"host\": \"sim-a\", \"latency_ms\": 10001},\n"
-        "    \"tags\": [{\"name\": \"wave\", \"type\": \"int16\", \"signal\": \"sine\"}]}]\n"
-        "}\n");
+    r = load("{\n"
+             "  \"gateway\": {\"id\": \"g\"},\n"
+             "  \"devices\": [{\"name\": \"demo-01\", \"protocol\": \"example\",\n"
+             "    \"connection\": {\"host\": \"sim-a\", \"latency_ms\": 10001},\n"
+             "    \"tags\": [{\"name\": \"wave\", \"type\": \"int16\", \"signal\": \"sine\"}]}]\n"
+             "}\n");
     expect_errors(&r, 2);
-    expect_line(&r, "t.json:4:51: devices[0].connection.latency_ms: 10001 is out of range 0..10000");
+    expect_line(&r,
+                "t.json:4:51: devices[0].connection.latency_ms: 10001 is out of range 0..10000");
     expect_line(&r, "t.json:5:58: devices[0].tags[0].signal: a sine needs type float32 or float64");
     res_free(&r);
 }
@@ -1035,12 +1069,15 @@ static void test_modbus_plugin(void **state)
         "{\n"
         "  \"gateway\": {\"id\": \"g\"},\n"
         "  \"profiles\": {\"pump-v1\": {\"tags\": [\n"
-        "    {\"name\": \"running\", \"table\": \"coil\", \"address\": 0, \"type\": \"bool\", \"writable\": true},\n"
-        "    {\"name\": \"flow\", \"table\": \"input_register\", \"address\": 0, \"type\": \"float32\", \"order\": \"CDAB\"}\n"
+        "    {\"name\": \"running\", \"table\": \"coil\", \"address\": 0, \"type\": \"bool\", "
+        "\"writable\": true},\n"
+        "    {\"name\": \"flow\", \"table\": \"input_register\", \"address\": 0, \"type\": "
+        "\"float32\", \"order\": \"CDAB\"}\n"
         "  ]}},\n"
         "  \"devices\": [\n"
         "    {\"name\": \"pump-01\", \"protocol\": \"modbus\", \"profile\": \"pump-v1\",\n"
-        "     \"connection\": {\"transport\": \"tcp\", \"host\": \"127.0.0.1\", \"port\": 70000}},\n"
+        "     \"connection\": {\"transport\": \"tcp\", \"host\": \"127.0.0.1\", \"port\": "
+        "70000}},\n"
         "    {\"name\": \"pump-02\", \"protocol\": \"modbus\", \"profile\": \"pump-v1\",\n"
         "     \"connection\": {\"transport\": \"tcp\", \"host\": \"127.0.0.1\", \"port\": 1502}}\n"
         "  ]\n"
@@ -1091,13 +1128,15 @@ static void test_load_file(void **state)
     (void)state;
     char *dir = make_tmpdir();
     char *path = join(dir, "site.json");
-    write_file(path, "{\n"
-                     "  \"gateway\": {\"id\": \"g\", \"plugin_dir\": \"" SMP_TEST_EXAMPLE_PLUGIN_DIR "\"},\n"
-                     "  \"store\": {\"path\": \"db/s.db\"},\n"
-                     "  \"devices\": [{\"name\": \"d\", \"protocol\": \"example\",\n"
-                     "    \"connection\": {\"host\": \"h\"},\n"
-                     "    \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"signal\": \"toggle\"}]}]\n"
-                     "}\n");
+    write_file(path,
+               "{\n"
+               "  \"gateway\": {\"id\": \"g\", \"plugin_dir\": \"" SMP_TEST_EXAMPLE_PLUGIN_DIR
+               "\"},\n"
+               "  \"store\": {\"path\": \"db/s.db\"},\n"
+               "  \"devices\": [{\"name\": \"d\", \"protocol\": \"example\",\n"
+               "    \"connection\": {\"host\": \"h\"},\n"
+               "    \"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"signal\": \"toggle\"}]}]\n"
+               "}\n");
     smp_config_t *cfg = NULL;
     /* The real entry point: no preset set, the plugin found through gateway.plugin_dir. */
     int n = smp_config_load(path, NULL, stderr, &cfg);
@@ -1111,7 +1150,8 @@ static void test_load_file(void **state)
     smp_config_free(cfg);
 
     /* A relative plugin_dir that does not exist, relative to the file's directory. */
-    write_file(path, "{\"gateway\": {\"id\": \"g\", \"plugin_dir\": \"plugins\"}, \"devices\": []}");
+    write_file(path,
+               "{\"gateway\": {\"id\": \"g\", \"plugin_dir\": \"plugins\"}, \"devices\": []}");
     char *errs = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&errs, &len);
@@ -1132,8 +1172,8 @@ static void test_load_file(void **state)
     fclose(f);
     assert_int_equal(n, 1);
     assert_null(cfg);
-    snprintf(line, sizeof line, "%s:1:1: (root): cannot read the config: No such file or directory\n",
-             path);
+    snprintf(line, sizeof line,
+             "%s:1:1: (root): cannot read the config: No such file or directory\n", path);
     assert_string_equal(errs, line);
     free(errs);
 
@@ -1148,8 +1188,10 @@ static void test_load_file(void **state)
     n = smp_config_load(path, NULL, f, &cfg);
     fclose(f);
     assert_int_equal(n, 1);
-    snprintf(line, sizeof line, "%s:1:1: (root): cannot read the config: the file is larger than "
-             "16 MiB\n", path);
+    snprintf(line, sizeof line,
+             "%s:1:1: (root): cannot read the config: the file is larger than "
+             "16 MiB\n",
+             path);
     assert_string_equal(errs, line);
     free(errs);
     unlink(path);
@@ -1189,13 +1231,16 @@ static const char fuzz_base[] =
     "  \"gateway\": {\"id\": \"gw-1\", \"data_dir\": \"d\", \"log_level\": \"info\"},\n"
     "  \"mqtt\": {\"host\": \"h\", \"port\": 1883, \"qos\": 1, \"version\": \"3.1.1\"},\n"
     "  \"store\": {\"history_retention_h\": 1, \"outbox_max_mb\": 2},\n"
-    "  \"profiles\": {\"p\": {\"tags\": [{\"name\": \"a\", \"type\": \"bool\", \"reg\": 1, \"kind\": \"b\"},\n"
-    "    {\"name\": \"b\", \"type\": \"float32\", \"reg\": 2, \"scale\": 0.5, \"min\": 0, \"max\": 9}]}},\n"
+    "  \"profiles\": {\"p\": {\"tags\": [{\"name\": \"a\", \"type\": \"bool\", \"reg\": 1, "
+    "\"kind\": \"b\"},\n"
+    "    {\"name\": \"b\", \"type\": \"float32\", \"reg\": 2, \"scale\": 0.5, \"min\": 0, \"max\": "
+    "9}]}},\n"
     "  \"devices\": [\n"
     "    {\"name\": \"d1\", \"protocol\": \"fix\", \"profile\": \"p\",\n"
     "     \"connection\": {\"addr\": \"x\", \"port\": 2, \"mode\": \"slow\", \"ratio\": 1.5}},\n"
     "    {\"name\": \"d2\", \"protocol\": \"fix\", \"interval_ms\": 100,\n"
-    "     \"connection\": {\"addr\": \"y\"}, \"tags\": [{\"name\": \"c\", \"type\": \"int64\", \"reg\": 3}]}\n"
+    "     \"connection\": {\"addr\": \"y\"}, \"tags\": [{\"name\": \"c\", \"type\": \"int64\", "
+    "\"reg\": 3}]}\n"
     "  ]\n"
     "}\n";
 

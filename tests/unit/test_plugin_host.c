@@ -129,9 +129,8 @@ static void test_load_example_and_drive_it(void **state)
     smp_param_t counter[3] = {{.set = true, .i = 0, .s = "counter"},
                               {.set = true, .i = 60, .d = 60},
                               {.set = true, .i = 1, .d = 1}};
-    smp_param_t sine[3] = {{.set = true, .i = 1, .s = "sine"},
-                           {.set = true, .i = 60, .d = 60},
-                           {.set = true, .d = 2}};
+    smp_param_t sine[3] = {
+        {.set = true, .i = 1, .s = "sine"}, {.set = true, .i = 60, .d = 60}, {.set = true, .d = 2}};
     smp_param_t toggle[3] = {{.set = true, .i = 2, .s = "toggle"},
                              {.set = true, .i = 60, .d = 60},
                              {.set = true, .i = 1, .d = 1}};
@@ -223,8 +222,15 @@ static void test_refuses_bad_protocol_names(void **state)
     copy_file(EXAMPLE_DIR "/example.so", evil);
     smp_plugin_set_t *set = smp_plugin_set_new(sub);
     static const char *const names[] = {
-        "",         "../evil",  "../example", "Example", "a/b", "ex ample", "example.so",
-        "exa\nmple", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" /* 65 */,
+        "",
+        "../evil",
+        "../example",
+        "Example",
+        "a/b",
+        "ex ample",
+        "example.so",
+        "exa\nmple",
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" /* 65 */,
     };
     char err[512];
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
@@ -291,7 +297,8 @@ static void test_search_order(void **state)
     setenv("SIMPUL_PLUGIN_DIR", EXAMPLE_DIR, 1);
     smp_plugin_set_t *set = smp_plugin_set_new(shadow);
     assert_null(smp_plugin_set_get(set, "example", err, sizeof err));
-    assert_string_equal(err, "example.so: plugin ABI version 2, this simpul supports ABI version 1");
+    assert_string_equal(err,
+                        "example.so: plugin ABI version 2, this simpul supports ABI version 1");
     smp_plugin_set_free(set);
 
     /* Not in the explicit directory: $SIMPUL_PLUGIN_DIR is next. */
@@ -473,12 +480,10 @@ static void test_descriptor_checks(void **state)
         {.name = "k", .type = SMP_KEY_STRING, .default_value = "abc"}, {0}};
     expect_keys_refused(def_json, NULL, "key \"k\": default is not valid JSON");
     const smp_config_key_t def_choice[] = {
-        {.name = "k", .type = SMP_KEY_ENUM, .choices = st_choices, .default_value = "\"z\""},
-        {0}};
+        {.name = "k", .type = SMP_KEY_ENUM, .choices = st_choices, .default_value = "\"z\""}, {0}};
     expect_keys_refused(def_choice, NULL, "key \"k\": default is not one of the key's choices");
-    const smp_config_key_t twice[] = {{.name = "k", .type = SMP_KEY_BOOL},
-                                      {.name = "k", .type = SMP_KEY_BOOL},
-                                      {0}};
+    const smp_config_key_t twice[] = {
+        {.name = "k", .type = SMP_KEY_BOOL}, {.name = "k", .type = SMP_KEY_BOOL}, {0}};
     expect_keys_refused(NULL, twice, "tag key \"k\" is declared twice");
     const smp_config_key_t generic[] = {{.name = "scale", .type = SMP_KEY_NUMBER}, {0}};
     expect_keys_refused(NULL, generic, "tag key \"scale\" is a host tag field");

@@ -95,26 +95,26 @@ static void deadline_stop(deadline_t *d, uv_loop_t *loop)
 }
 
 /* Runs the loop until `expr` holds or the deadline passes. */
-#define WAIT_LOOP(loop, expr)                                                                     \
-    do {                                                                                          \
-        deadline_t dl_;                                                                           \
-        deadline_start(&dl_, (loop), DEADLINE_MS);                                                \
-        while (!(expr) && !dl_.fired) {                                                           \
-            uv_run((loop), UV_RUN_ONCE);                                                          \
-        }                                                                                         \
-        deadline_stop(&dl_, (loop));                                                              \
+#define WAIT_LOOP(loop, expr)                                                                      \
+    do {                                                                                           \
+        deadline_t dl_;                                                                            \
+        deadline_start(&dl_, (loop), DEADLINE_MS);                                                 \
+        while (!(expr) && !dl_.fired) {                                                            \
+            uv_run((loop), UV_RUN_ONCE);                                                           \
+        }                                                                                          \
+        deadline_stop(&dl_, (loop));                                                               \
     } while (0)
 /* The same, then asserts `expr`. */
-#define WAIT_FOR(expr)                                                                            \
-    do {                                                                                          \
-        WAIT_LOOP(&g_loop, expr);                                                                 \
-        assert_true(expr);                                                                        \
+#define WAIT_FOR(expr)                                                                             \
+    do {                                                                                           \
+        WAIT_LOOP(&g_loop, expr);                                                                  \
+        assert_true(expr);                                                                         \
     } while (0)
 
 static smp_store_t *open_at(const char *path, int retention_h, int64_t max)
 {
-    smp_store_opts_t o = {.path = path, .history_retention_h = retention_h,
-                          .outbox_max_bytes = max};
+    smp_store_opts_t o = {
+        .path = path, .history_retention_h = retention_h, .outbox_max_bytes = max};
     smp_store_t *st = NULL;
     assert_int_equal(smp_store_open(&g_loop, &o, &st), 0);
     assert_non_null(st);
@@ -435,8 +435,8 @@ static void test_seq_persisted(void **state)
     assert_int_equal(smp_store_load_seq(st, "pump-01"), 0);
     smp_store_outbox_add(st, "pump-01", 41, "simpul/gw/pump-01/data", "{}", 2, on_added, &a);
     smp_store_outbox_add(st, "pump-01", 42, "simpul/gw/pump-01/data", "{}", 2, on_added, &a);
-    smp_store_outbox_add(st, "light-07", UINT64_MAX, "simpul/gw/light-07/data", "{}", 2,
-                         on_added, &a);
+    smp_store_outbox_add(st, "light-07", UINT64_MAX, "simpul/gw/light-07/data", "{}", 2, on_added,
+                         &a);
     WAIT_FOR(a.n == 3);
     assert_int_equal(a.errors, 0);
     smp_store_close(st);
@@ -573,8 +573,8 @@ static void test_outbox_bound(void **state)
     char payload[100];
     for (int k = 0; k < 25; k++) {
         memset(payload, 'a' + k, sizeof payload);
-        smp_store_outbox_add(st, "pump-01", (uint64_t)k + 1, "t", payload, sizeof payload,
-                             on_added, &a);
+        smp_store_outbox_add(st, "pump-01", (uint64_t)k + 1, "t", payload, sizeof payload, on_added,
+                             &a);
     }
     WAIT_FOR(a.n == 25);
     assert_int_equal(a.errors, 0);
@@ -921,7 +921,7 @@ static void test_readonly_dir(void **state)
 /* --- ordering, threads, errors, volume --- */
 
 struct order_rec {
-    int next;    /* expected tag of the next callback */
+    int next; /* expected tag of the next callback */
     int seen;
     bool in_order;
     bool off_loop;
@@ -1145,12 +1145,18 @@ static void test_cmd_results_and_audit(void **state)
     assert_int_equal(a.last_status, -EINVAL);
     assert_false(a.off_loop);
 
-    smp_audit_row_t row = {.received_ms = now - 1000, .id = "c-1", .device = "pump-01",
-                           .op = "write", .tag = "speed_rpm", .value_json = "1200",
-                           .code = "ok", .message = NULL, .latency_us = 1500};
+    smp_audit_row_t row = {.received_ms = now - 1000,
+                           .id = "c-1",
+                           .device = "pump-01",
+                           .op = "write",
+                           .tag = "speed_rpm",
+                           .value_json = "1200",
+                           .code = "ok",
+                           .message = NULL,
+                           .latency_us = 1500};
     smp_store_audit(st, &row);
-    smp_audit_row_t bad = {.received_ms = now, .device = "pump-01", .code = "bad_request",
-                           .message = "missing id"};
+    smp_audit_row_t bad = {
+        .received_ms = now, .device = "pump-01", .code = "bad_request", .message = "missing id"};
     smp_store_audit(st, &bad);
     smp_store_close(st);
 
@@ -1174,8 +1180,9 @@ static void test_cmd_results_and_audit(void **state)
              " AND value_json = '1200' AND code = 'ok' AND message IS NULL AND latency_us = 1500",
              now - 1000);
     assert_int_equal(count_rows(g_path, sql), 1);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM audit WHERE cmd_id IS NULL AND op IS"
-                                        " NULL AND code = 'bad_request' AND message = 'missing id'"),
+    assert_int_equal(count_rows(g_path,
+                                "SELECT count(*) FROM audit WHERE cmd_id IS NULL AND op IS"
+                                " NULL AND code = 'bad_request' AND message = 'missing id'"),
                      1);
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM audit"), 2);
 }
@@ -1207,8 +1214,7 @@ static void test_schema_tables(void **state)
 {
     (void)state;
     smp_store_close(open_default());
-    const char *tables[] = {"last_value", "history", "device_seq", "outbox", "cmd_result",
-                            "audit"};
+    const char *tables[] = {"last_value", "history", "device_seq", "outbox", "cmd_result", "audit"};
     for (size_t k = 0; k < sizeof tables / sizeof tables[0]; k++) {
         char sql[128];
         snprintf(sql, sizeof sql,

@@ -152,10 +152,13 @@ static void test_json_round_trip(void **state)
         double scale;
         const char *text;
     } cases[] = {
-        {SMP_TYPE_BOOL, 1, "true"},       {SMP_TYPE_INT32, 1, "-123456"},
+        {SMP_TYPE_BOOL, 1, "true"},
+        {SMP_TYPE_INT32, 1, "-123456"},
         {SMP_TYPE_UINT64, 1, "18446744073709551615"},
-        {SMP_TYPE_FLOAT32, 1, "0.1"},     {SMP_TYPE_FLOAT64, 1, "2.718281828459045"},
-        {SMP_TYPE_INT16, 0.1, "123.4"},   {SMP_TYPE_STRING, 1, "\"pump \\\"A\\\"\""},
+        {SMP_TYPE_FLOAT32, 1, "0.1"},
+        {SMP_TYPE_FLOAT64, 1, "2.718281828459045"},
+        {SMP_TYPE_INT16, 0.1, "123.4"},
+        {SMP_TYPE_STRING, 1, "\"pump \\\"A\\\"\""},
     };
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
         smp_tag_cfg_t t = tag_of(cases[k].type, cases[k].scale, 0, 0);

@@ -91,9 +91,9 @@ typedef struct smp_config_key {
     const char *name;
     smp_key_type_t type;
     bool required;
-    int64_t min, max;             /* SMP_KEY_INT only */
-    const char *const *choices;   /* SMP_KEY_ENUM only: NULL-terminated */
-    const char *default_value;    /* JSON text of the default, or NULL for none */
+    int64_t min, max;           /* SMP_KEY_INT only */
+    const char *const *choices; /* SMP_KEY_ENUM only: NULL-terminated */
+    const char *default_value;  /* JSON text of the default, or NULL for none */
     const char *description;
 } smp_config_key_t;
 
