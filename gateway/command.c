@@ -821,20 +821,10 @@ static void after_begin_stored(void *arg, int status, int64_t id)
     e->cmds->in_progress--;
     if (status < 0) {
         /* Without a durable record a restart could run the write twice: refuse it. */
-        struct job *j = bc->j;
-        free(j->write_str);
-        free(j->readings);
-        free(j->strs);
-        free(j->errs);
-        free(j);
+        smp__job_free(bc->j);
         fail(e, bc->m, "busy", "the gateway cannot record the command (store error)");
     } else if (e->stopping) {
-        struct job *j = bc->j;
-        free(j->write_str);
-        free(j->readings);
-        free(j->strs);
-        free(j->errs);
-        free(j);
+        smp__job_free(bc->j);
         fail(e, bc->m, "device_offline", "the gateway is stopping");
     } else {
         dispatch(e, bc->m, bc->j);
@@ -988,20 +978,14 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         j->strs = calloc(m->c.ntags, sizeof *j->strs);
         j->errs = calloc(m->c.ntags, ERRMSG_LEN);
         if (!m->tag_idx || !j->readings || !j->strs || !j->errs) {
-            free(j->readings);
-            free(j->strs);
-            free(j->errs);
-            free(j);
+            smp__job_free(j);
             fail(e, m, "busy", "out of memory");
             return;
         }
         for (size_t k = 0; k < m->c.ntags; k++) {
             int t = find_tag(m->d, m->c.tags[k]);
             if (t < 0) {
-                free(j->readings);
-                free(j->strs);
-                free(j->errs);
-                free(j);
+                smp__job_free(j);
                 char msg[200];
                 snprintf(msg, sizeof msg, "no tag %s on this device", m->c.tags[k]);
                 fail(e, m, "unknown_tag", msg);
@@ -1014,22 +998,14 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         j->n = m->c.ntags;
     }
     if (m->d->online == 0) {
-        free(j->write_str);
-        free(j->readings);
-        free(j->strs);
-        free(j->errs);
-        free(j);
+        smp__job_free(j);
         char msg[ERRMSG_LEN + 32];
         snprintf(msg, sizeof msg, "device is offline: %s", m->d->status_err);
         fail(e, m, "device_offline", msg);
         return;
     }
     if (m->d->cmd_queued >= SMP_CMD_QUEUE_MAX || e->stopping) {
-        free(j->write_str);
-        free(j->readings);
-        free(j->strs);
-        free(j->errs);
-        free(j);
+        smp__job_free(j);
         fail(e, m, e->stopping ? "device_offline" : "busy",
              e->stopping ? "the gateway is stopping" : "too many commands queued for the device");
         return;
@@ -1043,8 +1019,7 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         /* Durable "accepted" record before the write, so a crash cannot lead to a re-run. */
         struct begin_ctx *bc = calloc(1, sizeof *bc);
         if (bc == NULL) {
-            free(j->write_str);
-            free(j);
+            smp__job_free(j);
             fail(e, m, "busy", "out of memory");
             return;
         }
@@ -1162,17 +1137,7 @@ void smp__engine_write_done(smp_engine_t *e, struct job *j)
     } else {
         read_done(e, m, j);
     }
-    free(j->write_str);
-    free(j->rb_str);
-    if (j->strs != NULL) {
-        for (size_t k = 0; k < j->n; k++) {
-            free(j->strs[k]);
-        }
-    }
-    free(j->strs);
-    free(j->errs);
-    free(j->readings);
-    free(j);
+    smp__job_free(j);
     smp__engine_stop_progress(e);
 }
 
@@ -1180,15 +1145,5 @@ void smp__engine_write_discard(smp_engine_t *e, struct job *j)
 {
     (void)e;
     cmd_free(j->cmd);
-    free(j->write_str);
-    free(j->rb_str);
-    if (j->strs != NULL) {
-        for (size_t k = 0; k < j->n; k++) {
-            free(j->strs[k]);
-        }
-    }
-    free(j->strs);
-    free(j->errs);
-    free(j->readings);
-    free(j);
+    smp__job_free(j);
 }

@@ -83,7 +83,7 @@ static const char *err_text(int code, const char *message)
 /* ------------------------------------------------------------------------------------------ */
 /* Jobs and the worker thread                                                                  */
 
-static void job_free(struct job *j)
+void smp__job_free(struct job *j)
 {
     if (j == NULL) {
         return;
@@ -791,7 +791,7 @@ static void on_group_timer(uv_timer_t *t)
         j->errs = calloc(g->n, ERRMSG_LEN);
     }
     if (j == NULL || j->readings == NULL || j->strs == NULL || j->errs == NULL) {
-        job_free(j);
+        smp__job_free(j);
         e->stats.poll_errors++;
         return;
     }
@@ -942,7 +942,7 @@ static void on_done(uv_async_t *a)
                 break;
             }
             handle_read(e, j);
-            job_free(j);
+            smp__job_free(j);
             break;
         case JOB_WRITE:
             smp__engine_write_done(e, j); /* takes ownership */
@@ -1257,7 +1257,7 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
         while (j != NULL) {
             struct job *next = j->next;
             j->grp->in_flight = false;
-            job_free(j);
+            smp__job_free(j);
             j = next;
         }
     }
@@ -1342,7 +1342,7 @@ void smp_engine_free(smp_engine_t *e)
     while (j != NULL) {
         struct job *next = j->next;
         if (j->type == JOB_READ && j->cmd == NULL) {
-            job_free(j);
+            smp__job_free(j);
         } else if (j->type == JOB_READ || j->type == JOB_WRITE) {
             smp__engine_write_discard(e, j);
         } else {

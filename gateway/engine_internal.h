@@ -167,6 +167,8 @@ struct smp_engine {
 };
 
 uint64_t smp__wall_ms(void);
+/* Frees a job and everything it owns (not the command it serves). NULL is a no-op. */
+void smp__job_free(struct job *j);
 void smp__engine_enqueue(struct conn *c, struct job *j);
 void smp__engine_stop_progress(smp_engine_t *e);
 void smp__engine_apply_reading(smp_engine_t *e, struct device *d, uint32_t t,
