@@ -70,5 +70,44 @@ class RestartTest(h.TestCase):
 
 SIM_TICK_ADDR = int(os.environ.get("SIM_TICK_ADDR", "30"))
 
+
+
+class ReloadTest(h.TestCase):
+    def test_sighup_rejects_bad_and_applies_good_config(self):
+        b = self.broker()
+        sim = self.sim(["--pumps", "2", "--lights", "0"])
+        cfg = h.base_config(self.workdir, b.port, [counter_device(sim.port)])
+        sub = self.subscriber(b.port, ["simpul/gw-test/+/data"])
+        g = self.gateway(cfg)
+        h.wait_for(lambda: sub.json("simpul/gw-test/pump-01/data"), 20, "pump-01 data")
+        # A bad config: rejected, logged, the running one keeps publishing.
+        with open(g.config_path, "w") as f:
+            f.write('{"gateway": {"id": "gw-test", "bogus": 1}}')
+        g.proc.signal(signal.SIGHUP)
+        h.wait_for(lambda: "reload rejected" in g.proc.output(), 10, "reload rejected")
+        assert "gateway.bogus: unknown key" in g.proc.output()
+        n = len(sub.json("simpul/gw-test/pump-01/data"))
+        h.wait_for(lambda: len(sub.json("simpul/gw-test/pump-01/data")) >= n + 5, 10,
+                   "data after the rejected reload")
+        # A good config with a second device: applied.
+        d2 = counter_device(sim.port)
+        d2["name"] = "pump-02"
+        d2["connection"]["unit_id"] = 2
+        cfg["devices"].append(d2)
+        g.config = cfg
+        g.write_config()
+        g.proc.signal(signal.SIGHUP)
+        h.wait_for(lambda: sub.json("simpul/gw-test/pump-02/data"), 20, "pump-02 after reload")
+        assert g.proc.alive()
+        # seq of pump-01 went on across the reload.
+        seqs = sorted({j["seq"] for j in sub.json("simpul/gw-test/pump-01/data")})
+        assert seqs == list(range(seqs[0], seqs[-1] + 1)), seqs[-10:]
+        assert g.stop() == 0
+
+
+class AllTests(RestartTest, ReloadTest):
+    pass
+
+
 if __name__ == "__main__":
-    RestartTest().run_all()
+    AllTests().run_all()
