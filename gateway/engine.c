@@ -580,8 +580,10 @@ static void on_outbox_added(void *arg, int status, int64_t id)
     } else if (!e->stopping && smp_bridge_connected(e->bridge) &&
                smp_bridge_inflight(e->bridge) < (size_t)e->cfg->mqtt.inflight_max &&
                publish_row(e, id, m->topic, m->payload, m->len) == 0) {
-        if (e->backlog && e->cfg->mqtt.qos > 0) {
-            live_add(e, id); /* sent ahead of the replay: the replay must skip it */
+        if (e->cfg->mqtt.qos > 0) {
+            /* Sent ahead of the outbox cursor: a later replay pass must skip it until its
+             * PUBACK (which removes it from this set) or a reconnect (which resends all). */
+            live_add(e, id);
         }
     } else {
         e->backlog = true; /* it waits in the outbox; the pump sends it */

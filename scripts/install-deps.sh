@@ -8,8 +8,8 @@ PKGS=(
   build-essential pkg-config meson ninja-build clang libclang-rt-14-dev clang-format
   libuv1-dev libmodbus-dev libmosquitto-dev libsqlite3-dev libjansson-dev libcmocka-dev
   mosquitto mosquitto-clients sqlite3
-  python3 python3-pymodbus python3-serial python3-serial-asyncio python3-paho-mqtt
-  socat mbpoll valgrind procps openssl
+  python3 python3-pymodbus python3-serial python3-serial-asyncio python3-paho-mqtt python3-jsonschema
+  socat mbpoll valgrind procps openssl util-linux
 )
 
 missing=()
