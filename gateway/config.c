@@ -856,7 +856,8 @@ static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
 
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
-    static const char *const keys[] = {"path", "history_retention_h", "outbox_max_mb", NULL};
+    static const char *const keys[] = {"path", "history_retention_h", "outbox_max_mb",
+                                       "synchronous", NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -871,6 +872,16 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
     }
     if (get_int(v, st, "history_retention_h", 0, 87600, false, &x)) {
         cfg->store.history_retention_h = (int)x;
+    }
+    const char *sync = get_str(v, st, "synchronous", false);
+    if (sync != NULL) {
+        if (strcmp(sync, "full") == 0 || strcmp(sync, "normal") == 0) {
+            cfg->store.sync_normal = strcmp(sync, "normal") == 0;
+        } else {
+            char sb[96];
+            err_key(v, "synchronous", AT_VALUE, "%s is not \"full\" or \"normal\"",
+                    show(sync, sb, sizeof sb));
+        }
     }
     double mb;
     if (get_num(v, st, "outbox_max_mb", false, &mb)) {

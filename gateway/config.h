@@ -72,6 +72,7 @@ typedef struct smp_config {
         char *path;              /* default data_dir + "/simpul.db" */
         int history_retention_h; /* default 168 */
         double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
+        bool sync_normal;        /* "synchronous": "normal" (true) or "full" (false, default) */
     } store;
     smp_device_cfg_t *devices;
     size_t ndevices;

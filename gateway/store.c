@@ -184,6 +184,7 @@ struct smp_store {
     char *path;
     int64_t retention_ms; /* 0: keep history forever */
     int64_t outbox_max;   /* 0: unbounded */
+    bool sync_normal;     /* PRAGMA synchronous = NORMAL instead of FULL */
 
     uv_thread_t writer;
     bool writer_started;
@@ -1366,7 +1367,8 @@ static int try_open(smp_store_t *st, const char *path)
     }
     if (rc == SQLITE_OK) {
         why = "synchronous";
-        rc = exec_sql(st, "PRAGMA synchronous = NORMAL");
+        rc = exec_sql(st, st->sync_normal ? "PRAGMA synchronous = NORMAL"
+                                          : "PRAGMA synchronous = FULL");
     }
     if (rc == SQLITE_OK) {
         char sql[64];
@@ -1590,6 +1592,7 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
     st->retention_ms =
         opts->history_retention_h > 0 ? (int64_t)opts->history_retention_h * 3600000 : 0;
     st->outbox_max = opts->outbox_max_bytes > 0 ? opts->outbox_max_bytes : 0;
+    st->sync_normal = opts->sync_normal;
     if (uv_mutex_init(&st->mu) != 0) {
         free(st->path);
         free(st);

@@ -29,6 +29,10 @@ typedef struct smp_store_opts {
     const char *path;         /* database file; ":memory:" allowed (tests) */
     int history_retention_h;  /* history rows older than this are pruned, a little at a time */
     int64_t outbox_max_bytes; /* when the outbox exceeds this, the oldest rows are dropped */
+    /* false (default): PRAGMA synchronous=FULL, every commit is on disk before its callback
+     * runs, so a power cut loses nothing acknowledged. true: NORMAL, faster commits that
+     * survive a crash of the process but not of the machine. */
+    bool sync_normal;
 } smp_store_opts_t;
 
 /* Opens (creating/migrating the schema), starts the writer thread. Returns 0 or a negative
