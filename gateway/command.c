@@ -685,6 +685,9 @@ static void after_result_stored(void *arg, int status, int64_t id)
     }
     unsigned times = 1;
     if (m->entry != NULL) {
+        /* Only now is the entry answered (and so may expire); until here duplicates waited. */
+        free(m->entry->result);
+        m->entry->result = strdup(rc->text);
         times += m->entry->waiting;
         m->entry->waiting = 0;
     }
@@ -714,10 +717,6 @@ static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *cod
     char *text = b->p;
     b->p = NULL;
     struct result_ctx *rc = calloc(1, sizeof *rc);
-    if (m->entry != NULL) {
-        free(m->entry->result);
-        m->entry->result = text ? strdup(text) : NULL;
-    }
     e->cmds->in_progress++;
     if (rc == NULL || text == NULL) {
         free(text);
@@ -799,11 +798,12 @@ static int find_tag(const struct device *d, const char *name)
 }
 
 /* Queues the device I/O of a validated command. */
+/* The caller has counted the command in d->cmd_queued (at acceptance, so that the queue
+ * limit also covers commands still waiting for their durable record). */
 static void dispatch(smp_engine_t *e, struct cmd *m, struct job *j)
 {
     j->cmd = m;
     j->dev = m->d;
-    m->d->cmd_queued++;
     e->cmds->in_progress++;
     smp__engine_enqueue(m->d->conn, j);
 }
@@ -819,13 +819,23 @@ static void after_begin_stored(void *arg, int status, int64_t id)
     struct begin_ctx *bc = arg;
     smp_engine_t *e = bc->m->e;
     e->cmds->in_progress--;
+    struct device *d = bc->m->d;
     if (status < 0) {
         /* Without a durable record a restart could run the write twice: refuse it. */
+        d->cmd_queued--;
         smp__job_free(bc->j);
         fail(e, bc->m, "busy", "the gateway cannot record the command (store error)");
     } else if (e->stopping) {
+        d->cmd_queued--;
         smp__job_free(bc->j);
         fail(e, bc->m, "device_offline", "the gateway is stopping");
+    } else if (d->online == 0) {
+        /* The device went offline while the record was being committed. */
+        d->cmd_queued--;
+        smp__job_free(bc->j);
+        char msg[ERRMSG_LEN + 32];
+        snprintf(msg, sizeof msg, "device is offline: %s", d->status_err);
+        fail(e, bc->m, "device_offline", msg);
     } else {
         dispatch(e, bc->m, bc->j);
     }
@@ -1015,10 +1025,12 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         uint64_t base = m->c.has_ts ? (uint64_t)m->c.ts : m->recv_wall_ms;
         j->deadline_wall_ms = base + (uint64_t)m->c.ttl_ms;
     }
+    m->d->cmd_queued++;
     if (m->c.op == SMP_CMD_WRITE && m->c.has_id) {
         /* Durable "accepted" record before the write, so a crash cannot lead to a re-run. */
         struct begin_ctx *bc = calloc(1, sizeof *bc);
         if (bc == NULL) {
+            m->d->cmd_queued--;
             smp__job_free(j);
             fail(e, m, "busy", "out of memory");
             return;
@@ -1051,7 +1063,15 @@ static void write_done(smp_engine_t *e, struct cmd *m, struct job *j)
     if (j->status < 0) {
         const char *code = code_for(j->status);
         if (strcmp(code, "device_offline") == 0 && j->started) {
-            code = "device_offline";
+            /* The link failed after the request went out (a reset, a corrupted reply): the
+             * device may have applied it. "device_offline" promises nothing was written, so
+             * this is a timeout, outcome unknown. */
+            char msg[ERRMSG_LEN + 64];
+            snprintf(msg, sizeof msg,
+                     "the link failed after the write was sent (%s); outcome unknown",
+                     j->errmsg[0] ? j->errmsg : "error");
+            fail(e, m, "timeout", msg);
+            return;
         }
         fail(e, m, code, j->errmsg[0] ? j->errmsg : "write failed");
         return;

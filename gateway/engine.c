@@ -244,7 +244,6 @@ static void run_write(struct conn *c, struct job *j)
     struct device *d = j->dev;
     const smp_plugin_t *p = c->plugin->desc;
     uint64_t now = mono_ms();
-    j->started = true;
     if (ensure_open(c, now, j) < 0) {
         j->status = -ENOTCONN;
         return;
@@ -256,6 +255,9 @@ static void run_write(struct conn *c, struct job *j)
     const char *message = NULL;
     smp_reading_t rb;
     memset(&rb, 0, sizeof rb);
+    /* From here on the request may reach the device: a link error no longer means "nothing
+     * was written". */
+    j->started = true;
     int rc = p->device_write(d->pdev, j->tag, &j->write_raw, &rb, &message);
     j->done_wall_ms = smp__wall_ms();
     if (rc < 0) {
@@ -508,7 +510,11 @@ static void on_fetch(void *arg, int status, const smp_outbox_row_t *rows, size_t
         e->backlog = true;
         return;
     }
-    if (e->stopping || !smp_bridge_connected(e->bridge) || e->fetch_epoch != e->conn_epoch) {
+    if (e->stopping || !smp_bridge_connected(e->bridge)) {
+        return;
+    }
+    if (e->fetch_epoch != e->conn_epoch) {
+        pump(e); /* rows read for an earlier connection: start over from the new cursor */
         return;
     }
     bool blocked = false;
@@ -518,12 +524,21 @@ static void on_fetch(void *arg, int status, const smp_outbox_row_t *rows, size_t
             continue;
         }
         int rc = publish_row(e, rows[k].id, rows[k].topic, rows[k].payload, rows[k].len);
-        if (rc != 0) {
-            blocked = true;
+        if (rc == -EAGAIN || rc == -ENOTCONN) {
+            blocked = true; /* the window is full or the link is gone: resume from here later */
             break;
         }
+        if (rc != 0) {
+            /* A message the broker can never take (e.g. larger than it accepts) must not block
+             * the queue behind it forever: drop it, count it, say so. */
+            LOG_ERR("engine", "dropping outbox message %" PRId64 " for %s: %s", rows[k].id,
+                    rows[k].topic, strerror(-rc));
+            smp_store_outbox_ack(e->store, rows[k].id);
+            e->stats.lost++;
+        } else {
+            e->stats.replayed++;
+        }
         e->cursor = rows[k].id;
-        e->stats.replayed++;
     }
     if (!blocked && n < e->fetch_max) {
         e->backlog = false; /* caught up: live messages go straight out from now on */
@@ -845,6 +860,13 @@ static void on_metrics_timer(uv_timer_t *t)
     metrics_publish(t->data);
 }
 
+/* The pump runs on acks and new messages; this timer restarts it when neither comes (the
+ * window was filled by messages without an outbox row, or a fetch failed). */
+static void on_pump_timer(uv_timer_t *t)
+{
+    pump(t->data);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Bridge callbacks                                                                            */
 
@@ -855,7 +877,8 @@ static void on_mqtt_connect(void *arg)
     e->cursor = 0;
     e->live_n = 0;
     e->backlog = true;
-    e->fetch_in_flight = false;
+    /* A fetch still out for the previous connection is recognised by its epoch in on_fetch;
+     * clearing fetch_in_flight here would start a second replay chain beside it. */
     for (size_t k = 0; k < e->ndevs; k++) {
         struct device *d = &e->devs[k];
         publish_device_status(e, d);
@@ -1156,6 +1179,8 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
     e->stop_timer.data = e;
     uv_check_init(loop, &e->acks_check);
     e->acks_check.data = e;
+    uv_timer_init(loop, &e->pump_timer);
+    e->pump_timer.data = e;
     e->handles_init = true;
     *out = e;
     return 0;
@@ -1189,6 +1214,7 @@ int smp_engine_start(smp_engine_t *e)
         (uint64_t)(e->cfg->gateway.metrics_interval_s ? e->cfg->gateway.metrics_interval_s : 60) *
         1000u;
     uv_timer_start(&e->metrics_timer, on_metrics_timer, mi, mi);
+    uv_timer_start(&e->pump_timer, on_pump_timer, 1000, 1000);
     smp_bridge_subscribe(e->bridge, e->topic_cmd_sub, 1);
     int rc = smp_bridge_start(e->bridge);
     if (rc < 0) {
@@ -1219,11 +1245,18 @@ void smp__engine_stop_progress(smp_engine_t *e)
         return;
     }
     if (!e->bridge_stop_called) {
+        /* The bridge's own wait for PUBACKs must end by the stop deadline: it gets what is
+         * left of it (at least a moment to send the offline status). */
+        uint64_t now = uv_now(e->loop);
+        uint64_t left = e->stop_deadline_ms > now ? e->stop_deadline_ms - now : 0;
+        uint32_t wait = left < 1500 ? (uint32_t)left : 1500;
         e->bridge_stop_called = true;
-        smp_bridge_stop(e->bridge, e->stop_forced ? 200 : 1500);
+        smp_bridge_stop(e->bridge, wait < 200 ? 200 : wait);
         return;
     }
-    if (!e->bridge_stopped && !e->stop_forced) {
+    /* Done only once the bridge has closed its handles: its callbacks use the engine. The
+     * bridge's stop is bounded by the wait given above. */
+    if (!e->bridge_stopped) {
         return;
     }
     e->stop_done = true;
@@ -1248,6 +1281,7 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
         }
     }
     uv_timer_stop(&e->metrics_timer);
+    uv_timer_stop(&e->pump_timer);
     for (size_t m = 0; m < e->nconns; m++) {
         struct conn *c = e->conns[m];
         uv_mutex_lock(&c->mu);
@@ -1264,6 +1298,7 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
             j = next;
         }
     }
+    e->stop_deadline_ms = uv_now(e->loop) + timeout_ms;
     uv_timer_start(&e->stop_timer, on_stop_timeout, timeout_ms, 0);
     smp__engine_stop_progress(e);
 }
@@ -1292,11 +1327,19 @@ static void close_noop(uv_handle_t *h)
     (void)h;
 }
 
-void smp_engine_free(smp_engine_t *e)
+int smp_engine_free(smp_engine_t *e)
 {
     if (e == NULL) {
-        return;
+        return 0;
     }
+    /* Workers that exited after the loop stopped have left their notice in the done queue. */
+    uv_mutex_lock(&e->done_mu);
+    for (struct job *j = e->done_head; j != NULL; j = j->next) {
+        if (j->type == JOB_EXIT) {
+            j->conn->exited = true;
+        }
+    }
+    uv_mutex_unlock(&e->done_mu);
     bool workers_stuck = false;
     for (size_t m = 0; m < e->nconns; m++) {
         struct conn *c = e->conns[m];
@@ -1305,11 +1348,11 @@ void smp_engine_free(smp_engine_t *e)
         }
     }
     if (workers_stuck) {
-        /* A worker is still inside a blocking driver call past the stop deadline. Freeing what
-         * it uses would be unsafe; the process is about to exit, so leave it to the OS. */
-        LOG_WARN("engine", "a worker is still busy in its driver; not freeing its state");
+        /* A worker is still inside a blocking driver call past the stop deadline. Nothing it
+         * may touch can be freed; commit what is queued and let the caller end the process. */
+        LOG_WARN("engine", "a worker is still busy in its driver after the stop deadline");
         smp_store_close(e->store);
-        return;
+        return -EBUSY;
     }
     for (size_t m = 0; m < e->nconns; m++) {
         if (e->conns[m]->started) {
@@ -1329,6 +1372,7 @@ void smp_engine_free(smp_engine_t *e)
         uv_close((uv_handle_t *)&e->metrics_timer, close_noop);
         uv_close((uv_handle_t *)&e->stop_timer, close_noop);
         uv_close((uv_handle_t *)&e->acks_check, close_noop);
+        uv_close((uv_handle_t *)&e->pump_timer, close_noop);
         uv_run(e->loop, UV_RUN_NOWAIT);
     } else {
         for (size_t k = 0; k < e->ndevs; k++) {
@@ -1355,9 +1399,12 @@ void smp_engine_free(smp_engine_t *e)
     }
     flush_acks(e);
     free(e->acks);
+    /* The store first: closing it runs its last callbacks, which use the bridge and the
+     * command state. */
+    smp_store_close(e->store);
+    e->store = NULL;
     smp_bridge_free(e->bridge);
     smp__engine_commands_free(e);
-    smp_store_close(e->store);
     for (size_t k = 0; k < e->ndevs; k++) {
         free_device(&e->devs[k]);
     }
@@ -1377,4 +1424,5 @@ void smp_engine_free(smp_engine_t *e)
     free(e->topic_cmd_sub);
     uv_mutex_destroy(&e->done_mu);
     free(e);
+    return 0;
 }

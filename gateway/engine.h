@@ -25,7 +25,10 @@ int smp_engine_start(smp_engine_t *e);
  * offline status is published, MQTT disconnects; then `done(arg)` runs on the loop thread.
  * The whole sequence is bounded by `timeout_ms`. */
 void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *arg), void *arg);
-/* Frees everything after `done` ran and the loop has returned (closes the store). */
-void smp_engine_free(smp_engine_t *e);
+/* Frees everything after `done` ran and the loop has returned (closes the store). Returns 0,
+ * or -EBUSY when a worker thread is still inside a driver call past the stop deadline: the
+ * store is then closed (everything queued is committed) but nothing else is freed, and the
+ * caller must end the process (_exit) rather than go on. */
+int smp_engine_free(smp_engine_t *e);
 
 #endif

@@ -158,8 +158,10 @@ struct smp_engine {
     int64_t *acks; /* PUBACKed ids, deleted in one store operation per loop iteration */
     size_t acks_n, acks_cap;
     uv_check_t acks_check;
+    uv_timer_t pump_timer;
     /* stop */
     bool stopping, stop_forced, stop_done, bridge_stop_called, bridge_stopped;
+    uint64_t stop_deadline_ms; /* loop time by which the stop must be done */
     int workers_alive;
     void (*stop_cb)(void *arg);
     void *stop_arg;

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <uv.h>
 
@@ -113,6 +114,19 @@ static void on_hup(uv_signal_t *s, int signum)
     a->reloading = true;
     a->next_cfg = cfg;
     smp_engine_stop(a->engine, STOP_TIMEOUT_MS, on_engine_stopped, a);
+}
+
+/* Frees the stopped engine. When a worker thread is stuck in a driver call past the stop
+ * deadline its memory cannot be freed safely: the store is already committed, so the process
+ * ends here. After a reload request that is exit 1, so that systemd (Restart=always) starts
+ * simpul again on the new config. */
+static void engine_free_or_exit(struct app *a)
+{
+    if (smp_engine_free(a->engine) == -EBUSY) {
+        LOG_ERR("main", "exiting without freeing: a device call did not return in time");
+        _exit(a->reloading && !a->stopping ? 1 : a->exit_code);
+    }
+    a->engine = NULL;
 }
 
 static int run_check(const char *path, const char *plugin_dir)
@@ -229,14 +243,12 @@ int main(int argc, char **argv)
                 a.stopping = true;
                 smp_engine_stop(a.engine, STOP_TIMEOUT_MS, on_engine_stopped, &a);
                 uv_run(a.loop, UV_RUN_DEFAULT);
-                smp_engine_free(a.engine);
-                a.engine = NULL;
+                engine_free_or_exit(&a);
             }
             break;
         }
         uv_run(a.loop, UV_RUN_DEFAULT);
-        smp_engine_free(a.engine);
-        a.engine = NULL;
+        engine_free_or_exit(&a);
         if (a.reloading && !a.stopping) {
             smp_config_free(a.cfg);
             a.cfg = a.next_cfg;
