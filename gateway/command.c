@@ -1026,8 +1026,11 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         j->deadline_wall_ms = base + (uint64_t)m->c.ttl_ms;
     }
     m->d->cmd_queued++;
-    if (m->c.op == SMP_CMD_WRITE && m->c.has_id) {
-        /* Durable "accepted" record before the write, so a crash cannot lead to a re-run. */
+    if (m->c.has_id) {
+        /* Durable "accepted" record before the write, so a crash cannot lead to a re-run.
+         * Reads take the same path: store operations complete in order, so the commands of a
+         * device reach its queue in the order they arrived (a read sent after a write sees
+         * the write). */
         struct begin_ctx *bc = calloc(1, sizeof *bc);
         if (bc == NULL) {
             m->d->cmd_queued--;
