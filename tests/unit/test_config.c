@@ -828,6 +828,25 @@ static void test_duplicate_json_keys(void **state)
     res_free(&r);
 }
 
+static void test_store_synchronous(void **state)
+{
+    (void)state;
+    res_t r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": "
+                   "{\"synchronous\": \"normal\"}}");
+    assert_int_equal(r.n, 0);
+    assert_true(r.cfg->store.sync_normal);
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": []}");
+    assert_int_equal(r.n, 0);
+    assert_false(r.cfg->store.sync_normal); /* full is the default: power cuts lose nothing */
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": {\"synchronous\": "
+             "\"off\"}}");
+    expect_errors(&r, 1);
+    expect_line(&r, "t.json:1:69: store.synchronous: \"off\" is not \"full\" or \"normal\"");
+    res_free(&r);
+}
+
 static void test_out_of_range(void **state)
 {
     (void)state;
@@ -1417,6 +1436,7 @@ int main(void)
         cmocka_unit_test(test_duplicate_tag),
         cmocka_unit_test(test_duplicate_json_keys),
         cmocka_unit_test(test_out_of_range),
+        cmocka_unit_test(test_store_synchronous),
         cmocka_unit_test(test_missing_required),
         cmocka_unit_test(test_bad_plugin_keys),
         cmocka_unit_test(test_type_restrictions),
