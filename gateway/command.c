@@ -672,6 +672,7 @@ static void audit(smp_engine_t *e, struct cmd *m, const char *code, const char *
 struct result_ctx {
     struct cmd *m;
     char *text;
+    bool published;
 };
 
 static void after_result_stored(void *arg, int status, int64_t id)
@@ -683,9 +684,10 @@ static void after_result_stored(void *arg, int status, int64_t id)
     if (status < 0) {
         LOG_WARN("cmd", "result of %s not persisted: %s", m->c.id, strerror(-status));
     }
-    unsigned times = 1;
+    unsigned times = rc->published ? 0 : 1;
     if (m->entry != NULL) {
-        /* Only now is the entry answered (and so may expire); until here duplicates waited. */
+        /* Only now is the entry answered (and so may expire); duplicates that arrived in the
+         * meantime waited for this. */
         free(m->entry->result);
         m->entry->result = strdup(rc->text);
         times += m->entry->waiting;
@@ -701,8 +703,14 @@ static void after_result_stored(void *arg, int status, int64_t id)
     smp__engine_stop_progress(e);
 }
 
-/* Final answer: remember it (memory + store, committed first), audit, then publish. Takes
- * ownership of m and of the buffer's text. */
+/* Final answer: audit, publish, remember (memory + store). Takes ownership of m and of the
+ * buffer's text.
+ *
+ * The answer goes out before its row is committed: what makes a command at-most-once is the
+ * "accepted" record committed before any device I/O, not this row. Waiting for this commit too
+ * would put a second fsync on every command's path (p99 5.1 ms instead of 3 ms here). If the
+ * machine loses power in between, a retry finds the accepted record without a result and is
+ * answered "timeout, outcome unknown" — never run again. */
 static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *code,
                    const char *message)
 {
@@ -728,6 +736,8 @@ static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *cod
     rc->m = m;
     rc->text = text;
     if (m->c.has_id) {
+        publish_result(e, m, text);
+        rc->published = true;
         smp_store_cmd_put(e->store, m->device, m->c.id, text, (int64_t)m->recv_wall_ms,
                           after_result_stored, rc);
     } else {
