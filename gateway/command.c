@@ -690,11 +690,17 @@ static void after_result_stored(void *arg, int status, int64_t id)
          * meantime waited for this. */
         free(m->entry->result);
         m->entry->result = strdup(rc->text);
+        if (m->entry->result == NULL) {
+            /* An entry without a result would never expire: give it the text itself. */
+            m->entry->result = rc->text;
+            rc->text = NULL;
+        }
         times += m->entry->waiting;
         m->entry->waiting = 0;
     }
+    const char *text = rc->text != NULL ? rc->text : m->entry->result;
     for (unsigned k = 0; k < times; k++) {
-        publish_result(e, m, rc->text);
+        publish_result(e, m, text);
     }
     free(rc->text);
     free(rc);

@@ -524,8 +524,10 @@ static void on_fetch(void *arg, int status, const smp_outbox_row_t *rows, size_t
             continue;
         }
         int rc = publish_row(e, rows[k].id, rows[k].topic, rows[k].payload, rows[k].len);
-        if (rc == -EAGAIN || rc == -ENOTCONN) {
-            blocked = true; /* the window is full or the link is gone: resume from here later */
+        if (rc != 0 && rc != -EMSGSIZE && rc != -EINVAL) {
+            /* The window is full, or the link failed (perhaps not noticed by the bridge yet):
+             * resume from here later. Only a message itself at fault is ever dropped. */
+            blocked = true;
             break;
         }
         if (rc != 0) {
@@ -1228,8 +1230,19 @@ int smp_engine_start(smp_engine_t *e)
 static void on_stop_timeout(uv_timer_t *t)
 {
     smp_engine_t *e = t->data;
-    LOG_WARN("engine", "stop deadline reached; finishing now");
-    e->stop_forced = true;
+    if (!e->stop_forced) {
+        LOG_WARN("engine", "stop deadline reached; finishing now");
+        e->stop_forced = true;
+        smp__engine_stop_progress(e);
+        if (!e->stop_done) {
+            /* The bridge gets a last moment to close (it may be waiting on a DNS lookup that
+             * cannot be cancelled); after that the process ends without it. */
+            uv_timer_start(&e->stop_timer, on_stop_timeout, 500, 0);
+        }
+        return;
+    }
+    LOG_WARN("engine", "the MQTT client did not close in time; leaving it");
+    e->bridge_abandoned = true;
     smp__engine_stop_progress(e);
 }
 
@@ -1256,7 +1269,7 @@ void smp__engine_stop_progress(smp_engine_t *e)
     }
     /* Done only once the bridge has closed its handles: its callbacks use the engine. The
      * bridge's stop is bounded by the wait given above. */
-    if (!e->bridge_stopped) {
+    if (!e->bridge_stopped && !e->bridge_abandoned) {
         return;
     }
     e->stop_done = true;
@@ -1347,10 +1360,12 @@ int smp_engine_free(smp_engine_t *e)
             workers_stuck = true;
         }
     }
-    if (workers_stuck) {
+    if (workers_stuck || e->bridge_abandoned) {
         /* A worker is still inside a blocking driver call past the stop deadline. Nothing it
          * may touch can be freed; commit what is queued and let the caller end the process. */
-        LOG_WARN("engine", "a worker is still busy in its driver after the stop deadline");
+        LOG_WARN("engine", "%s after the stop deadline",
+                 workers_stuck ? "a worker is still busy in its driver"
+                               : "the MQTT client is still closing");
         smp_store_close(e->store);
         return -EBUSY;
     }

@@ -160,7 +160,7 @@ struct smp_engine {
     uv_check_t acks_check;
     uv_timer_t pump_timer;
     /* stop */
-    bool stopping, stop_forced, stop_done, bridge_stop_called, bridge_stopped;
+    bool stopping, stop_forced, stop_done, bridge_stop_called, bridge_stopped, bridge_abandoned;
     uint64_t stop_deadline_ms; /* loop time by which the stop must be done */
     int workers_alive;
     void (*stop_cb)(void *arg);

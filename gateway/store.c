@@ -1647,6 +1647,9 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
     }
     st->async.data = st;
     uv_unref((uv_handle_t *)&st->async);
+    /* Before the writer exists: its fallback configures the writer's connection, and the
+     * writer reads ckpt_started. */
+    checkpointer_start(st);
     rc = uv_thread_create(&st->writer, writer_main, st);
     if (rc != 0) {
         close_async(st);
@@ -1654,7 +1657,6 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
         return rc;
     }
     st->writer_started = true;
-    checkpointer_start(st);
     LOG_INFO(SCOPE, "opened %s%s: outbox %" PRId64 " messages, %" PRId64 " bytes", st->path,
              st->in_memory ? " (in memory)" : "", st->ob_rows, st->ob_bytes);
     *out = st;
