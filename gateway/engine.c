@@ -475,6 +475,18 @@ static bool live_take(smp_engine_t *e, int64_t id)
 }
 
 static void pump(smp_engine_t *e);
+
+/* Drops live ids the replay cursor has passed: they were skipped, or acked and deleted. */
+static void live_prune(smp_engine_t *e)
+{
+    size_t w = 0;
+    for (size_t k = 0; k < e->live_n; k++) {
+        if (e->live_ids[k] > e->cursor) {
+            e->live_ids[w++] = e->live_ids[k];
+        }
+    }
+    e->live_n = w;
+}
 static void flush_acks(smp_engine_t *e);
 
 static size_t replay_window(const smp_engine_t *e)
@@ -542,6 +554,7 @@ static void on_fetch(void *arg, int status, const smp_outbox_row_t *rows, size_t
         }
         e->cursor = rows[k].id;
     }
+    live_prune(e);
     if (!blocked && n < e->fetch_max) {
         e->backlog = false; /* caught up: live messages go straight out from now on */
         return;
@@ -922,7 +935,9 @@ static void on_mqtt_ack(void *arg, uint64_t token)
         int64_t *p = realloc(e->acks, cap * sizeof *p);
         if (p == NULL) {
             smp_store_outbox_ack(e->store, (int64_t)token);
-            live_take(e, (int64_t)token);
+            if (!e->fetch_in_flight) {
+                live_take(e, (int64_t)token);
+            }
             pump(e);
             return;
         }
@@ -933,7 +948,11 @@ static void on_mqtt_ack(void *arg, uint64_t token)
     if (e->acks_n == 1) {
         uv_check_start(&e->acks_check, on_acks_check);
     }
-    live_take(e, (int64_t)token);
+    /* A fetch already under way may have read this row before the ack deletes it: the id must
+     * stay in the live set until that fetch has been through it (on_fetch prunes the set). */
+    if (!e->fetch_in_flight) {
+        live_take(e, (int64_t)token);
+    }
     pump(e);
 }
 
