@@ -459,9 +459,9 @@ static int outbox_trim(smp_store_t *st)
 /* ------------------------------------------------------------------------------------------ */
 /* Applying operations (writer thread) */
 
-static int apply_put(smp_store_t *st, op_t *o)
+/* Binds (device, name, value_json, ts_ms) to ?1..?4: the shape of last_value and cmd_result. */
+static int bind_device_name_json_ts(sqlite3_stmt *s, const op_t *o)
 {
-    sqlite3_stmt *s = st->stmt[ST_PUT_LAST];
     int rc = bind_text(s, 1, o->device);
     if (rc == SQLITE_OK) {
         rc = bind_text(s, 2, o->name);
@@ -472,6 +472,13 @@ static int apply_put(smp_store_t *st, op_t *o)
     if (rc == SQLITE_OK) {
         rc = sqlite3_bind_int64(s, 4, o->ts_ms);
     }
+    return rc;
+}
+
+static int apply_put(smp_store_t *st, op_t *o)
+{
+    sqlite3_stmt *s = st->stmt[ST_PUT_LAST];
+    int rc = bind_device_name_json_ts(s, o);
     if (rc != SQLITE_OK) {
         return sql_fail(st, rc, "last value");
     }
@@ -574,16 +581,7 @@ static int apply_ack(smp_store_t *st, op_t *o)
 static int apply_cmd_put(smp_store_t *st, op_t *o)
 {
     sqlite3_stmt *s = st->stmt[ST_CMD_PUT];
-    int rc = bind_text(s, 1, o->device);
-    if (rc == SQLITE_OK) {
-        rc = bind_text(s, 2, o->name);
-    }
-    if (rc == SQLITE_OK) {
-        rc = bind_text(s, 3, o->value_json);
-    }
-    if (rc == SQLITE_OK) {
-        rc = sqlite3_bind_int64(s, 4, o->ts_ms);
-    }
+    int rc = bind_device_name_json_ts(s, o);
     if (rc != SQLITE_OK) {
         return sql_fail(st, rc, "command result");
     }

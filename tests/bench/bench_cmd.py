@@ -76,11 +76,9 @@ def main():
         print("  inside simpul (MQTT message received -> device confirmed, audit latency_us, ms): "
               "p50 %.2f  p90 %.2f  p99 %.2f  max %.2f" % (ipct(50), ipct(90), ipct(99), inner[-1]))
     finally:
-        for fn, args in reversed(t.cleanups):
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001
-                pass
+        t.cleanup_all()
+        import shutil
+        shutil.rmtree(t.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

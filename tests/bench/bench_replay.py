@@ -145,11 +145,9 @@ def main():
         print("simpul peak RSS during the replay: %s kB" % rss)
         g2.stop()
     finally:
-        for fn, args in reversed(t.cleanups):
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001
-                pass
+        t.cleanup_all()
+        import shutil
+        shutil.rmtree(t.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -358,6 +358,15 @@ class TestCase:
         print("%d passed, %d failed" % (passed, failed))
         sys.exit(1 if failed else 0)
 
+    def cleanup_all(self):
+        """Runs the registered cleanups, newest first, reporting but surviving failures."""
+        for fn, args in reversed(self.cleanups):
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001
+                print("cleanup error: %r" % e)
+        self.cleanups = []
+
     # Convenience starters that register their own cleanup.
     def broker(self, port=None, persistence=False):
         b = Broker(self.workdir, port, persistence).start()
