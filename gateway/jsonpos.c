@@ -538,6 +538,22 @@ static bool skip_value(scanner_t *sc)
 
 static bool parse_value(scanner_t *sc);
 
+/* After a member of an object or array: 1 when a ',' says another member follows, 0 when
+ * `close` ended the container, -1 on a syntax error. */
+static int next_member(scanner_t *sc, int close)
+{
+    skip_ws(sc);
+    int c = peek(sc);
+    if (c == ',') {
+        return punct(sc) ? 1 : -1;
+    }
+    if (c == close) {
+        return punct(sc) ? 0 : -1;
+    }
+    fail(sc);
+    return -1;
+}
+
 static bool parse_object(scanner_t *sc)
 {
     uint32_t obj = ++sc->next_obj;
@@ -574,16 +590,9 @@ static bool parse_object(scanner_t *sc)
         if (!ok) {
             return false;
         }
-        skip_ws(sc);
-        int c = peek(sc);
-        if (c == ',') {
-            if (!punct(sc)) {
-                return false;
-            }
-        } else if (c == '}') {
-            return punct(sc);
-        } else {
-            return fail(sc);
+        int more = next_member(sc, '}');
+        if (more <= 0) {
+            return more == 0;
         }
     }
 }
@@ -606,16 +615,9 @@ static bool parse_array(scanner_t *sc)
         if (!ok) {
             return false;
         }
-        skip_ws(sc);
-        int c = peek(sc);
-        if (c == ',') {
-            if (!punct(sc)) {
-                return false;
-            }
-        } else if (c == ']') {
-            return punct(sc);
-        } else {
-            return fail(sc);
+        int more = next_member(sc, ']');
+        if (more <= 0) {
+            return more == 0;
         }
     }
 }
