@@ -2,7 +2,8 @@
  * leaks or reads out of bounds. Plugins load from SMP_FUZZ_PLUGIN_DIR (default: the build
  * tree), so protocol keys are checked against the real Modbus driver.
  *   meson setup build-fuzz -Dfuzz=true -Db_sanitize=address,undefined (CC=clang)
- *   build-fuzz/tests/fuzz/fuzz_config -max_total_time=60 tests/integration/configs */
+ *   build-fuzz/tests/fuzz/fuzz_config -max_total_time=60 tests/fuzz/corpus/fuzz_config \
+ *     tests/integration/configs   (new inputs go to the first folder only) */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
