@@ -132,6 +132,7 @@ struct smp_bridge {
 };
 
 static void begin_attempt(smp_bridge_t *b);
+static int send_subscribe(smp_bridge_t *b, const sub_t *s);
 static void after_io(smp_bridge_t *b);
 static void finish_stop(smp_bridge_t *b);
 static void on_misc(uv_timer_t *t);
@@ -468,6 +469,7 @@ static void on_mosq_message(struct mosquitto *m, void *obj, const struct mosquit
         .response_topic = response_topic,
         .correlation_data = corr,
         .correlation_len = corr != NULL ? corr_len : 0,
+        .retained = msg->retain,
     };
     if (b->cbs.on_message != NULL) {
         b->cbs.on_message(b->arg, msg->topic, msg->payload,
@@ -826,6 +828,20 @@ static void begin_attempt(smp_bridge_t *b)
     }
 }
 
+/* Sends one SUBSCRIBE. With MQTT 5 the broker is asked not to send retained messages at all
+ * (retain handling 2): a retained command is one published before this subscription, never a
+ * request to act now. MQTT 3 has no such option; the caller sees the retain flag instead. */
+static int send_subscribe(smp_bridge_t *b, const sub_t *s)
+{
+    int opts = 0;
+    if (b->version == MQTT_PROTOCOL_V5) {
+        opts |= MQTT_SUB_OPT_SEND_RETAIN_NEVER;
+    }
+    errno = 0;
+    int rc = mosquitto_subscribe_v5(b->mosq, NULL, s->topic, s->qos, opts, NULL);
+    return mosq_to_errno(rc, errno);
+}
+
 /* CONNACK accepted: restore the subscriptions, announce the gateway, tell the caller. */
 static void on_connected(smp_bridge_t *b)
 {
@@ -848,9 +864,9 @@ static void on_connected(smp_bridge_t *b)
      * in order, so a platform that sees "online" can send commands and they are delivered. */
     int rc;
     for (size_t i = 0; i < b->nsubs; i++) {
-        rc = mosquitto_subscribe(b->mosq, NULL, b->subs[i].topic, b->subs[i].qos);
-        if (rc != MOSQ_ERR_SUCCESS) {
-            LOG_WARN(SCOPE, "cannot subscribe to %s: %s", b->subs[i].topic, mosquitto_strerror(rc));
+        rc = send_subscribe(b, &b->subs[i]);
+        if (rc < 0) {
+            LOG_WARN(SCOPE, "cannot subscribe to %s: %s", b->subs[i].topic, strerror(-rc));
         }
     }
     rc = publish_status(b, "online");
@@ -1153,10 +1169,10 @@ int smp_bridge_subscribe(smp_bridge_t *b, const char *topic, int qos)
     }
     s->qos = qos;
     if (b->state == ST_CONNECTED) {
-        int rc = mosquitto_subscribe(b->mosq, NULL, topic, qos);
-        if (rc != MOSQ_ERR_SUCCESS) {
+        int rc = send_subscribe(b, s);
+        if (rc < 0) {
             /* Kept: sent again after the next connect. */
-            return mosq_to_errno(rc, errno);
+            return rc;
         }
         poll_update(b);
     }

@@ -19,11 +19,13 @@
 
 typedef struct smp_bridge smp_bridge_t;
 
-/* MQTT 5 request properties of an incoming message (NULL/0 when absent or on MQTT 3). */
+/* MQTT 5 request properties of an incoming message (NULL/0 when absent or on MQTT 3), and
+ * whether the broker delivered it as a retained message (stored before this subscription). */
 typedef struct smp_mqtt_props {
     const char *response_topic;
     const void *correlation_data;
     size_t correlation_len;
+    bool retained;
 } smp_mqtt_props_t;
 
 typedef struct smp_bridge_cbs {
@@ -45,7 +47,9 @@ int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cb
                    smp_bridge_t **out);
 /* Starts connecting (asynchronously). */
 int smp_bridge_start(smp_bridge_t *b);
-/* Adds a subscription, sent now if connected and again after every reconnect. */
+/* Adds a subscription, sent now if connected and again after every reconnect. With MQTT 5 it
+ * asks the broker never to send retained messages (retain handling 2); on MQTT 3 the broker
+ * sends them, flagged `retained` in on_message. */
 int smp_bridge_subscribe(smp_bridge_t *b, const char *topic, int qos);
 /* Publishes. For qos 1 with a non-zero token, on_ack(token) follows the PUBACK. Returns 0,
  * -ENOTCONN when not connected, -EAGAIN when the in-flight window is full, or another negative

@@ -438,6 +438,7 @@ struct smp_command_state {
     struct cmd_entry *oldest, *newest;
     size_t count;
     unsigned in_progress; /* accepted, not yet answered */
+    uint64_t window_ms;   /* commands.dedup_window_s */
 };
 
 /* One command being handled. */
@@ -515,7 +516,7 @@ static void entry_unlink(struct smp_command_state *s, struct cmd_entry *x)
 static void entries_expire(struct smp_command_state *s, uint64_t now_mono)
 {
     while (s->oldest != NULL && s->oldest->result != NULL &&
-           now_mono - s->oldest->mono_ms > SMP_CMD_DEDUP_MS) {
+           now_mono - s->oldest->mono_ms > s->window_ms) {
         entry_unlink(s, s->oldest);
     }
 }
@@ -591,7 +592,8 @@ void smp__engine_commands_init(smp_engine_t *e)
         LOG_ERR("cmd", "out of memory");
         return;
     }
-    int64_t since = (int64_t)smp__wall_ms() - (int64_t)SMP_CMD_DEDUP_MS;
+    e->cmds->window_ms = (uint64_t)e->cfg->commands.dedup_window_s * 1000u;
+    int64_t since = (int64_t)smp__wall_ms() - (int64_t)e->cmds->window_ms;
     int rc = smp_store_load_cmds(e->store, since, restore_cmd, e);
     if (rc < 0) {
         LOG_WARN("cmd", "could not restore recent command results: %s", strerror(-rc));
@@ -643,7 +645,7 @@ static void publish_result(smp_engine_t *e, struct cmd *m, const char *text)
             topic = fallback;
         }
     }
-    smp_mqtt_props_t props = {NULL, m->corr, m->corr_len};
+    smp_mqtt_props_t props = {.correlation_data = m->corr, .correlation_len = m->corr_len};
     int rc = smp_bridge_publish(e->bridge, topic, text, strlen(text), 1, false, 0,
                                 m->corr != NULL ? &props : NULL);
     if (rc < 0) {
@@ -929,6 +931,15 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
     int prc = smp_cmd_parse(payload, len, &m->c, &m->err);
     if (m->c.value != NULL) {
         m->value_json = json_dumps(m->c.value, JSON_ENCODE_ANY | JSON_COMPACT);
+    }
+    if (props != NULL && props->retained) {
+        /* Stored by the broker before this subscription: an old request, perhaps long since
+         * carried out, delivered again on every (re)subscribe. Never acted upon, and kept out
+         * of the at-most-once table so that a live command with its id still runs. */
+        fail(e, m, "stale_retained",
+             "retained command (published with the retain flag) not executed; publish "
+             "commands without retain");
+        return;
     }
     uint64_t now = uv_now(e->loop);
     entries_expire(e->cmds, now);

@@ -2,7 +2,8 @@
  * execution by the engine (command.c). The contract is docs/contract.md, "Commands".
  *
  * Safety rules: a command is validated completely before any device I/O; it runs at most once
- * per (device, id) within SMP_CMD_DEDUP_MS, across restarts; it is refused once expired; a
+ * per (device, id) within commands.dedup_window_s, across restarts; a retained delivery is never
+ * executed; it is refused once expired; a
  * write is answered ok only after the device accepted it and a read-back returned the value
  * written; every command, valid or not, is audited. */
 #ifndef SMP_COMMAND_H
@@ -20,7 +21,6 @@
 #define SMP_CMD_MAX_PAYLOAD 65536
 #define SMP_CMD_ID_MAX      128
 #define SMP_CMD_MAX_TAGS    256
-#define SMP_CMD_DEDUP_MS    (10u * 60u * 1000u)
 #define SMP_CMD_QUEUE_MAX   16 /* commands waiting per device before "busy" */
 #define SMP_CMD_HISTORY_MAX 1000
 

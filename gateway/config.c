@@ -15,6 +15,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -895,6 +896,41 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
     pop(v, old);
 }
 
+/* Integer keys of "commands": name, range, where it goes. */
+typedef struct int_key {
+    const char *name;
+    long long lo, hi;
+    size_t off;
+} int_key_t;
+
+static const int_key_t command_keys[] = {
+    {"dedup_window_s", 1, 86400, offsetof(smp_config_t, commands.dedup_window_s)},
+};
+
+static void parse_commands(vctx_t *v, smp_config_t *cfg, json_t *root)
+{
+    static const char *names[sizeof command_keys / sizeof command_keys[0] + 1];
+    size_t n = sizeof command_keys / sizeof command_keys[0];
+    json_t *c = get(v, root, "commands", W_OBJECT, false);
+    if (c == NULL) {
+        return;
+    }
+    for (size_t k = 0; k < n; k++) {
+        names[k] = command_keys[k].name;
+    }
+    names[n] = NULL;
+    size_t old = push_key(v, "commands");
+    check_known(v, c, names);
+    for (size_t k = 0; k < n; k++) {
+        long long x;
+        if (get_int(v, c, command_keys[k].name, command_keys[k].lo, command_keys[k].hi, false,
+                    &x)) {
+            *(int *)((char *)cfg + command_keys[k].off) = (int)x;
+        }
+    }
+    pop(v, old);
+}
+
 /* ---- tags -------------------------------------------------------------------------------- */
 
 /* The tag fields the host owns; every other key of a tag belongs to the protocol's plugin.
@@ -1587,6 +1623,7 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     cfg->mqtt.inflight_max = 256;
     cfg->store.history_retention_h = 168;
     cfg->store.outbox_max_mb = 256;
+    cfg->commands.dedup_window_s = 600;
     return v->oom ? -ENOMEM : 0;
 }
 
@@ -1678,12 +1715,13 @@ static int load_text(const char *name, const char *text, size_t len,
         err(&v, AT_VALUE, "the config must be a JSON object, got %s", got(root, gb, sizeof gb));
         goto done;
     }
-    static const char *const root_keys[] = {"gateway",  "mqtt",    "store",
-                                            "profiles", "devices", NULL};
+    static const char *const root_keys[] = {"gateway", "mqtt",     "store", "profiles",
+                                            "devices", "commands", NULL};
     check_known(&v, root, root_keys);
     parse_gateway(&v, cfg, root);
     parse_mqtt(&v, cfg, root);
     parse_store(&v, cfg, root);
+    parse_commands(&v, cfg, root);
 
     if (cfg->plugins == NULL) {
         const char *dir = plugin_dir_override;

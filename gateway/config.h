@@ -74,6 +74,10 @@ typedef struct smp_config {
         double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
         bool sync_normal;        /* "synchronous": "normal" (true) or "full" (false, default) */
     } store;
+    struct {
+        /* Commands and their limits (docs/config.md, "commands"). */
+        int dedup_window_s; /* at-most-once window per (device, id), default 600 */
+    } commands;
     smp_device_cfg_t *devices;
     size_t ndevices;
     smp_plugin_set_t *plugins; /* owned: plugins loaded for the devices' protocols */
