@@ -439,6 +439,7 @@ struct smp_command_state {
     size_t count;
     unsigned in_progress; /* accepted, not yet answered */
     uint64_t window_ms;   /* commands.dedup_window_s */
+    bool history_lost;    /* the recorded commands could not be loaded at start */
 };
 
 /* One command being handled. */
@@ -596,7 +597,13 @@ void smp__engine_commands_init(smp_engine_t *e)
     int64_t since = (int64_t)smp__wall_ms() - (int64_t)e->cmds->window_ms;
     int rc = smp_store_load_cmds(e->store, since, restore_cmd, e);
     if (rc < 0) {
-        LOG_WARN("cmd", "could not restore recent command results: %s", strerror(-rc));
+        /* Ids run before the restart are unknown now: a retry of one could run twice. */
+        e->cmds->history_lost = true;
+        LOG_ERR("cmd", "could not restore recent command results: %s; writes are refused",
+                strerror(-rc));
+    }
+    if (!smp_store_durable(e->store)) {
+        LOG_ERR("cmd", "the store is in memory: writes are refused (not_durable)");
     }
 }
 
@@ -815,6 +822,20 @@ static int find_tag(const struct device *d, const char *name)
     return -1;
 }
 
+/* Why a write cannot be made at-most-once now, or NULL when it can. */
+static const char *durable_problem(const smp_engine_t *e)
+{
+    if (!smp_store_durable(e->store)) {
+        return "the store runs in memory: the command could not be recorded durably, so a "
+               "retry after a restart could run it twice";
+    }
+    if (e->cmds->history_lost) {
+        return "the command history could not be loaded at start: a retry of an earlier "
+               "command could run twice";
+    }
+    return NULL;
+}
+
 /* Queues the device I/O of a validated command. */
 /* The caller has counted the command in d->cmd_queued (at acceptance, so that the queue
  * limit also covers commands still waiting for their durable record). */
@@ -841,8 +862,10 @@ static void after_begin_stored(void *arg, int status, int64_t id)
     if (status < 0) {
         /* Without a durable record a restart could run the write twice: refuse it. */
         d->cmd_queued--;
+        bool write = bc->j->type == JOB_WRITE;
         smp__job_free(bc->j);
-        fail(e, bc->m, "busy", "the gateway cannot record the command (store error)");
+        fail(e, bc->m, write ? "not_durable" : "busy",
+             "the gateway cannot record the command (store error)");
     } else if (e->stopping) {
         d->cmd_queued--;
         smp__job_free(bc->j);
@@ -998,6 +1021,12 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         if (t < 0) {
             free(j);
             fail(e, m, "unknown_tag", "no such tag on this device");
+            return;
+        }
+        const char *why = durable_problem(e);
+        if (why != NULL) {
+            free(j);
+            fail(e, m, "not_durable", why);
             return;
         }
         smp_cmd_error_t verr = {0};

@@ -1981,6 +1981,11 @@ int smp_store_load_cmds(smp_store_t *st, int64_t since_ms, smp_store_cmd_cb cb, 
     return err;
 }
 
+bool smp_store_durable(const smp_store_t *st)
+{
+    return st != NULL && !st->in_memory;
+}
+
 void smp_store_audit(smp_store_t *st, const smp_audit_row_t *row)
 {
     if (st == NULL || row == NULL) {

@@ -117,6 +117,9 @@ void smp_store_cmd_put(smp_store_t *st, const char *device, const char *id, cons
 typedef void (*smp_store_cmd_cb)(void *arg, const char *device, const char *id,
                                  const char *result_json, int64_t ts_ms);
 int smp_store_load_cmds(smp_store_t *st, int64_t since_ms, smp_store_cmd_cb cb, void *arg);
+/* False when the store runs on an in-memory database (the file could not be used): nothing it
+ * records survives a restart. */
+bool smp_store_durable(const smp_store_t *st);
 /* One audit row per command, valid or not. Strings may be NULL. */
 typedef struct smp_audit_row {
     int64_t received_ms;

@@ -126,5 +126,26 @@ class CommandSafetyTest(h.TestCase):
         assert self.writes_to(11) == []
 
 
+    # ---- 3. at-most-once cannot fail open ----------------------------------------------------
+
+    def test_writes_refused_on_an_in_memory_store(self):
+        # The store's directory cannot be created (its parent is a file): the store falls back
+        # to an in-memory database, whose records would not survive a restart.
+        blocker = os.path.join(self.workdir, "not-a-dir")
+        with open(blocker, "w") as f:
+            f.write("x")
+
+        def unwritable():
+            self.cfg["store"]["path"] = os.path.join(blocker, "simpul.db")
+        self.start(before_start=unwritable)
+        assert "IN-MEMORY" in self.gw.proc.output()
+        r = self.cmd({"id": "mem-1", "op": "write", "tag": "raw_sp", "value": 9})
+        assert r["ok"] is False and r["error"]["code"] == "not_durable", r
+        # Reads move nothing: they still run.
+        r = self.cmd({"id": "mem-2", "op": "read", "tags": ["flow"]})
+        assert r["ok"] is True and r["values"] == {"flow": 42}, r
+        assert write_lines(self.wlog) == [], write_lines(self.wlog)
+
+
 if __name__ == "__main__":
     CommandSafetyTest().run_all()
