@@ -234,12 +234,18 @@ out:
     return rc;
 }
 
+int64_t smp_cmd_deadline(const smp_cmd_t *cmd)
+{
+    /* Both are >= 0 (the parser sees to it): only the upper end can overflow. */
+    return cmd->ttl_ms > INT64_MAX - cmd->ts ? INT64_MAX : cmd->ts + cmd->ttl_ms;
+}
+
 bool smp_cmd_expired(const smp_cmd_t *cmd, uint64_t now_ms)
 {
-    if (!cmd->has_ts || !cmd->has_ttl) {
+    if (!cmd->has_ts || !cmd->has_ttl || now_ms > (uint64_t)INT64_MAX) {
         return false;
     }
-    return (int64_t)now_ms > cmd->ts + cmd->ttl_ms;
+    return (int64_t)now_ms > smp_cmd_deadline(cmd);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -996,8 +1002,8 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
     }
     if (smp_cmd_expired(&m->c, m->recv_wall_ms)) {
         char msg[128];
-        snprintf(msg, sizeof msg, "received %" PRId64 " ms after ts + ttl_ms",
-                 (int64_t)m->recv_wall_ms - (m->c.ts + m->c.ttl_ms));
+        snprintf(msg, sizeof msg, "received %" PRIu64 " ms after ts + ttl_ms",
+                 m->recv_wall_ms - (uint64_t)smp_cmd_deadline(&m->c));
         fail(e, m, "expired", msg);
         return;
     }
@@ -1076,10 +1082,20 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
              e->stopping ? "the gateway is stopping" : "too many commands queued for the device");
         return;
     }
-    /* Expiry also applies to time spent waiting in the queue. */
+    /* Expiry also applies to the time spent in the queue and in opening the connection. The
+     * wall clock only says how much of the ttl was left at receipt; from there on the
+     * deadline lives on the monotonic clock. */
     if (m->c.has_ttl) {
-        uint64_t base = m->c.has_ts ? (uint64_t)m->c.ts : m->recv_wall_ms;
-        j->deadline_wall_ms = base + (uint64_t)m->c.ttl_ms;
+        uint64_t left = (uint64_t)m->c.ttl_ms;
+        if (m->c.has_ts) {
+            /* Not expired at receipt (checked above), so the deadline is not in the past. */
+            left = (uint64_t)smp_cmd_deadline(&m->c) - m->recv_wall_ms;
+        }
+        uint64_t now_mono = m->recv_hr_ns / 1000000u;
+        j->deadline_mono_ms = left > UINT64_MAX - now_mono ? UINT64_MAX : now_mono + left;
+        if (j->deadline_mono_ms == 0) {
+            j->deadline_mono_ms = 1; /* 0 means "no deadline" */
+        }
     }
     m->d->cmd_queued++;
     if (m->c.has_id) {

@@ -19,6 +19,7 @@
 #include "command.h"
 #include "engine_internal.h"
 #include "log.h"
+#include "plugin_host.h"
 #include "store.h"
 #include "value.h"
 
@@ -184,6 +185,12 @@ static void after_failure(struct conn *c, struct device *d, int rc, uint64_t now
     snprintf(c->last_open_msg, sizeof c->last_open_msg, "%s", err_text(rc, NULL));
 }
 
+/* A command's deadline, checked on the monotonic clock (a wall-clock step cannot move it). */
+static bool deadline_passed(const struct job *j)
+{
+    return j->deadline_mono_ms != 0 && mono_ms() >= j->deadline_mono_ms;
+}
+
 static void run_read(struct conn *c, struct job *j)
 {
     struct device *d = j->dev;
@@ -198,6 +205,10 @@ static void run_read(struct conn *c, struct job *j)
     }
     if (now < d->w_next_try_ms) {
         set_worker_error(j, -ETIMEDOUT, "no response (retrying with backoff)");
+        return;
+    }
+    if (deadline_passed(j)) {
+        set_worker_error(j, -ETIME, "expired before the read could be sent");
         return;
     }
     memset(j->readings, 0, j->n * sizeof *j->readings);
@@ -252,19 +263,29 @@ static void run_write(struct conn *c, struct job *j)
         set_worker_error(j, -EINVAL, "driver could not create the device");
         return;
     }
+    /* Opening the connection may have taken up to timeout_ms: the deadline again, right
+     * before anything can reach the device. */
+    if (deadline_passed(j)) {
+        set_worker_error(j, -ETIME, "expired before the write could be sent");
+        return;
+    }
     const char *message = NULL;
     smp_reading_t rb;
     memset(&rb, 0, sizeof rb);
     /* From here on the request may reach the device: a link error no longer means "nothing
      * was written". */
     j->started = true;
+    smp__host_set_call_deadline(j->deadline_mono_ms);
     int rc = p->device_write(d->pdev, j->tag, &j->write_raw, &rb, &message);
+    smp__host_set_call_deadline(0);
     j->done_wall_ms = smp__wall_ms();
     if (rc < 0) {
         set_worker_error(j, rc, message);
-        /* The driver refused the value itself (-ERANGE, -EPERM, -E2BIG) or the device
-         * answered with an exception: the connection is fine. */
-        if (rc != SMP_EDEVICE && rc != -ERANGE && rc != -EPERM && rc != -E2BIG && rc != -EINVAL) {
+        /* The driver refused the value itself (-ERANGE, -EPERM, -E2BIG), found the deadline
+         * passed before writing (-ETIME) or the device answered with an exception: the
+         * connection is fine. */
+        if (rc != SMP_EDEVICE && rc != -ERANGE && rc != -EPERM && rc != -E2BIG && rc != -EINVAL &&
+            rc != -ETIME) {
             after_failure(c, d, rc, now);
         }
         return;
@@ -333,7 +354,7 @@ static void worker_main(void *arg)
         if (j == NULL) {
             break; /* stop requested and no command left */
         }
-        if (j->deadline_wall_ms != 0 && smp__wall_ms() > j->deadline_wall_ms) {
+        if (deadline_passed(j)) {
             set_worker_error(j, -ETIME, "expired while waiting in the device's queue");
         } else if (j->type == JOB_READ) {
             run_read(c, j);

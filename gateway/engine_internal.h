@@ -45,7 +45,8 @@ struct job {
     char *rb_str;
     bool started;
     void *cmd;                 /* the command this job serves (command.c); NULL for polls */
-    uint64_t deadline_wall_ms; /* commands with ttl_ms: not started after this => expired */
+    uint64_t deadline_mono_ms; /* commands with ttl_ms (CLOCK_MONOTONIC ms): no device write
+                                * starts after it (expired), 0 for none */
     /* result */
     int status;
     char errmsg[ERRMSG_LEN];

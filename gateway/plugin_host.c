@@ -85,12 +85,26 @@ static uint64_t host_wall_ms(void)
     return clock_ms(CLOCK_REALTIME);
 }
 
+/* Each worker thread makes one driver call at a time: the deadline of that call. */
+static _Thread_local uint64_t call_deadline;
+
+void smp__host_set_call_deadline(uint64_t mono_ms)
+{
+    call_deadline = mono_ms;
+}
+
+static uint64_t host_call_deadline_ms(void)
+{
+    return call_deadline;
+}
+
 const smp_host_api_t smp__host_api = {
     .abi_version = SMP_PLUGIN_ABI_VERSION,
     .struct_size = sizeof(smp_host_api_t),
     .log = host_log,
     .monotonic_ms = host_monotonic_ms,
     .wall_ms = host_wall_ms,
+    .call_deadline_ms = host_call_deadline_ms,
 };
 
 /* ---- helpers ------------------------------------------------------------------------------ */

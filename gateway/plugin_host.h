@@ -44,5 +44,8 @@ void smp_plugin_set_free(smp_plugin_set_t *set);
  * log with it. monotonic_ms is CLOCK_MONOTONIC, wall_ms CLOCK_REALTIME, both in milliseconds.
  * All three are safe to call from any thread. */
 extern const smp_host_api_t smp__host_api;
+/* Sets what call_deadline_ms() answers on the calling thread (0: no deadline). The engine's
+ * worker sets it around each device_write. */
+void smp__host_set_call_deadline(uint64_t mono_ms);
 
 #endif

@@ -825,6 +825,35 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
     return requests;
 }
 
+/* The host's deadline for this write (commands with ttl_ms; 0: none or an older host). */
+static uint64_t call_deadline(void)
+{
+    if (host->struct_size <
+            offsetof(smp_host_api_t, call_deadline_ms) + sizeof(host->call_deadline_ms) ||
+        host->call_deadline_ms == NULL) {
+        return 0;
+    }
+    return host->call_deadline_ms();
+}
+
+/* Before each request of a write: -ETIME once the deadline has passed (nothing more is
+ * sent), else the response timeout shrunk to what is left of it. */
+static int fit_deadline(mb_device_t *d)
+{
+    uint64_t dl = call_deadline();
+    if (dl == 0) {
+        return 0;
+    }
+    uint64_t now = host->monotonic_ms();
+    if (now >= dl) {
+        return -ETIME;
+    }
+    uint64_t left = dl - now;
+    set_timeouts(d->conn,
+                 left < (uint64_t)d->timeout_ms ? (int)(left < 10 ? 10 : left) : d->timeout_ms);
+    return 0;
+}
+
 /* Issues the write itself: FC5 for a coil, FC3 + FC6 for a bit of a register, FC6 for one
  * register, FC16 for more. Returns the mapped outcome; sets *message for local refusals. */
 static mb_err_t write_tag(mb_device_t *d, const mb_tag_t *t, const smp_value_t *in,
@@ -834,7 +863,10 @@ static mb_err_t write_tag(mb_device_t *d, const mb_tag_t *t, const smp_value_t *
     uint16_t regs[MB_MAX_WRITE_REGS];
     int wrc;
 
+    /* Only what comes before the write is bounded by the deadline: once the write is sent,
+     * its answer and the read-back get the device's whole timeout. */
     if (t->table == SMP_MB_COIL) {
+        set_timeouts(c, d->timeout_ms);
         before_request(c);
         errno = 0;
         wrc = modbus_write_bit(c->ctx, t->address, in->v.b ? 1 : 0);
@@ -843,10 +875,17 @@ static mb_err_t write_tag(mb_device_t *d, const mb_tag_t *t, const smp_value_t *
          * register in between would be overwritten; mask write (FC22) would avoid that, but
          * few devices implement it. */
         mb_err_t e = read_range(d, SMP_MB_HOLDING_REGISTER, t->address, 1);
+        if (fit_deadline(d) < 0) {
+            /* The read took the time that was left: the write is not sent. */
+            *message = "expired before the write was sent (the read of the register took "
+                       "too long)";
+            return (mb_err_t){-ETIME, 0, NULL};
+        }
         if (e.code != 0) {
             return e;
         }
         uint16_t reg = smp_mb_bit_apply(d->regs[0], (unsigned)t->bit, in->v.b);
+        set_timeouts(c, d->timeout_ms);
         before_request(c);
         errno = 0;
         wrc = modbus_write_register(c->ctx, t->address, reg);
@@ -861,6 +900,7 @@ static mb_err_t write_tag(mb_device_t *d, const mb_tag_t *t, const smp_value_t *
                                      : "value cannot be encoded for this tag";
             return (mb_err_t){rc, 0, NULL};
         }
+        set_timeouts(c, d->timeout_ms);
         before_request(c);
         errno = 0;
         if (t->count == 1) {
@@ -913,6 +953,11 @@ static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_readin
         return rc;
     }
 
+    if (fit_deadline(d) < 0) {
+        *message = "expired before the write was sent";
+        fail_reading(readback, -ETIME, *message);
+        return -ETIME;
+    }
     mb_err_t e = write_tag(d, t, in, message);
     if (e.code != 0) {
         if (*message == NULL) {

@@ -4,7 +4,10 @@ server whose write log shows, independently of simpul, what reached the device.
 """
 import json
 import os
+import select
+import socket
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -41,16 +44,156 @@ def kick(port, client_id):
         c.disconnect()
 
 
+class Proxy:
+    """A TCP forwarder on a free loopback port that the test controls.
+
+    stall(): cuts every connection and stops accepting; the accept queue is filled, so a new
+    connect hangs in the kernel (its SYN is dropped and retried ~1 s later) — a slow reconnect.
+    resume(): accepts again. drop_pubacks: while True, MQTT PUBACK packets from the target to
+    the client are dropped (a broker that stops acknowledging but still delivers)."""
+
+    def __init__(self, target_port, mqtt=False):
+        self.target = target_port
+        self.mqtt = mqtt
+        self.drop_pubacks = False
+        self.dropped = 0
+        self.delay = 0.0  # seconds every reply from the target is held back (a slow device)
+        self.stalled = False
+        self.stopping = False
+        self.lock = threading.Lock()
+        self.pairs = []
+        self.fillers = []
+        self.ls = socket.socket()
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(0)
+        self.port = self.ls.getsockname()[1]
+        self.t = threading.Thread(target=self._accept, daemon=True)
+        self.t.start()
+
+    def _accept(self):
+        while not self.stopping:
+            r, _, _ = select.select([self.ls], [], [], 0.05)
+            if not r or self.stalled:
+                continue
+            c, _ = self.ls.accept()
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                c.close()
+                continue
+            for s in (c, u):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self.lock:
+                self.pairs.append((c, u))
+            threading.Thread(target=self._pump, args=(c, u, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, self.mqtt, True),
+                             daemon=True).start()
+
+    def _pump(self, src, dst, parse, down=False):
+        buf = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not parse:
+                    if down and self.delay:
+                        time.sleep(self.delay)  # the slow device itself, not a wait
+                    dst.sendall(data)
+                    continue
+                buf += data
+                out = b""
+                while True:
+                    n, used = self._packet_len(buf)
+                    if n is None or len(buf) < n:
+                        break
+                    pkt, buf = buf[:n], buf[n:]
+                    if self.drop_pubacks and pkt[0] >> 4 == 4:
+                        self.dropped += 1
+                        continue
+                    out += pkt
+                if out:
+                    dst.sendall(out)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _packet_len(buf):
+        """Length of the first MQTT packet in buf (fixed header + remaining length)."""
+        mult, rem = 1, 0
+        for i in range(1, min(len(buf), 5)):
+            rem += (buf[i] & 0x7F) * mult
+            if not buf[i] & 0x80:
+                return 1 + i + rem, i
+            mult *= 128
+        return None, None
+
+    def cut(self):
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for c, u in pairs:
+            for s in (c, u):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def stall(self):
+        self.stalled = True
+        self.cut()
+        # Fill the accept queue (backlog 0 holds one): later connects get no SYN-ACK.
+        for _ in range(2):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(f)
+
+    def resume(self):
+        for f in self.fillers:
+            f.close()
+        self.fillers = []
+        self.stalled = False
+
+    def stop(self):
+        self.stopping = True
+        self.resume()
+        self.cut()
+        self.t.join(2)
+        self.ls.close()
+
+
+def pause(seconds):
+    """Lets time pass as part of a scenario (a slow link), not to wait for anything."""
+    end = time.monotonic() + seconds
+    h.wait_for(lambda: time.monotonic() >= end, seconds + 5, "%.1f s to pass" % seconds)
+
+
 class CommandSafetyTest(h.TestCase):
+    def proxy(self, port, **kw):
+        px = Proxy(port, **kw)
+        self.defer(px.stop)
+        return px
+
     def start(self, commands=None, mqtt_extra=None, before_start=None, spec_extra=None,
-              dev_kw=None, wait_online=True):
+              dev_kw=None, wait_online=True, modbus_proxy=False):
         self.b = self.broker()
         self.wlog = os.path.join(self.workdir, "writes.log")
         spec = dict(PEER_SPEC, write_log=self.wlog)
         spec.update(spec_extra or {})
         self.pm = self.pymodbus(spec)
+        port = self.pm.port
+        if modbus_proxy:
+            self.mpx = self.proxy(self.pm.port)
+            port = self.mpx.port
         self.cfg = h.base_config(self.workdir, self.b.port,
-                                 [device("pump-01", self.pm.port, **(dev_kw or {}))],
+                                 [device("pump-01", port, **(dev_kw or {}))],
                                  mqtt_extra=mqtt_extra)
         if commands is not None:
             self.cfg["commands"] = commands
@@ -125,6 +268,47 @@ class CommandSafetyTest(h.TestCase):
         assert "stale_retained" not in self.gw.proc.output()
         assert self.writes_to(11) == []
 
+
+    # ---- 2. ttl ------------------------------------------------------------------------------
+
+    def test_ttl_expires_during_a_slow_reconnect(self):
+        self.start(modbus_proxy=True, dev_kw={"interval": 60000, "timeout": 3000})
+        self.mpx.stall()
+        # A read finds the link dead; the worker closes the connection (no poll is due).
+        r = self.cmd({"id": "wake", "op": "read", "tags": ["flow"]})
+        assert r["ok"] is False, r
+        # The write leaves the queue at once, then waits for the connection to open: the
+        # kernel retries the connect ~1 s later, well past the 400 ms ttl.
+        self.sub.publish(P + "/pump-01/cmd", json.dumps(
+            {"id": "slow-1", "op": "write", "tag": "raw_sp", "value": 5, "ttl_ms": 400}))
+        pause(0.2)
+        self.mpx.resume()
+        r = h.wait_for(lambda: self.answers("slow-1"), 15, "answer to slow-1")
+        assert r[0]["ok"] is False and r[0]["error"]["code"] == "expired", r
+        # The connection is up now: a write without ttl lands, the expired one never did.
+        r = self.cmd({"id": "after", "op": "write", "tag": "raw_sp", "value": 6})
+        assert r["ok"] is True, r
+        assert [w[4] for w in self.writes_to(11)] == ["6"], write_lines(self.wlog)
+
+    def test_ttl_expires_during_the_read_of_a_bit_write(self):
+        self.start(modbus_proxy=True, dev_kw={"interval": 60000, "timeout": 3000})
+        # The device becomes slow: 600 ms per answer. The read of the register (the
+        # read-modify-write of a bit) would end past the 300 ms ttl.
+        self.mpx.delay = 0.6
+        r = self.cmd({"id": "bit-1", "op": "write", "tag": "flags_b3", "value": True,
+                      "ttl_ms": 300}, timeout=15)
+        assert r["ok"] is False and r["error"]["code"] == "expired", r
+        assert self.writes_to(20) == [], write_lines(self.wlog)
+
+    def test_huge_ts_and_ttl_do_not_overflow(self):
+        self.start()
+        big = 2 ** 63 - 1
+        r = self.cmd({"id": "big-1", "op": "write", "tag": "raw_sp", "value": 3, "ts": big,
+                      "ttl_ms": big})
+        assert r["ok"] is True, r
+        r = self.cmd({"id": "big-2", "op": "write", "tag": "raw_sp", "value": 4, "ts": 1,
+                      "ttl_ms": big})
+        assert r["ok"] is True, r
 
     # ---- 3. at-most-once cannot fail open ----------------------------------------------------
 

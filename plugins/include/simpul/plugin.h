@@ -130,6 +130,12 @@ typedef struct smp_host_api {
         ;
     uint64_t (*monotonic_ms)(void);
     uint64_t (*wall_ms)(void);
+    /* Added in 1.1 (check struct_size before use). On a worker thread inside device_write:
+     * the monotonic_ms() time by which the call must be done, or 0 for no deadline (commands
+     * with ttl_ms have one). A driver waits no longer than what is left for any reply, and
+     * sends no write once it has passed: it returns -ETIME instead ("expired", nothing
+     * written). */
+    uint64_t (*call_deadline_ms)(void);
 } smp_host_api_t;
 
 /* Where a check_* function reports a problem: `key` names the offending key inside the object
