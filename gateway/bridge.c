@@ -626,11 +626,12 @@ static int configure(smp_bridge_t *b, struct mosquitto *m)
     if (rc != MOSQ_ERR_SUCCESS) {
         return rc;
     }
-    /* One more than the caller's window: the retained offline status at stop may join a full
-     * window, and libmosquitto should send it rather than hold it back. (With MQTT 5 the
-     * broker's Receive Maximum can lower libmosquitto's own limit; the excess then waits in
-     * libmosquitto's queue and still counts as in flight here.) */
-    rc = mosquitto_max_inflight_messages_set(m, (unsigned)b->inflight_max + 1u);
+    /* The caller's window, its reserved room, and one more: the retained offline status at
+     * stop may join a full window, and libmosquitto should send it rather than hold it back.
+     * (With MQTT 5 the broker's Receive Maximum can lower libmosquitto's own limit; the excess
+     * then waits in libmosquitto's queue and still counts as in flight here.) */
+    rc = mosquitto_max_inflight_messages_set(m,
+                                             (unsigned)b->inflight_max + SMP_BRIDGE_RESERVED + 1u);
     if (rc != MOSQ_ERR_SUCCESS) {
         return rc;
     }
@@ -1072,8 +1073,9 @@ int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cb
     }
     b->version = version;
     b->inflight_max = cfg->mqtt.inflight_max > 0 ? cfg->mqtt.inflight_max : DEFAULT_INFLIGHT;
-    if (b->inflight_max > UINT16_MAX - 1) {
-        b->inflight_max = UINT16_MAX - 1;
+    /* Mids are 16 bits: everything in flight at once must have distinct ones. */
+    if (b->inflight_max > UINT16_MAX - 3 - SMP_BRIDGE_RESERVED) {
+        b->inflight_max = UINT16_MAX - 3 - SMP_BRIDGE_RESERVED;
     }
     b->tls = cfg->mqtt.tls_ca_file != NULL || cfg->mqtt.tls_cert_file != NULL ||
              cfg->mqtt.tls_key_file != NULL;
@@ -1092,10 +1094,10 @@ int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cb
             snprintf(b->client_id, clen, "simpul-%s", cfg->gateway.id);
         }
     }
-    /* Twice the most that can be in flight (window + offline status + online status), as a
-     * power of two. */
+    /* Twice the most that can be in flight (window + reserved room + offline status + online
+     * status), as a power of two. */
     size_t cap = 16;
-    while (cap < 2 * ((size_t)b->inflight_max + 2)) {
+    while (cap < 2 * ((size_t)b->inflight_max + SMP_BRIDGE_RESERVED + 2)) {
         cap *= 2;
     }
     b->pending = calloc(cap, sizeof *b->pending);
@@ -1179,8 +1181,10 @@ int smp_bridge_subscribe(smp_bridge_t *b, const char *topic, int qos)
     return 0;
 }
 
-int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, size_t len, int qos,
-                       bool retain, uint64_t token, const smp_mqtt_props_t *props)
+/* The checks of the public publish functions; `window` is the in-flight limit that applies. */
+static int publish_within(smp_bridge_t *b, size_t window, const char *topic, const void *payload,
+                          size_t len, int qos, bool retain, uint64_t token,
+                          const smp_mqtt_props_t *props)
 {
     if (b == NULL || topic == NULL || (payload == NULL && len > 0) || qos < 0 || qos > 1) {
         return -EINVAL;
@@ -1193,10 +1197,24 @@ int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, 
     if (b->state != ST_CONNECTED || b->stopping) {
         return -ENOTCONN;
     }
-    if (qos == 1 && b->inflight >= (size_t)b->inflight_max) {
+    if (qos == 1 && b->inflight >= window) {
         return -EAGAIN;
     }
     return do_publish(b, topic, payload, len, qos, retain, token, props);
+}
+
+int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, size_t len, int qos,
+                       bool retain, uint64_t token, const smp_mqtt_props_t *props)
+{
+    size_t window = b != NULL ? (size_t)b->inflight_max : 0;
+    return publish_within(b, window, topic, payload, len, qos, retain, token, props);
+}
+
+int smp_bridge_publish_reserved(smp_bridge_t *b, const char *topic, const void *payload, size_t len,
+                                int qos, bool retain, uint64_t token, const smp_mqtt_props_t *props)
+{
+    size_t window = b != NULL ? (size_t)b->inflight_max + SMP_BRIDGE_RESERVED : 0;
+    return publish_within(b, window, topic, payload, len, qos, retain, token, props);
 }
 
 bool smp_bridge_connected(const smp_bridge_t *b)

@@ -56,6 +56,13 @@ int smp_bridge_subscribe(smp_bridge_t *b, const char *topic, int qos);
  * code. Publishing with `props` (MQTT 5) sets Correlation Data on the message. */
 int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, size_t len, int qos,
                        bool retain, uint64_t token, const smp_mqtt_props_t *props);
+/* The same for messages that must not wait behind data (command results, device status): they
+ * may also use SMP_BRIDGE_RESERVED slots beyond mqtt.inflight_max, so a window full of data
+ * never holds them back. -EAGAIN only when those are taken too. */
+#define SMP_BRIDGE_RESERVED 32
+int smp_bridge_publish_reserved(smp_bridge_t *b, const char *topic, const void *payload, size_t len,
+                                int qos, bool retain, uint64_t token,
+                                const smp_mqtt_props_t *props);
 bool smp_bridge_connected(const smp_bridge_t *b);
 size_t smp_bridge_inflight(const smp_bridge_t *b);
 /* Publishes the retained offline status, waits (bounded by timeout_ms) for outstanding

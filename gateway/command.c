@@ -438,6 +438,19 @@ struct cmd_entry {
 };
 
 #define CMD_BUCKETS 4096u
+/* Answers waiting for room in the MQTT window or for the broker; beyond this many the oldest
+ * is dropped (its result is stored: a retry with the same id gets it). */
+#define UNSENT_MAX 1024u
+
+/* An answer that could not be handed to the bridge yet. */
+struct unsent {
+    struct unsent *next;
+    char *topic;
+    char *text;
+    void *corr;
+    size_t corr_len;
+};
+static void unsent_free(struct unsent *u);
 
 struct smp_command_state {
     struct cmd_entry *buckets[CMD_BUCKETS];
@@ -446,6 +459,8 @@ struct smp_command_state {
     unsigned in_progress; /* accepted, not yet answered */
     uint64_t window_ms;   /* commands.dedup_window_s */
     bool history_lost;    /* the recorded commands could not be loaded at start */
+    struct unsent *unsent_head, *unsent_tail;
+    size_t unsent_n;
 };
 
 /* One command being handled. */
@@ -621,6 +636,11 @@ void smp__engine_commands_free(smp_engine_t *e)
     while (e->cmds->oldest != NULL) {
         entry_unlink(e->cmds, e->cmds->oldest);
     }
+    while (e->cmds->unsent_head != NULL) {
+        struct unsent *u = e->cmds->unsent_head;
+        e->cmds->unsent_head = u->next;
+        unsent_free(u);
+    }
     free(e->cmds);
     e->cmds = NULL;
 }
@@ -643,6 +663,89 @@ static void cmd_free(struct cmd *m)
     free(m);
 }
 
+static int send_answer(smp_engine_t *e, const char *topic, const char *text, const void *corr,
+                       size_t corr_len)
+{
+    smp_mqtt_props_t props = {.correlation_data = corr, .correlation_len = corr_len};
+    return smp_bridge_publish_reserved(e->bridge, topic, text, strlen(text), 1, false, 0,
+                                       corr != NULL ? &props : NULL);
+}
+
+static void unsent_free(struct unsent *u)
+{
+    free(u->topic);
+    free(u->text);
+    free(u->corr);
+    free(u);
+}
+
+/* Keeps an answer the bridge could not take (window full, broker away) for later. */
+static void unsent_push(smp_engine_t *e, const char *topic, const char *text, const void *corr,
+                        size_t corr_len)
+{
+    struct smp_command_state *s = e->cmds;
+    if (s->unsent_n >= UNSENT_MAX) {
+        struct unsent *old = s->unsent_head;
+        s->unsent_head = old->next;
+        if (s->unsent_head == NULL) {
+            s->unsent_tail = NULL;
+        }
+        s->unsent_n--;
+        LOG_ERR("cmd",
+                "too many answers waiting for the broker: one to %s dropped (a retry "
+                "with its id gets the stored result)",
+                old->topic);
+        unsent_free(old);
+    }
+    struct unsent *u = calloc(1, sizeof *u);
+    if (u != NULL) {
+        u->topic = strdup(topic);
+        u->text = strdup(text);
+        if (corr != NULL && corr_len > 0) {
+            u->corr = malloc(corr_len);
+            if (u->corr != NULL) {
+                memcpy(u->corr, corr, corr_len);
+                u->corr_len = corr_len;
+            }
+        }
+    }
+    if (u == NULL || u->topic == NULL || u->text == NULL || (corr_len > 0 && u->corr == NULL)) {
+        LOG_ERR("cmd", "out of memory keeping an answer for %s", topic);
+        if (u != NULL) {
+            unsent_free(u);
+        }
+        return;
+    }
+    if (s->unsent_tail != NULL) {
+        s->unsent_tail->next = u;
+    } else {
+        s->unsent_head = u;
+    }
+    s->unsent_tail = u;
+    s->unsent_n++;
+}
+
+void smp__engine_commands_flush(smp_engine_t *e)
+{
+    struct smp_command_state *s = e->cmds;
+    while (s != NULL && s->unsent_head != NULL) {
+        struct unsent *u = s->unsent_head;
+        int rc = send_answer(e, u->topic, u->text, u->corr, u->corr_len);
+        if (rc == -EAGAIN || rc == -ENOTCONN) {
+            return; /* the next PUBACK or connect calls again */
+        }
+        if (rc < 0) {
+            LOG_WARN("cmd", "answer to %s not published: %s", u->topic, strerror(-rc));
+        }
+        s->unsent_head = u->next;
+        if (s->unsent_head == NULL) {
+            s->unsent_tail = NULL;
+        }
+        s->unsent_n--;
+        unsent_free(u);
+    }
+}
+
 static void publish_result(smp_engine_t *e, struct cmd *m, const char *text)
 {
     const char *topic = m->resp_topic;
@@ -658,10 +761,12 @@ static void publish_result(smp_engine_t *e, struct cmd *m, const char *text)
             topic = fallback;
         }
     }
-    smp_mqtt_props_t props = {.correlation_data = m->corr, .correlation_len = m->corr_len};
-    int rc = smp_bridge_publish(e->bridge, topic, text, strlen(text), 1, false, 0,
-                                m->corr != NULL ? &props : NULL);
-    if (rc < 0) {
+    /* Answers keep their order: behind others still waiting, this one waits too. */
+    int rc =
+        e->cmds->unsent_head != NULL ? -EAGAIN : send_answer(e, topic, text, m->corr, m->corr_len);
+    if (rc == -EAGAIN || rc == -ENOTCONN) {
+        unsent_push(e, topic, text, m->corr, m->corr_len);
+    } else if (rc < 0) {
         /* The result is stored: a retry with the same id gets it. */
         LOG_WARN("cmd", "result for %s not published: %s", m->c.id, strerror(-rc));
     }

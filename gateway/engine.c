@@ -440,8 +440,31 @@ static void publish_device_status(smp_engine_t *e, struct device *d)
         smp_buf_json_string(&b, d->status_err, strlen(d->status_err));
     }
     smp_buf_puts(&b, "}");
-    publish_direct(e, d->topic_status, &b, true);
+    /* Status has reserved room in the window: data cannot crowd it out. If even that is
+     * taken, it goes out on the next PUBACK (and after every connect anyway). */
+    d->status_unsent = false;
+    if (!b.oom && smp_bridge_connected(e->bridge)) {
+        int rc = smp_bridge_publish_reserved(e->bridge, d->topic_status, b.p, b.len,
+                                             e->cfg->mqtt.qos, true, 0, NULL);
+        if (rc == 0) {
+            e->stats.publishes++;
+        } else {
+            d->status_unsent = rc == -EAGAIN;
+            LOG_WARN(d->scope, "status not published yet: %s", strerror(-rc));
+        }
+    }
     smp_buf_free(&b);
+}
+
+/* Answers and statuses that waited for room in the window go first when room frees up. */
+static void flush_reserved(smp_engine_t *e)
+{
+    smp__engine_commands_flush(e);
+    for (size_t k = 0; k < e->ndevs; k++) {
+        if (e->devs[k].status_unsent) {
+            publish_device_status(e, &e->devs[k]);
+        }
+    }
 }
 
 static void set_device_state(smp_engine_t *e, struct device *d, bool online, const char *err)
@@ -915,6 +938,7 @@ static void on_mqtt_connect(void *arg)
     e->backlog = true;
     /* A fetch still out for the previous connection is recognised by its epoch in on_fetch;
      * clearing fetch_in_flight here would start a second replay chain beside it. */
+    smp__engine_commands_flush(e);
     for (size_t k = 0; k < e->ndevs; k++) {
         struct device *d = &e->devs[k];
         publish_device_status(e, d);
@@ -949,6 +973,7 @@ static void on_mqtt_ack(void *arg, uint64_t token)
 {
     smp_engine_t *e = arg;
     e->stats.acked++;
+    flush_reserved(e);
     /* A burst of PUBACKs arrives in one read: delete them with one store operation, after the
      * loop iteration (uv_check), rather than waking the writer thread once per ack. */
     if (e->acks_n == e->acks_cap) {

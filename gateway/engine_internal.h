@@ -91,6 +91,7 @@ struct device {
     uint64_t status_ts;
     uint64_t seq;
     bool need_full;
+    bool status_unsent; /* the last status change could not be published yet */
     uint64_t last_full_ms;
     unsigned cmd_queued; /* commands accepted and not yet answered */
     /* worker */
@@ -182,6 +183,8 @@ void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
 void smp__engine_commands_init(smp_engine_t *e);
 void smp__engine_commands_free(smp_engine_t *e);
 bool smp__engine_commands_busy(smp_engine_t *e);
+/* Publishes answers that waited for room in the MQTT window (call on PUBACK and connect). */
+void smp__engine_commands_flush(smp_engine_t *e);
 void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
                          const smp_mqtt_props_t *props);
 void smp__engine_write_done(smp_engine_t *e, struct job *j);

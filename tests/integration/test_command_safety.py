@@ -310,6 +310,46 @@ class CommandSafetyTest(h.TestCase):
                       "ttl_ms": big})
         assert r["ok"] is True, r
 
+    # ---- 4. answers have room of their own ----------------------------------------------------
+
+    def test_full_window_commands_still_answered(self):
+        self.b = self.broker()
+        wlog = os.path.join(self.workdir, "sim-writes.log")
+        sim = self.sim(["--pumps", "1", "--lights", "0", "--static", "--counter",
+                        "--write-log", wlog])
+        bpx = self.proxy(self.b.port, mqtt=True)
+        tags = [{"name": "speed_rpm", "table": "holding_register", "address": 10,
+                 "type": "uint16", "writable": True},
+                {"name": "heartbeat", "table": "input_register", "address": 30,
+                 "type": "uint32"}]
+        cfg = h.base_config(self.workdir, bpx.port,
+                            [device("pump-01", sim.port, tags=tags, interval=50)],
+                            mqtt_extra={"inflight_max": 4})
+        self.sub = self.subscriber(self.b.port, [P + "/#"])
+        self.gateway(cfg)
+        self.sub.wait_json(P + "/pump-01/status", lambda j: j["state"] == "online", 20)
+        # The broker stops acknowledging (its PUBACKs are dropped on the way) but still
+        # delivers: data fills the 4-message window within a few polls.
+        bpx.drop_pubacks = True
+        h.wait_for(lambda: bpx.dropped >= 4, 20, "the window full of unacknowledged data")
+        n_data = len(self.sub.messages(P + "/pump-01/data"))
+        ids = ["full-%d" % k for k in range(50)]
+        for k, cid in enumerate(ids):
+            self.sub.publish(P + "/pump-01/cmd", json.dumps(
+                {"id": cid, "op": "write", "tag": "speed_rpm", "value": 100 + k}))
+        # The first answers use the room reserved for them beyond the window...
+        h.wait_for(lambda: len(self.sub.messages(RESULT)) >= 20, 30, "answers in a full window")
+        assert len(self.sub.messages(P + "/pump-01/data")) <= n_data + 1
+        # ...the rest wait in the gateway until the broker acknowledges again (here: after a
+        # reconnect, the unacknowledged messages are never acknowledged).
+        bpx.drop_pubacks = False
+        bpx.cut()
+        h.wait_for(lambda: len(self.sub.messages(RESULT)) >= len(ids), 30, "every answer")
+        got = [j["id"] for j in self.sub.json(RESULT)]
+        assert sorted(got) == sorted(ids), "each command answered exactly once: %r" % got
+        ok = [j for j in self.sub.json(RESULT) if j["ok"]]
+        assert len([w for w in write_lines(wlog) if w[-1] == "ok"]) == len(ok)
+
     # ---- 3. at-most-once cannot fail open ----------------------------------------------------
 
     def test_writes_refused_on_an_in_memory_store(self):
