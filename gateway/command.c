@@ -234,6 +234,17 @@ out:
     return rc;
 }
 
+bool smp_cmd_reply_topic_ok(const char *topic, const char *prefix, const char *gateway_id)
+{
+    size_t lp = strlen(prefix), lg = strlen(gateway_id), lt = strlen(topic);
+    static const char level[] = "/reply/";
+    size_t head = lp + 1 + lg + sizeof level - 1;
+    return lt > head && strncmp(topic, prefix, lp) == 0 && topic[lp] == '/' &&
+           strncmp(topic + lp + 1, gateway_id, lg) == 0 &&
+           strncmp(topic + lp + 1 + lg, level, sizeof level - 1) == 0 &&
+           strpbrk(topic, "+#") == NULL;
+}
+
 int64_t smp_cmd_deadline(const smp_cmd_t *cmd)
 {
     /* Both are >= 0 (the parser sees to it): only the upper end can overflow. */
@@ -1047,8 +1058,13 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
     m->device[dlen] = '\0';
     m->recv_wall_ms = smp__wall_ms();
     m->recv_hr_ns = uv_hrtime();
+    bool resp_refused = false;
     if (props != NULL && props->response_topic != NULL) {
-        m->resp_topic = strdup(props->response_topic);
+        if (smp_cmd_reply_topic_ok(props->response_topic, pre, gid)) {
+            m->resp_topic = strdup(props->response_topic);
+        } else {
+            resp_refused = true; /* answered on the device's result topic, below */
+        }
     }
     if (props != NULL && props->correlation_data != NULL && props->correlation_len > 0) {
         m->corr = malloc(props->correlation_len);
@@ -1073,6 +1089,15 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         fail(e, m, "stale_retained",
              "retained command (published with the retain flag) not executed; publish "
              "commands without retain");
+        return;
+    }
+    if (resp_refused) {
+        /* A client that may only publish commands must not make the gateway publish where
+         * it pleases (another device's data, say). Refused before the de-dup table: the same
+         * id with an allowed Response Topic still runs. */
+        char msg[200];
+        snprintf(msg, sizeof msg, "Response Topic must be under %s/%s/reply/", pre, gid);
+        fail(e, m, "bad_request", msg);
         return;
     }
     uint64_t now = uv_now(e->loop);

@@ -56,6 +56,9 @@ typedef struct smp_cmd {
 int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error_t *err);
 void smp_cmd_free(smp_cmd_t *cmd);
 
+/* True when an MQTT 5 Response Topic lies in the namespace answers may go to:
+ * PREFIX/GATEWAY_ID/reply/ followed by at least one character, no wildcards. */
+bool smp_cmd_reply_topic_ok(const char *topic, const char *prefix, const char *gateway_id);
 /* ts + ttl_ms (wall-clock ms), saturated at INT64_MAX instead of overflowing. */
 int64_t smp_cmd_deadline(const smp_cmd_t *cmd);
 /* True when the command carries ts and ttl_ms and now_ms is past ts + ttl_ms. */

@@ -350,6 +350,34 @@ class CommandSafetyTest(h.TestCase):
         ok = [j for j in self.sub.json(RESULT) if j["ok"]]
         assert len([w for w in write_lines(wlog) if w[-1] == "ok"]) == len(ok)
 
+    # ---- 8. Response Topic -------------------------------------------------------------------
+
+    def test_response_topic_aimed_at_telemetry_is_refused(self):
+        from paho.mqtt.properties import Properties
+        from paho.mqtt.packettypes import PacketTypes
+        self.start(mqtt_extra={"version": "5"})
+        target = P + "/pump-02/data"
+        for k, rt in enumerate([target, "elsewhere/x", P + "/reply/", P + "/replyx/a"]):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = rt
+            props.CorrelationData = b"c"
+            cid = "rt-%d" % k
+            self.sub.publish(P + "/pump-01/cmd", json.dumps(
+                {"id": cid, "op": "write", "tag": "raw_sp", "value": 8}), properties=props)
+            r = h.wait_for(lambda: self.answers(cid), 10, "refusal on the result topic")
+            assert r[0]["ok"] is False and r[0]["error"]["code"] == "bad_request", r
+            assert "reply" in r[0]["error"]["message"], r
+        assert self.sub.messages(target) == []
+        assert self.writes_to(11) == []
+        # Inside the namespace, the same id now runs and is answered there.
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = P + "/reply/op-9"
+        self.sub.publish(P + "/pump-01/cmd", json.dumps(
+            {"id": "rt-0", "op": "write", "tag": "raw_sp", "value": 8}), properties=props)
+        m = h.wait_for(lambda: self.sub.messages(P + "/reply/op-9"), 10, "reply")
+        assert json.loads(m[0][1])["ok"] is True
+        assert len(self.writes_to(11)) == 1
+
     # ---- 3. at-most-once cannot fail open ----------------------------------------------------
 
     def test_writes_refused_on_an_in_memory_store(self):

@@ -343,16 +343,16 @@ class CommandsTest(h.TestCase):
         self.pm = self.pymodbus(dict(PEER_SPEC))
         cfg = h.base_config(self.workdir, self.b.port, [device("pump-01", self.pm.port)],
                             mqtt_extra={"version": "5"})
-        self.sub = self.subscriber(self.b.port, [P + "/#", "replies/#"],
-                                   protocol=mqtt.MQTTv5)
+        self.sub = self.subscriber(self.b.port, [P + "/#"], protocol=mqtt.MQTTv5)
         self.gateway(cfg)
         self.sub.wait_json(P + "/pump-01/status", lambda j: j["state"] == "online", 20)
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "replies/op-7"
+        props.ResponseTopic = P + "/reply/op-7"
         props.CorrelationData = b"\x01corr-42"
         self.sub.publish(P + "/pump-01/cmd", json.dumps(
             {"id": "v5", "op": "write", "tag": "raw_sp", "value": 3}), properties=props)
-        m = h.wait_for(lambda: self.sub.messages("replies/op-7"), 10, "reply on response topic")
+        m = h.wait_for(lambda: self.sub.messages(P + "/reply/op-7"), 10,
+                       "reply on response topic")
         j = json.loads(m[0][1])
         assert j["id"] == "v5" and j["ok"] is True, j
         assert m[0][3].CorrelationData == b"\x01corr-42", m[0][3]
