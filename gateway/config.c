@@ -1349,12 +1349,41 @@ static void copy_tag(vctx_t *v, smp_tag_cfg_t *dst, const smp_tag_cfg_t *src)
     dst->params = NULL;
 }
 
+/* The protocol's check across the connection and all tags of a device (check_device), its
+ * problems reported at the device's "connection". */
+static void check_device_whole(vctx_t *v, smp_device_cfg_t *dev, report_ctx_t *rc)
+{
+    const smp_plugin_host_t *pl = dev->plugin;
+    if (pl->desc->check_device == NULL) {
+        return;
+    }
+    smp_tag_t *views = xcalloc(v, dev->ntags ? dev->ntags : 1, sizeof *views);
+    if (views == NULL) {
+        return;
+    }
+    for (size_t k = 0; k < dev->ntags; k++) {
+        views[k] = (smp_tag_t){.name = dev->tags[k].name,
+                               .type = dev->tags[k].type,
+                               .writable = dev->tags[k].writable,
+                               .params = dev->tags[k].params};
+    }
+    size_t old = push_key(v, "connection");
+    rc->n = 0;
+    int bad = pl->desc->check_device(dev->conn_params, views, dev->ntags, plugin_report, rc);
+    if (bad > 0 && rc->n == 0) {
+        err(v, AT_VALUE, "refused by protocol \"%s\"", pl->name);
+    }
+    pop(v, old);
+    free(views);
+}
+
 /* The protocol's pass over a device: its connection and the plugin fields of every tag. */
 static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
                                 const tag_src_t *const *srcs)
 {
     const smp_plugin_host_t *pl = dev->plugin;
     report_ctx_t rc = {.v = v};
+    size_t diags_before = v->ndiags;
 
     dev->conn_params = xcalloc(v, pl->nconn_keys, sizeof *dev->conn_params);
     if (dev->conn_params == NULL) {
@@ -1362,7 +1391,7 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
     }
     json_t *conn = json_object_get(d, "connection");
     json_t *empty = NULL;
-    bool conn_ok = true;
+    bool conn_ok = true, conn_checked = false;
     if (conn == NULL) {
         /* Absent is fine for a protocol without required keys; defaults still apply. */
         for (size_t i = 0; i < pl->nconn_keys; i++) {
@@ -1383,6 +1412,7 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
     if (conn_ok) {
         size_t old = push_key(v, "connection");
         if (check_params(v, conn, pl, false, dev->conn_params) == 0) {
+            conn_checked = true;
             int bad = 0;
             if (pl->desc->check_connection != NULL) {
                 rc.n = 0;
@@ -1432,6 +1462,9 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
     }
     path_set(v, saved);
     free(saved);
+    if (conn_checked && v->ndiags == diags_before) {
+        check_device_whole(v, dev, &rc);
+    }
 }
 
 static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, const profiles_t *ps,

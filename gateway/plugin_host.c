@@ -33,8 +33,9 @@
 #define MAX_CHOICES 64
 #define MAX_NAME    64
 
-/* The v1 members the host uses: everything before `reserved`. */
-#define V1_NEEDED_SIZE offsetof(smp_plugin_t, reserved)
+/* The members every v1 plugin has: everything before check_device (added in 1.1, where a
+ * shorter descriptor leaves it NULL). */
+#define V1_NEEDED_SIZE offsetof(smp_plugin_t, check_device)
 
 typedef struct loaded {
     smp_plugin_host_t pub; /* pub.desc points at desc below */

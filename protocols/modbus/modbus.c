@@ -56,6 +56,7 @@ enum {
     CK_MAX_GAP,
     CK_MAX_REGS,
     CK_MAX_BITS,
+    CK_ALLOW_BROADCAST,
     CK_COUNT
 };
 
@@ -110,6 +111,10 @@ static const smp_config_key_t conn_keys[CK_COUNT + 1] = {
                      "most registers one read request may ask for"},
     [CK_MAX_BITS] = {"max_bits_per_request", SMP_KEY_INT, false, 1, 2000, NULL, "2000",
                      "most coils or discrete inputs one read request may ask for"},
+    [CK_ALLOW_BROADCAST] =
+        {"allow_broadcast_writes", SMP_KEY_BOOL, false, 0, 0, NULL, NULL,
+         "tcp (default false): allow writable tags on unit id 0, which a TCP-to-RTU gateway "
+         "broadcasts to every device on its bus"},
     [CK_COUNT] = {NULL, 0, false, 0, 0, NULL, NULL, NULL},
 };
 
@@ -159,7 +164,7 @@ static bool baud_is_standard(int64_t baud)
 
 static int check_connection(const smp_param_t *conn, smp_report_fn report, void *rctx)
 {
-    static const int tcp_only[] = {CK_HOST, CK_PORT};
+    static const int tcp_only[] = {CK_HOST, CK_PORT, CK_ALLOW_BROADCAST};
     static const int rtu_only[] = {CK_DEVICE, CK_BAUD, CK_PARITY, CK_DATA_BITS, CK_STOP_BITS};
     int problems = 0;
 
@@ -212,6 +217,30 @@ static int check_connection(const smp_param_t *conn, smp_report_fn report, void 
         }
     }
     return problems;
+}
+
+/* Unit id 0 over TCP: a device that answers on it itself is fine, but behind a TCP-to-RTU
+ * gateway 0 is the broadcast address and one command would write every device on the bus.
+ * The config must say which it is before any tag on it may be written. */
+static int check_device(const smp_param_t *conn, const smp_tag_t *tags, size_t ntags,
+                        smp_report_fn report, void *rctx)
+{
+    bool tcp = conn[CK_TRANSPORT].i == TRANSPORT_TCP;
+    if (!tcp || param_int(&conn[CK_UNIT_ID], DEFAULT_UNIT_ID) != 0 ||
+        (conn[CK_ALLOW_BROADCAST].set && conn[CK_ALLOW_BROADCAST].i != 0)) {
+        return 0;
+    }
+    for (size_t k = 0; k < ntags; k++) {
+        if (tags[k].writable) {
+            report(rctx, "unit_id",
+                   "unit id 0 with writable tag \"%s\": behind a TCP-to-RTU gateway 0 is a "
+                   "broadcast that writes every device on the bus; use the device's own unit id, "
+                   "or set \"allow_broadcast_writes\": true if the device itself answers on 0",
+                   tags[k].name);
+            return 1;
+        }
+    }
+    return 0;
 }
 
 static int check_tag(const smp_tag_t *tag, smp_report_fn report, void *rctx)
@@ -1009,6 +1038,7 @@ static const smp_plugin_t descriptor = {
     .device_destroy = device_destroy,
     .device_read = device_read,
     .device_write = device_write,
+    .check_device = check_device,
     .reserved = {NULL},
 };
 

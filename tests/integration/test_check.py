@@ -75,6 +75,14 @@ EXPECT = {
         "bad-modbus.json:7:15: devices[0].tags[1]: ",
         "bad-modbus.json:8:104: devices[0].tags[2].writable: ",
     ],
+    # Unit id 0 over TCP with a writable tag, without allow_broadcast_writes (a broadcast
+    # behind a TCP-to-RTU gateway); the key itself is for tcp only.
+    "bad-broadcast.json": [
+        'bad-broadcast.json:5:73: devices[0].connection.unit_id: unit id 0 with writable tag '
+        '"sp": behind a TCP-to-RTU gateway 0 is a broadcast',
+        "bad-broadcast.json:18:47: devices[3].connection.allow_broadcast_writes: only for "
+        "transport tcp, not rtu",
+    ],
     "bad-missing-plugin.json": [
         'bad-missing-plugin.json:4:38: devices[0].protocol: no plugin for protocol "bacnet": '
         "bacnet.so not found in ",

@@ -192,7 +192,14 @@ typedef struct smp_plugin {
     int (*device_write)(void *dev, uint32_t idx, const smp_value_t *in, smp_reading_t *readback,
                         const char **message);
 
-    void *reserved[8]; /* must be NULL; room to grow without a new ABI version */
+    /* Added in 1.1 (NULL in older plugins): a check across one device's connection and all
+     * its tags, after check_connection and check_tag passed (e.g. "a broadcast unit id with
+     * writable tags"). Returns the number of problems reported; `key` of a report names a
+     * key of the connection object. Main thread. */
+    int (*check_device)(const smp_param_t *conn, const smp_tag_t *tags, size_t ntags,
+                        smp_report_fn report, void *report_ctx);
+
+    void *reserved[7]; /* must be NULL; room to grow without a new ABI version */
 } smp_plugin_t;
 
 /* The one exported symbol. `host` is borrowed and stays valid until the plugin is unloaded.
