@@ -313,6 +313,35 @@ static bool is_signed(smp_type_t t)
     return t == SMP_TYPE_INT16 || t == SMP_TYPE_INT32 || t == SMP_TYPE_INT64;
 }
 
+/* Compares an integer with a double exactly: -1, 0 or 1 as x is below, equal to or above d
+ * (finite). Converting x to a double instead would round it above 2^53. */
+static int cmp_i64_f64(int64_t x, double d)
+{
+    if (d >= 9223372036854775808.0) {
+        return -1;
+    }
+    if (d < -9223372036854775808.0) {
+        return 1;
+    }
+    double t = trunc(d); /* now in [-2^63, 2^63): exact as an int64 */
+    int64_t ti = (int64_t)t;
+    if (x != ti) {
+        return x < ti ? -1 : 1;
+    }
+    double frac = d - t;
+    return frac > 0 ? -1 : (frac < 0 ? 1 : 0);
+}
+
+static void bound_err(smp_cmd_error_t *err, const smp_tag_cfg_t *tag, const char *vtext,
+                      const char *rel, const char *which, bool is_int, int64_t bi, double bd)
+{
+    if (is_int) {
+        set_err(err, "out_of_range", "%s: %s %s %s %" PRId64, tag->name, vtext, rel, which, bi);
+    } else {
+        set_err(err, "out_of_range", "%s: %s %s %s %.17g", tag->name, vtext, rel, which, bd);
+    }
+}
+
 int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *raw, char **owned,
                    smp_cmd_error_t *err)
 {
@@ -360,13 +389,26 @@ int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *r
         set_err(err, "type_mismatch", "%s: expected an integer, got %s", tag->name, vtext);
         return -EINVAL;
     }
-    if (tag->has_min && ev < tag->min) {
-        set_err(err, "out_of_range", "%s: %s < min %.17g", tag->name, vtext, tag->min);
-        return -ERANGE;
-    }
-    if (tag->has_max && ev > tag->max) {
-        set_err(err, "out_of_range", "%s: %s > max %.17g", tag->name, vtext, tag->max);
-        return -ERANGE;
+    if (json_is_integer(value) && is_int_type(tag->type)) {
+        /* Exact: a 64-bit integer and its bounds must not be rounded to doubles. */
+        int64_t iv = json_integer_value(value);
+        if (tag->has_min && (tag->min_is_int ? iv < tag->min_i : cmp_i64_f64(iv, tag->min) < 0)) {
+            bound_err(err, tag, vtext, "<", "min", tag->min_is_int, tag->min_i, tag->min);
+            return -ERANGE;
+        }
+        if (tag->has_max && (tag->max_is_int ? iv > tag->max_i : cmp_i64_f64(iv, tag->max) > 0)) {
+            bound_err(err, tag, vtext, ">", "max", tag->max_is_int, tag->max_i, tag->max);
+            return -ERANGE;
+        }
+    } else {
+        if (tag->has_min && ev < tag->min) {
+            set_err(err, "out_of_range", "%s: %s < min %.17g", tag->name, vtext, tag->min);
+            return -ERANGE;
+        }
+        if (tag->has_max && ev > tag->max) {
+            set_err(err, "out_of_range", "%s: %s > max %.17g", tag->name, vtext, tag->max);
+            return -ERANGE;
+        }
     }
     double lo = 0, hi = 0;
     raw_range(tag->type, &lo, &hi);
@@ -397,7 +439,12 @@ int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *r
     }
     if (is_int_type(tag->type)) {
         double rr = nearbyint(r);
-        if (fabs(r - rr) > 1e-6 * fmax(1.0, fabs(r))) {
+        /* Allow only the rounding noise of the division (a few ulps of its operands, seen
+         * at the raw scale), not a relative tolerance: that one grows with |raw| and let
+         * 100000.05 through as a multiple of 0.1 once |raw| passed ~500,000. */
+        double noise =
+            8 * DBL_EPSILON * (fmax(fabs(ev), fabs(tag->offset)) / fabs(tag->scale) + fabs(r));
+        if (fabs(r - rr) > noise) {
             set_err(err, "type_mismatch", "%s: %s is not a whole multiple of scale %.17g",
                     tag->name, vtext, tag->scale);
             return -EINVAL;

@@ -1034,6 +1034,10 @@ static bool parse_tag_fields(vctx_t *v, json_t *t, smp_tag_cfg_t *out)
     get_bool(v, t, "writable", &out->writable);
     out->has_min = get_num(v, t, "min", false, &out->min);
     out->has_max = get_num(v, t, "max", false, &out->max);
+    out->min_is_int = out->has_min && json_is_integer(json_object_get(t, "min"));
+    out->max_is_int = out->has_max && json_is_integer(json_object_get(t, "max"));
+    out->min_i = out->min_is_int ? json_integer_value(json_object_get(t, "min")) : 0;
+    out->max_i = out->max_is_int ? json_integer_value(json_object_get(t, "max")) : 0;
     if (out->has_min && out->has_max && out->min > out->max) {
         err_key(v, "max", AT_VALUE, "max %g is less than min %g", out->max, out->min);
     }

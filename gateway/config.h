@@ -28,7 +28,10 @@ typedef struct smp_tag_cfg {
     double deadband;      /* default 0: any change is reported */
     bool writable;
     bool has_min, has_max;
-    double min, max;     /* engineering units */
+    double min, max; /* engineering units */
+    /* min/max written as JSON integers, kept exact (a double loses them above 2^53) */
+    bool min_is_int, max_is_int;
+    int64_t min_i, max_i;
     smp_param_t *params; /* plugin tag keys, index-aligned with plugin->tag_keys */
 } smp_tag_cfg_t;
 

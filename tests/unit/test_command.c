@@ -189,6 +189,68 @@ static void test_validate(void **state)
     assert_string_equal(to_raw_code(&str, "\"Jl. Sudirman\"", &raw), "ok");
 }
 
+/* 64-bit bounds compared as integers: 2^53 + 1 is not 2^53. */
+static void test_64bit_bounds_exact(void **state)
+{
+    (void)state;
+    smp_value_t raw;
+    smp_tag_cfg_t t = tag_of(SMP_TYPE_INT64, true);
+    t.has_max = t.max_is_int = true;
+    t.max_i = 9007199254740993LL; /* 2^53 + 1 */
+    t.max = (double)t.max_i;      /* rounds to 2^53 */
+    t.has_min = t.min_is_int = true;
+    t.min_i = -9007199254740993LL;
+    t.min = (double)t.min_i;
+    assert_string_equal(to_raw_code(&t, "9007199254740993", &raw), "ok");
+    assert_int_equal(raw.v.i, 9007199254740993LL);
+    assert_string_equal(to_raw_code(&t, "9007199254740994", &raw), "out_of_range");
+    assert_string_equal(to_raw_code(&t, "-9007199254740993", &raw), "ok");
+    assert_string_equal(to_raw_code(&t, "-9007199254740994", &raw), "out_of_range");
+    assert_string_equal(to_raw_code(&t, "9223372036854775807", &raw), "out_of_range");
+    /* A bound written as a non-integer number still compares exactly with the integer. */
+    smp_tag_cfg_t u = tag_of(SMP_TYPE_UINT64, true);
+    u.has_max = true;
+    u.max = 9007199254740992.0; /* 2^53 */
+    assert_string_equal(to_raw_code(&u, "9007199254740992", &raw), "ok");
+    assert_string_equal(to_raw_code(&u, "9007199254740993", &raw), "out_of_range");
+    u.max = 1e300;
+    assert_string_equal(to_raw_code(&u, "9223372036854775807", &raw), "ok");
+    assert_int_equal(raw.v.u, 9223372036854775807ULL);
+    u.has_max = false;
+    u.has_min = true;
+    u.min = 10.5;
+    assert_string_equal(to_raw_code(&u, "10", &raw), "out_of_range");
+    assert_string_equal(to_raw_code(&u, "11", &raw), "ok");
+}
+
+/* The whole-multiple-of-scale check keeps working at large |raw|. */
+static void test_scale_multiple_large_raw(void **state)
+{
+    (void)state;
+    smp_value_t raw;
+    smp_tag_cfg_t t = tag_of(SMP_TYPE_INT32, true);
+    t.scale = 0.1;
+    assert_string_equal(to_raw_code(&t, "100000.05", &raw), "type_mismatch"); /* raw 1000000.5 */
+    assert_string_equal(to_raw_code(&t, "100000.1", &raw), "ok");
+    assert_int_equal(raw.v.i, 1000001);
+    assert_string_equal(to_raw_code(&t, "-200000000.05", &raw), "type_mismatch");
+    assert_string_equal(to_raw_code(&t, "-200000000.1", &raw), "ok");
+    assert_int_equal(raw.v.i, -2000000001);
+    assert_string_equal(to_raw_code(&t, "0.3", &raw), "ok"); /* 0.3 / 0.1 = 2.9999999999999996 */
+    assert_int_equal(raw.v.i, 3);
+    smp_tag_cfg_t o = tag_of(SMP_TYPE_UINT32, true);
+    o.scale = 0.5;
+    o.offset = 1000.1;
+    assert_string_equal(to_raw_code(&o, "1000.6", &raw), "ok");
+    assert_int_equal(raw.v.u, 1);
+    assert_string_equal(to_raw_code(&o, "2000000.35", &raw), "type_mismatch");
+    smp_tag_cfg_t w = tag_of(SMP_TYPE_INT64, true);
+    w.scale = 2;
+    assert_string_equal(to_raw_code(&w, "4000000000001", &raw), "type_mismatch");
+    assert_string_equal(to_raw_code(&w, "4000000000002", &raw), "ok");
+    assert_int_equal(raw.v.i, 2000000000001LL);
+}
+
 static void test_raw_equal(void **state)
 {
     (void)state;
@@ -212,10 +274,9 @@ static void test_raw_equal(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_parse_valid),
-        cmocka_unit_test(test_parse_bad),
-        cmocka_unit_test(test_validate),
-        cmocka_unit_test(test_raw_equal),
+        cmocka_unit_test(test_parse_valid),        cmocka_unit_test(test_parse_bad),
+        cmocka_unit_test(test_validate),           cmocka_unit_test(test_raw_equal),
+        cmocka_unit_test(test_64bit_bounds_exact), cmocka_unit_test(test_scale_multiple_large_raw),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
