@@ -44,6 +44,7 @@
 #define MAX_ADDRS        8 /* addresses tried per resolution of the broker's host name */
 #define DEFAULT_INFLIGHT 256
 #define REASON_LEN       160
+#define SUB_RETRY_MS     5000 /* a refused subscription is asked for again this often */
 
 enum bridge_state {
     ST_IDLE,       /* created, not started */
@@ -58,6 +59,8 @@ enum bridge_state {
 typedef struct sub {
     char *topic;
     int qos;
+    int mid;      /* of the SUBSCRIBE awaiting its SUBACK, 0 when none */
+    bool refused; /* the broker's last SUBACK refused it (its ACL, typically) */
 } sub_t;
 
 /* One QoS 1 publish awaiting its PUBACK. mid 0 marks a free slot (0 is never a valid mid). */
@@ -116,6 +119,8 @@ struct smp_bridge {
     uv_timer_t misc_timer;
     uv_timer_t retry_timer;
     uv_timer_t stop_timer;
+    uv_timer_t sub_timer; /* re-sends refused subscriptions */
+    bool ev_suback;       /* a SUBACK changed what is refused: status and retry follow */
 
     /* Backoff and complaining: once per episode, once on recovery. */
     uint32_t backoff_ms;
@@ -132,7 +137,7 @@ struct smp_bridge {
 };
 
 static void begin_attempt(smp_bridge_t *b);
-static int send_subscribe(smp_bridge_t *b, const sub_t *s);
+static int send_subscribe(smp_bridge_t *b, sub_t *s);
 static void after_io(smp_bridge_t *b);
 static void finish_stop(smp_bridge_t *b);
 static void on_misc(uv_timer_t *t);
@@ -479,6 +484,38 @@ static void on_mosq_message(struct mosquitto *m, void *obj, const struct mosquit
     free(corr);
 }
 
+/* A SUBACK: a granted QoS of 0x80 or more is a refusal (MQTT 5 reason codes, or 3.1.1's
+ * 0x80). Only recorded here; after_io republishes the status and schedules the retry. */
+static void on_mosq_subscribe(struct mosquitto *m, void *obj, int mid, int qos_count,
+                              const int *granted_qos, const mosquitto_property *props)
+{
+    smp_bridge_t *b = obj;
+    (void)m;
+    (void)props;
+    for (size_t i = 0; i < b->nsubs; i++) {
+        sub_t *s = &b->subs[i];
+        if (s->mid != mid || mid == 0) {
+            continue;
+        }
+        s->mid = 0;
+        bool refused = qos_count < 1 || granted_qos[0] >= 0x80;
+        if (refused) {
+            LOG_ERR(SCOPE, "broker refused the subscription to %s (0x%02x)%s; retrying every %d s",
+                    s->topic, qos_count > 0 ? (unsigned)granted_qos[0] : 0u,
+                    s->refused ? " again" : "", SUB_RETRY_MS / 1000);
+        } else if (s->refused) {
+            LOG_INFO(SCOPE, "subscribed to %s after it had been refused", s->topic);
+        }
+        if (refused != s->refused) {
+            b->ev_suback = true;
+        }
+        s->refused = refused;
+        if (refused) {
+            b->ev_suback = true; /* schedule the retry */
+        }
+    }
+}
+
 static void on_mosq_log(struct mosquitto *m, void *obj, int level, const char *str)
 {
     (void)m;
@@ -545,12 +582,69 @@ static int do_publish(smp_bridge_t *b, const char *topic, const void *payload, s
 
 static int publish_status(smp_bridge_t *b, const char *state)
 {
-    char payload[96];
-    int n = snprintf(payload, sizeof payload,
-                     "{\"state\":\"%s\",\"version\":\"%s\",\"ts\":%" PRIu64 "}", state, SMP_VERSION,
-                     wall_ms());
+    /* Online but deaf to what it cannot subscribe to: the status says so. */
+    const sub_t *bad = NULL;
+    for (size_t i = 0; i < b->nsubs && strcmp(state, "online") == 0; i++) {
+        if (b->subs[i].refused) {
+            bad = &b->subs[i];
+            break;
+        }
+    }
+    char payload[96 + 512];
+    int n =
+        snprintf(payload, sizeof payload, "{\"state\":\"%s\",\"version\":\"%s\",\"ts\":%" PRIu64,
+                 state, SMP_VERSION, wall_ms());
+    if (bad != NULL) {
+        /* The topic as a JSON string: ours are made of names and the prefix, but escape the
+         * two characters JSON needs escaped anyway. */
+        n += snprintf(payload + n, sizeof payload - (size_t)n, ",\"error\":\"subscribe refused: ");
+        for (const char *c = bad->topic; *c != '\0' && (size_t)n < sizeof payload - 8; c++) {
+            if (*c == '"' || *c == '\\') {
+                payload[n++] = '\\';
+            }
+            payload[n++] = *c;
+        }
+        n += snprintf(payload + n, sizeof payload - (size_t)n, "\"");
+    }
+    n += snprintf(payload + n, sizeof payload - (size_t)n, "}");
     return do_publish(b, b->status_topic, payload, (size_t)n, /* qos = */ 1, /* retain = */ true,
                       /* token = */ 0, NULL);
+}
+
+static void on_sub_timer(uv_timer_t *t)
+{
+    smp_bridge_t *b = t->data;
+    if (b->state != ST_CONNECTED || b->stopping) {
+        return;
+    }
+    for (size_t i = 0; i < b->nsubs; i++) {
+        if (b->subs[i].refused && b->subs[i].mid == 0) {
+            int rc = send_subscribe(b, &b->subs[i]);
+            if (rc < 0) {
+                LOG_WARN(SCOPE, "cannot subscribe to %s: %s", b->subs[i].topic, strerror(-rc));
+            }
+        }
+    }
+    poll_update(b);
+}
+
+/* After a SUBACK that refused a subscription, or granted one that had been refused: the
+ * status tells, and refused ones are asked for again later. */
+static void after_suback(smp_bridge_t *b)
+{
+    b->ev_suback = false;
+    if (b->state != ST_CONNECTED || b->stopping) {
+        return;
+    }
+    int rc = publish_status(b, "online");
+    if (rc < 0) {
+        LOG_WARN(SCOPE, "cannot publish the status: %s", strerror(-rc));
+    }
+    for (size_t i = 0; i < b->nsubs; i++) {
+        if (b->subs[i].refused && !uv_is_active((uv_handle_t *)&b->sub_timer)) {
+            uv_timer_start(&b->sub_timer, on_sub_timer, SUB_RETRY_MS, 0);
+        }
+    }
 }
 
 /* ---- connection lifecycle ------------------------------------------------------------------- */
@@ -574,6 +668,9 @@ static void teardown_conn(smp_bridge_t *b, bool send_disconnect)
     }
     /* Never acknowledged now: the caller's outbox keeps those messages. */
     pending_clear(b);
+    for (size_t i = 0; i < b->nsubs; i++) {
+        b->subs[i].mid = 0; /* no SUBACK comes for this connection's SUBSCRIBEs any more */
+    }
     b->qos0.head = b->qos0.len = 0;
     b->ev_connack = false;
     b->ev_lost = false;
@@ -663,6 +760,7 @@ static int configure(smp_bridge_t *b, struct mosquitto *m)
     mosquitto_disconnect_v5_callback_set(m, on_mosq_disconnect);
     mosquitto_publish_v5_callback_set(m, on_mosq_publish);
     mosquitto_message_v5_callback_set(m, on_mosq_message);
+    mosquitto_subscribe_v5_callback_set(m, on_mosq_subscribe);
     /* libmosquitto formats a log line for every packet whenever a log callback is set, so set
      * it only when those lines will be printed: it costs ~10 % of the CPU of a replay. */
     if (smp__log_level >= SMP_LOG_DEBUG) {
@@ -832,15 +930,18 @@ static void begin_attempt(smp_bridge_t *b)
 /* Sends one SUBSCRIBE. With MQTT 5 the broker is asked not to send retained messages at all
  * (retain handling 2): a retained command is one published before this subscription, never a
  * request to act now. MQTT 3 has no such option; the caller sees the retain flag instead. */
-static int send_subscribe(smp_bridge_t *b, const sub_t *s)
+static int send_subscribe(smp_bridge_t *b, sub_t *s)
 {
     int opts = 0;
     if (b->version == MQTT_PROTOCOL_V5) {
         opts |= MQTT_SUB_OPT_SEND_RETAIN_NEVER;
     }
     errno = 0;
-    int rc = mosquitto_subscribe_v5(b->mosq, NULL, s->topic, s->qos, opts, NULL);
-    return mosq_to_errno(rc, errno);
+    int mid = 0;
+    int rc = mosquitto_subscribe_v5(b->mosq, &mid, s->topic, s->qos, opts, NULL);
+    int saved = errno;
+    s->mid = rc == MOSQ_ERR_SUCCESS ? mid : 0;
+    return mosq_to_errno(rc, saved);
 }
 
 /* CONNACK accepted: restore the subscriptions, announce the gateway, tell the caller. */
@@ -930,6 +1031,9 @@ static void after_io(smp_bridge_t *b)
         }
         /* A refusal is followed by an error from the same read (ev_lost above). */
     }
+    if (b->ev_suback) {
+        after_suback(b);
+    }
     if (b->state == ST_CONNECTED && b->stopping && b->inflight == 0) {
         finish_stop(b);
         return;
@@ -1013,7 +1117,8 @@ static void finish_stop(smp_bridge_t *b)
     uv_close((uv_handle_t *)&b->misc_timer, on_handle_closed);
     uv_close((uv_handle_t *)&b->retry_timer, on_handle_closed);
     uv_close((uv_handle_t *)&b->stop_timer, on_handle_closed);
-    b->pending_closes += 3;
+    uv_close((uv_handle_t *)&b->sub_timer, on_handle_closed);
+    b->pending_closes += 4;
     LOG_INFO(SCOPE, "stopped");
     if (was_connected && b->cbs.on_disconnect != NULL) {
         b->cbs.on_disconnect(b->arg);
@@ -1033,6 +1138,8 @@ static void init_timers(smp_bridge_t *b)
     uv_timer_init(b->loop, &b->misc_timer);
     uv_timer_init(b->loop, &b->retry_timer);
     uv_timer_init(b->loop, &b->stop_timer);
+    uv_timer_init(b->loop, &b->sub_timer);
+    b->sub_timer.data = b;
     b->misc_timer.data = b;
     b->retry_timer.data = b;
     b->stop_timer.data = b;

@@ -378,6 +378,75 @@ class CommandSafetyTest(h.TestCase):
         assert json.loads(m[0][1])["ok"] is True
         assert len(self.writes_to(11)) == 1
 
+    # ---- 11. SUBACK ----------------------------------------------------------------------------
+
+    def dynsec_broker(self):
+        """mosquitto with its dynamic-security plugin (Debian's mosquitto package ships it):
+        2.0's acl_file never refuses a SUBSCRIBE (it filters at delivery), the plugin does.
+        Anonymous clients (the test) may do anything; client "gw" (the gateway) may publish
+        under simpul/ but subscribe to nothing."""
+        import shutil
+        import subprocess
+        port = h.free_port()
+        os.chmod(self.workdir, 0o755)  # mosquitto started as root drops to its own user
+        dyn = os.path.join(self.workdir, "dynsec.json")
+        subprocess.run(["mosquitto_ctrl", "dynsec", "init", dyn, "admin", "adminpw"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.chmod(dyn, 0o666)
+        conf = os.path.join(self.workdir, "mosquitto-dynsec.conf")
+        plugin = "/usr/lib/%s/mosquitto_dynamic_security.so" % (
+            subprocess.run(["gcc", "-print-multiarch"], stdout=subprocess.PIPE,
+                           check=True).stdout.decode().strip())
+        with open(conf, "w") as f:
+            f.write("listener %d 127.0.0.1\nallow_anonymous true\nplugin %s\n"
+                    "plugin_opt_config_file %s\nmax_queued_messages 0\npersistence false\n"
+                    % (port, plugin, dyn))
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        proc = h.Proc("mosquitto-dynsec", [exe, "-c", conf], self.workdir)
+        self.defer(proc.stop)
+        h.wait_port(port, 10, proc.p)
+
+        def ctrl(*args):
+            subprocess.run(["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", "admin",
+                            "-P", "adminpw", "dynsec"] + list(args), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=20)
+        for args in [("createClient", "gw", "-p", "gwpass"), ("createRole", "gwrole"),
+                     ("addRoleACL", "gwrole", "publishClientSend", "simpul/#", "allow"),
+                     ("addClientRole", "gw", "gwrole"), ("createRole", "anyrole"),
+                     ("addRoleACL", "anyrole", "publishClientSend", "#", "allow"),
+                     ("addRoleACL", "anyrole", "subscribePattern", "#", "allow"),
+                     ("createGroup", "anon"), ("addGroupRole", "anon", "anyrole"),
+                     ("setAnonymousGroup", "anon")]:
+            ctrl(*args)
+        return port, ctrl
+
+    def test_acl_refused_subscription_is_reported_and_retried(self):
+        port, ctrl = self.dynsec_broker()
+        pw = os.path.join(self.workdir, "gw.pw")
+        with open(pw, "w") as f:
+            f.write("gwpass\n")
+        pm = self.pymodbus(dict(PEER_SPEC))
+        cfg = h.base_config(self.workdir, port, [device("pump-01", pm.port)],
+                            mqtt_extra={"username": "gw", "password_file": pw})
+        self.sub = self.subscriber(port, [P + "/#"])
+        gw = self.gateway(cfg)
+        st = self.sub.wait_json(P + "/status", lambda j: "error" in j, 20,
+                                "gateway status with the error")
+        assert st["state"] == "online", st
+        assert st["error"] == "subscribe refused: " + P + "/+/cmd", st
+        lines = [line for line in gw.proc.output().splitlines()
+                 if "refused the subscription" in line]
+        assert lines and " error " in lines[0], lines
+        # The broker's ACL is fixed: the retry succeeds, the status clears, commands are heard.
+        ctrl("addRoleACL", "gwrole", "subscribePattern", "simpul/#", "allow")
+        self.sub.wait_json(P + "/status", lambda j: j["state"] == "online" and "error" not in j
+                           and j["ts"] > st["ts"], 30, "the status without error")
+        before = len(self.sub.messages(RESULT))
+        self.sub.publish(P + "/pump-01/cmd", json.dumps(
+            {"id": "acl-1", "op": "read", "tags": ["flow"]}))
+        h.wait_for(lambda: [j for j in self.sub.json(RESULT)[before:] if j["id"] == "acl-1"],
+                   10, "the command answered")
+
     # ---- 3. at-most-once cannot fail open ----------------------------------------------------
 
     def test_writes_refused_on_an_in_memory_store(self):
