@@ -1413,6 +1413,15 @@ void smp__engine_write_done(smp_engine_t *e, struct job *j)
     smp__engine_stop_progress(e);
 }
 
+void smp__engine_command_cancel(smp_engine_t *e, struct job *j)
+{
+    struct cmd *m = j->cmd;
+    m->d->cmd_queued--;
+    e->cmds->in_progress--;
+    smp__job_free(j);
+    fail(e, m, "cancelled", "the gateway stopped before the command started; nothing was written");
+}
+
 void smp__engine_write_discard(smp_engine_t *e, struct job *j)
 {
     (void)e;

@@ -337,7 +337,7 @@ static void worker_main(void *arg)
             uv_cond_wait(&c->cv, &c->mu);
         }
         struct job *j = NULL;
-        if (c->cmd_head != NULL) {
+        if (c->cmd_head != NULL && !c->cancel_cmds) {
             j = c->cmd_head;
             c->cmd_head = j->next;
             if (c->cmd_head == NULL) {
@@ -1292,12 +1292,31 @@ int smp_engine_start(smp_engine_t *e)
     return 0;
 }
 
+/* Forced stop: commands still waiting for their worker never start; each is answered. */
+static void cancel_queued_commands(smp_engine_t *e)
+{
+    for (size_t m = 0; m < e->nconns; m++) {
+        struct conn *c = e->conns[m];
+        uv_mutex_lock(&c->mu);
+        c->cancel_cmds = true;
+        struct job *j = c->cmd_head;
+        c->cmd_head = c->cmd_tail = NULL;
+        uv_mutex_unlock(&c->mu);
+        while (j != NULL) {
+            struct job *next = j->next;
+            smp__engine_command_cancel(e, j);
+            j = next;
+        }
+    }
+}
+
 static void on_stop_timeout(uv_timer_t *t)
 {
     smp_engine_t *e = t->data;
     if (!e->stop_forced) {
         LOG_WARN("engine", "stop deadline reached; finishing now");
         e->stop_forced = true;
+        cancel_queued_commands(e);
         smp__engine_stop_progress(e);
         if (!e->stop_done) {
             /* The bridge gets a last moment to close (it may be waiting on a DNS lookup that

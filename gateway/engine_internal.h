@@ -114,6 +114,7 @@ struct conn {
     uv_cond_t cv;
     struct job *cmd_head, *cmd_tail, *poll_head, *poll_tail;
     bool stop;
+    bool cancel_cmds; /* forced stop: the worker starts no further command */
     /* worker */
     void *pconn;
     bool open;
@@ -189,5 +190,7 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
                          const smp_mqtt_props_t *props);
 void smp__engine_write_done(smp_engine_t *e, struct job *j);
 void smp__engine_write_discard(smp_engine_t *e, struct job *j);
+/* Answers a command job that never reached its worker ("cancelled") and frees it. */
+void smp__engine_command_cancel(smp_engine_t *e, struct job *j);
 
 #endif

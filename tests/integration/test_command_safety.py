@@ -447,6 +447,42 @@ class CommandSafetyTest(h.TestCase):
         h.wait_for(lambda: [j for j in self.sub.json(RESULT)[before:] if j["id"] == "acl-1"],
                    10, "the command answered")
 
+    # ---- 6. forced stop -----------------------------------------------------------------------
+
+    def test_forced_stop_answers_queued_commands_and_starts_none(self):
+        import sqlite3
+        self.start(modbus_proxy=True, dev_kw={"interval": 60000, "timeout": 3000})
+        # Each answer of the device takes 1.5 s: a write and its read-back take 3 s, so the
+        # 4 s stop deadline comes while the second write runs and the others wait.
+        self.mpx.delay = 1.5
+        ids = ["fs-%d" % k for k in range(6)]
+        for k, cid in enumerate(ids):
+            self.sub.publish(P + "/pump-01/cmd", json.dumps(
+                {"id": cid, "op": "write", "tag": "raw_sp", "value": 100 + k}))
+        h.wait_for(lambda: "write fs-0" in self.gw.proc.output() or
+                   self.writes_to(11), 10, "the first write under way")
+        self.gw.proc.signal(h.SIGTERM)
+        assert self.gw.proc.wait(15) == 0, self.gw.proc.output()[-3000:]
+        answers = {}
+        for j in self.sub.json(RESULT):
+            answers.setdefault(j["id"], []).append(j)
+        assert all(len(v) == 1 for v in answers.values()), answers
+        cancelled = [cid for cid, v in answers.items()
+                     if not v[0]["ok"] and v[0]["error"]["code"] == "cancelled"]
+        assert len(cancelled) >= 3, answers
+        written = [int(w[4]) - 100 for w in self.writes_to(11)]
+        for cid in cancelled:
+            assert int(cid.split("-")[1]) not in written, (cid, written)
+        # Every answered command has its audit row (the store commits its queue at exit).
+        db = sqlite3.connect(self.cfg["store"]["path"], timeout=5)
+        try:
+            rows = dict(db.execute("select cmd_id, code from audit where cmd_id like 'fs-%'"))
+        finally:
+            db.close()
+        for cid, v in answers.items():
+            want = "ok" if v[0]["ok"] else v[0]["error"]["code"]
+            assert rows.get(cid) == want, (cid, rows)
+
     # ---- 3. at-most-once cannot fail open ----------------------------------------------------
 
     def test_writes_refused_on_an_in_memory_store(self):
