@@ -500,6 +500,12 @@ struct cmd_entry {
  * is dropped (its result is stored: a retry with the same id gets it). */
 #define UNSENT_MAX 1024u
 
+/* A token bucket: `rate` commands per second, bursts of as many. */
+struct bucket {
+    double tokens;
+    uint64_t last_ms;
+};
+
 /* An answer that could not be handed to the bridge yet. */
 struct unsent {
     struct unsent *next;
@@ -519,6 +525,8 @@ struct smp_command_state {
     bool history_lost;    /* the recorded commands could not be loaded at start */
     struct unsent *unsent_head, *unsent_tail;
     size_t unsent_n;
+    struct bucket global;   /* commands.rate_global */
+    struct bucket *per_dev; /* commands.rate_per_device, one per device (e->devs order) */
 };
 
 /* One command being handled. */
@@ -673,6 +681,13 @@ void smp__engine_commands_init(smp_engine_t *e)
         return;
     }
     e->cmds->window_ms = (uint64_t)e->cfg->commands.dedup_window_s * 1000u;
+    uint64_t now = uv_now(e->loop);
+    e->cmds->global = (struct bucket){.tokens = e->cfg->commands.rate_global, .last_ms = now};
+    e->cmds->per_dev = calloc(e->ndevs ? e->ndevs : 1, sizeof *e->cmds->per_dev);
+    for (size_t k = 0; e->cmds->per_dev != NULL && k < e->ndevs; k++) {
+        e->cmds->per_dev[k] =
+            (struct bucket){.tokens = e->cfg->commands.rate_per_device, .last_ms = now};
+    }
     int64_t since = (int64_t)smp__wall_ms() - (int64_t)e->cmds->window_ms;
     int rc = smp_store_load_cmds(e->store, since, restore_cmd, e);
     if (rc < 0) {
@@ -699,6 +714,7 @@ void smp__engine_commands_free(smp_engine_t *e)
         e->cmds->unsent_head = u->next;
         unsent_free(u);
     }
+    free(e->cmds->per_dev);
     free(e->cmds);
     e->cmds = NULL;
 }
@@ -850,8 +866,34 @@ static void audit(smp_engine_t *e, struct cmd *m, const char *code, const char *
 struct result_ctx {
     struct cmd *m;
     char *text;
+    char *kept; /* what later duplicates get (kept_answer), owned */
     bool published;
 };
+
+static void begin_result(smp_buf_t *b, const struct cmd *m, bool ok);
+
+/* What is kept of an answer for later duplicates, in memory and in the store: the answer
+ * itself, or a short stand-in when it is larger than commands.result_max_bytes (a read of 256
+ * tags, a page of history), so a flood of them cannot pile up megabytes for the window. */
+static char *kept_answer(smp_engine_t *e, const struct cmd *m, const char *text)
+{
+    size_t n = strlen(text);
+    if (n <= (size_t)e->cfg->commands.result_max_bytes) {
+        return strdup(text);
+    }
+    smp_buf_t b;
+    begin_result(&b, m, false);
+    smp_buf_printf(&b,
+                   ",\"error\":{\"code\":\"duplicate\",\"message\":\"already answered; the "
+                   "first answer (%zu bytes) was larger than commands.result_max_bytes and is "
+                   "not kept\"},\"ts\":%" PRIu64 "}",
+                   n, smp__wall_ms());
+    if (b.oom) {
+        smp_buf_free(&b);
+        return NULL;
+    }
+    return b.p;
+}
 
 static void after_result_stored(void *arg, int status, int64_t id)
 {
@@ -867,7 +909,8 @@ static void after_result_stored(void *arg, int status, int64_t id)
         /* Only now is the entry answered (and so may expire); duplicates that arrived in the
          * meantime waited for this. */
         free(m->entry->result);
-        m->entry->result = strdup(rc->text);
+        m->entry->result = rc->kept;
+        rc->kept = NULL;
         if (m->entry->result == NULL) {
             /* An entry without a result would never expire: give it the text itself. */
             m->entry->result = rc->text;
@@ -881,6 +924,7 @@ static void after_result_stored(void *arg, int status, int64_t id)
         publish_result(e, m, text);
     }
     free(rc->text);
+    free(rc->kept);
     free(rc);
     cmd_free(m);
     e->cmds->in_progress--;
@@ -919,11 +963,14 @@ static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *cod
     }
     rc->m = m;
     rc->text = text;
-    if (m->c.has_id) {
+    if (m->entry != NULL) {
+        /* In the at-most-once table: remembered in the store too. Commands refused before
+         * the table (no id, retained, rate limits) are not, so their id can still run. */
         publish_result(e, m, text);
         rc->published = true;
-        smp_store_cmd_put(e->store, m->device, m->c.id, text, (int64_t)m->recv_wall_ms,
-                          after_result_stored, rc);
+        rc->kept = kept_answer(e, m, text);
+        smp_store_cmd_put(e->store, m->device, m->c.id, rc->kept != NULL ? rc->kept : text,
+                          (int64_t)m->recv_wall_ms, after_result_stored, rc);
     } else {
         after_result_stored(rc, 0, 0);
     }
@@ -989,6 +1036,34 @@ static int find_tag(const struct device *d, const char *name)
         }
     }
     return -1;
+}
+
+static bool bucket_take(struct bucket *b, double rate, uint64_t now_ms)
+{
+    double refill = (double)(now_ms - b->last_ms) * rate / 1000.0;
+    b->tokens = b->tokens + refill > rate ? rate : b->tokens + refill;
+    b->last_ms = now_ms;
+    if (b->tokens < 1.0) {
+        return false;
+    }
+    b->tokens -= 1.0;
+    return true;
+}
+
+/* Rate limits, per device and in all: NULL when the command may go on, else why not. */
+static const char *over_rate(smp_engine_t *e, const struct device *d, uint64_t now_ms)
+{
+    struct smp_command_state *s = e->cmds;
+    if (d != NULL && s->per_dev != NULL) {
+        struct bucket *b = &s->per_dev[d - e->devs];
+        if (!bucket_take(b, e->cfg->commands.rate_per_device, now_ms)) {
+            return "too many commands for this device (commands.rate_per_device)";
+        }
+    }
+    if (!bucket_take(&s->global, e->cfg->commands.rate_global, now_ms)) {
+        return "too many commands (commands.rate_global)";
+    }
+    return NULL;
 }
 
 /* Why a write cannot be made at-most-once now, or NULL when it can. */
@@ -1058,6 +1133,7 @@ static void on_history(void *arg, int status, const smp_history_row_t *rows, siz
     struct cmd *m = arg;
     smp_engine_t *e = m->e;
     e->cmds->in_progress--;
+    m->d->cmd_queued--;
     if (status < 0) {
         fail(e, m, "busy", "history is not available (store error)");
         return;
@@ -1148,10 +1224,21 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         return;
     }
     uint64_t now = uv_now(e->loop);
+    const char *limit = over_rate(e, m->d, now);
+    if (limit != NULL) {
+        /* Not remembered: a later retry of this id may run. */
+        fail(e, m, "busy", limit);
+        return;
+    }
     entries_expire(e->cmds, now);
     if (m->c.has_id) {
         char *key = make_key(m->device, m->c.id);
         struct cmd_entry *x = key ? entry_find(e->cmds, key) : NULL;
+        if (x == NULL && e->cmds->count >= (size_t)e->cfg->commands.dedup_max) {
+            free(key);
+            fail(e, m, "busy", "too many recent commands to remember (commands.dedup_max)");
+            return;
+        }
         if (x != NULL) {
             free(key);
             /* Seen before: never run it again. Answer with the first result (now, or when
@@ -1189,6 +1276,11 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
             fail(e, m, "unknown_tag", "no such tag on this device");
             return;
         }
+        if (m->d->cmd_queued >= SMP_CMD_QUEUE_MAX) {
+            fail(e, m, "busy", "too many commands queued for the device");
+            return;
+        }
+        m->d->cmd_queued++;
         e->cmds->in_progress++;
         smp_store_history(e->store, m->device, m->c.tag, m->c.from, m->c.to, m->c.limit, on_history,
                           m);

@@ -905,6 +905,12 @@ typedef struct int_key {
 
 static const int_key_t command_keys[] = {
     {"dedup_window_s", 1, 86400, offsetof(smp_config_t, commands.dedup_window_s)},
+    {"rate_per_device", 1, 10000, offsetof(smp_config_t, commands.rate_per_device)},
+    {"rate_global", 1, 100000, offsetof(smp_config_t, commands.rate_global)},
+    {"dedup_max", 16, 1000000, offsetof(smp_config_t, commands.dedup_max)},
+    {"result_max_bytes", 256, 65536, offsetof(smp_config_t, commands.result_max_bytes)},
+    {"audit_max_rows", 1000, 100000000, offsetof(smp_config_t, commands.audit_max_rows)},
+    {"audit_retention_days", 1, 3650, offsetof(smp_config_t, commands.audit_retention_days)},
 };
 
 static void parse_commands(vctx_t *v, smp_config_t *cfg, json_t *root)
@@ -1661,6 +1667,12 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     cfg->store.history_retention_h = 168;
     cfg->store.outbox_max_mb = 256;
     cfg->commands.dedup_window_s = 600;
+    cfg->commands.rate_per_device = 20;
+    cfg->commands.rate_global = 200;
+    cfg->commands.dedup_max = 10000;
+    cfg->commands.result_max_bytes = 4096;
+    cfg->commands.audit_max_rows = 1000000;
+    cfg->commands.audit_retention_days = 90;
     return v->oom ? -ENOMEM : 0;
 }
 

@@ -79,7 +79,13 @@ typedef struct smp_config {
     } store;
     struct {
         /* Commands and their limits (docs/config.md, "commands"). */
-        int dedup_window_s; /* at-most-once window per (device, id), default 600 */
+        int dedup_window_s;       /* at-most-once window per (device, id), default 600 */
+        int rate_per_device;      /* commands per second per device (burst as many), 20 */
+        int rate_global;          /* commands per second in all, 200 */
+        int dedup_max;            /* ids remembered at once, 10000 */
+        int result_max_bytes;     /* largest answer kept for duplicates, 4096 */
+        int audit_max_rows;       /* audit rows kept, 1000000 */
+        int audit_retention_days; /* audit rows kept this long, 90 */
     } commands;
     smp_device_cfg_t *devices;
     size_t ndevices;

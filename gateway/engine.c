@@ -1164,6 +1164,10 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .history_retention_h = cfg->store.history_retention_h,
         .outbox_max_bytes = (int64_t)(cfg->store.outbox_max_mb * 1024.0 * 1024.0),
         .sync_normal = cfg->store.sync_normal,
+        /* Results are looked up only within the de-dup window: twice that is plenty. */
+        .cmd_keep_ms = 2 * (int64_t)cfg->commands.dedup_window_s * 1000,
+        .audit_keep_ms = (int64_t)cfg->commands.audit_retention_days * 24 * 3600000,
+        .audit_max_rows = cfg->commands.audit_max_rows,
     };
     int rc = smp_store_open(loop, &so, &e->store);
     if (rc < 0) {

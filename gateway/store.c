@@ -38,8 +38,8 @@ static uint64_t idle_tick_ms = 1000;      /* idle wake-up for pruning and checkp
 static uint64_t prune_interval_ms = 1000; /* at most one prune per interval, unless behind */
 static uint64_t prune_backlog_ms = 20;    /* wake-up while old history rows remain */
 static int prune_chunk = 1000;            /* rows per prune: a bounded, short delete */
-static int64_t cmd_result_keep_ms = 24 * 3600000LL; /* far beyond the 10 min dedup window */
-static int64_t audit_keep_ms = 90 * 24 * 3600000LL; /* the audit trail outlives history */
+static int64_t cmd_result_keep_ms = 24 * 3600000LL; /* default: far beyond the dedup window */
+static int64_t audit_keep_ms = 90 * 24 * 3600000LL; /* default: the audit trail outlives history */
 static int busy_timeout_ms = 5000;  /* another process (sqlite3 CLI) holding a lock */
 static int close_apply_rounds = 32; /* callbacks that queue more work during close */
 static int64_t journal_size_limit = 64 * 1024 * 1024; /* WAL truncated to this after reset */
@@ -107,6 +107,7 @@ enum {
     ST_LOAD_CMDS,
     ST_AUDIT,
     ST_AUDIT_PRUNE,
+    ST_AUDIT_TRIM,
     ST_COUNT
 };
 
@@ -144,6 +145,9 @@ static const char *const stmt_sql[ST_COUNT] = {
                  " message, latency_us) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [ST_AUDIT_PRUNE] = "DELETE FROM audit WHERE id IN (SELECT id FROM audit"
                        " WHERE received_ms < ?1 ORDER BY received_ms LIMIT ?2)",
+    /* Ids only grow: the rows more than ?1 below the newest are the oldest beyond the cap. */
+    [ST_AUDIT_TRIM] = "DELETE FROM audit WHERE id IN (SELECT id FROM audit"
+                      " WHERE id <= (SELECT max(id) FROM audit) - ?1 ORDER BY id LIMIT ?2)",
 };
 
 /* Schema version 1. Every table is documented in docs/store.md. */
@@ -185,6 +189,7 @@ struct smp_store {
     int64_t retention_ms; /* 0: keep history forever */
     int64_t outbox_max;   /* 0: unbounded */
     bool sync_normal;     /* PRAGMA synchronous = NORMAL instead of FULL */
+    int64_t cmd_keep_ms, audit_keep_ms, audit_max_rows; /* see smp_store_opts_t */
 
     uv_thread_t writer;
     bool writer_started;
@@ -916,11 +921,14 @@ static void prune_old(smp_store_t *st)
         rc = prune_one(st, ST_HIST_PRUNE, now - st->retention_ms, &more, &changed, "history prune");
     }
     if (rc == 0) {
-        rc = prune_one(st, ST_CMD_PRUNE, now - cmd_result_keep_ms, &more, &changed,
+        rc = prune_one(st, ST_CMD_PRUNE, now - st->cmd_keep_ms, &more, &changed,
                        "command result prune");
     }
     if (rc == 0) {
-        rc = prune_one(st, ST_AUDIT_PRUNE, now - audit_keep_ms, &more, &changed, "audit prune");
+        rc = prune_one(st, ST_AUDIT_PRUNE, now - st->audit_keep_ms, &more, &changed, "audit prune");
+    }
+    if (rc == 0 && st->audit_max_rows > 0) {
+        rc = prune_one(st, ST_AUDIT_TRIM, st->audit_max_rows, &more, &changed, "audit trim");
     }
     if (rc == 0 && changed > 0) {
         rc = tx_commit(st);
@@ -1591,6 +1599,9 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
         opts->history_retention_h > 0 ? (int64_t)opts->history_retention_h * 3600000 : 0;
     st->outbox_max = opts->outbox_max_bytes > 0 ? opts->outbox_max_bytes : 0;
     st->sync_normal = opts->sync_normal;
+    st->cmd_keep_ms = opts->cmd_keep_ms > 0 ? opts->cmd_keep_ms : cmd_result_keep_ms;
+    st->audit_keep_ms = opts->audit_keep_ms > 0 ? opts->audit_keep_ms : audit_keep_ms;
+    st->audit_max_rows = opts->audit_max_rows;
     if (uv_mutex_init(&st->mu) != 0) {
         free(st->path);
         free(st);

@@ -33,6 +33,11 @@ typedef struct smp_store_opts {
      * runs, so a power cut loses nothing acknowledged. true: NORMAL, faster commits that
      * survive a crash of the process but not of the machine. */
     bool sync_normal;
+    /* Command records: results kept this long (0: 24 h); audit rows kept this long (0: 90
+     * days) and at most this many (0: no cap), the oldest pruned first, a little at a time. */
+    int64_t cmd_keep_ms;
+    int64_t audit_keep_ms;
+    int64_t audit_max_rows;
 } smp_store_opts_t;
 
 /* Opens (creating/migrating the schema), starts the writer thread. Returns 0 or a negative

@@ -483,6 +483,62 @@ class CommandSafetyTest(h.TestCase):
             want = "ok" if v[0]["ok"] else v[0]["error"]["code"]
             assert rows.get(cid) == want, (cid, rows)
 
+    # ---- 7. limits ----------------------------------------------------------------------------
+
+    def rss_kb(self):
+        with open("/proc/%d/status" % self.gw.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def flood(self, first, n):
+        ids = ["fl-%d" % k for k in range(first, first + n)]
+        for cid in ids:
+            self.sub.c.publish(P + "/pump-01/cmd", json.dumps(
+                {"id": cid, "op": "read", "tags": ["flow"]}), qos=1)
+        want = set(ids)
+        h.wait_for(lambda: want <= {j["id"] for j in self.sub.json(RESULT)}, 120,
+                   "an answer to each of %d commands" % n)
+        return ids
+
+    def test_flood_of_fresh_ids_answered_once_memory_flat(self):
+        import sqlite3
+        self.start(commands={"rate_per_device": 100, "rate_global": 1000, "dedup_max": 200,
+                             "audit_max_rows": 1000})
+        ids = self.flood(0, 1500)
+        rss1 = self.rss_kb()
+        ids += self.flood(1500, 3000)
+        rss2 = self.rss_kb()
+        got = [j["id"] for j in self.sub.json(RESULT)]
+        assert len(got) == len(ids) and set(got) == set(ids), "each answered exactly once"
+        busy = [j["error"]["message"] for j in self.sub.json(RESULT)
+                if not j["ok"] and j["error"]["code"] == "busy"]
+        assert any("rate_per_device" in b for b in busy), busy[:5]
+        assert any("dedup_max" in b for b in busy), busy[:5]
+        ok = [j for j in self.sub.json(RESULT) if j["ok"]]
+        assert len(ok) <= 200 + 1, len(ok)  # the de-dup table holds at most 200 ids
+        print("RSS after 1500 commands: %d kB, after 4500: %d kB" % (rss1, rss2))
+        assert rss2 - rss1 < 2048, "RSS grew from %d to %d kB" % (rss1, rss2)
+
+        def audit_rows():
+            db = sqlite3.connect(self.cfg["store"]["path"], timeout=5)
+            try:
+                return db.execute("select count(*) from audit").fetchone()[0]
+            finally:
+                db.close()
+        h.wait_for(lambda: audit_rows() <= 1000, 30, "the audit table trimmed to 1000 rows")
+
+    def test_history_counts_against_the_queue_limit(self):
+        self.start(commands={"rate_per_device": 1000, "rate_global": 1000})
+        for k in range(40):
+            self.sub.c.publish(P + "/pump-01/cmd", json.dumps(
+                {"id": "h-%d" % k, "op": "history", "tag": "flow", "limit": 1000}), qos=1)
+        h.wait_for(lambda: len(self.sub.messages(RESULT)) >= 40, 30, "40 answers")
+        codes = [j["ok"] or j["error"]["message"] for j in self.sub.json(RESULT)]
+        assert codes.count(True) >= 16, codes
+        assert "too many commands queued for the device" in codes, codes
+
     # ---- 3. at-most-once cannot fail open ----------------------------------------------------
 
     def test_writes_refused_on_an_in_memory_store(self):
