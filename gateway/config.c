@@ -899,18 +899,18 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 /* Integer keys of "commands": name, range, where it goes. */
 typedef struct int_key {
     const char *name;
-    long long lo, hi;
+    long long lo, hi, dflt;
     size_t off;
 } int_key_t;
 
 static const int_key_t command_keys[] = {
-    {"dedup_window_s", 1, 86400, offsetof(smp_config_t, commands.dedup_window_s)},
-    {"rate_per_device", 1, 10000, offsetof(smp_config_t, commands.rate_per_device)},
-    {"rate_global", 1, 100000, offsetof(smp_config_t, commands.rate_global)},
-    {"dedup_max", 16, 1000000, offsetof(smp_config_t, commands.dedup_max)},
-    {"result_max_bytes", 256, 65536, offsetof(smp_config_t, commands.result_max_bytes)},
-    {"audit_max_rows", 1000, 100000000, offsetof(smp_config_t, commands.audit_max_rows)},
-    {"audit_retention_days", 1, 3650, offsetof(smp_config_t, commands.audit_retention_days)},
+    {"dedup_window_s", 1, 86400, 600, offsetof(smp_config_t, commands.dedup_window_s)},
+    {"rate_per_device", 1, 10000, 20, offsetof(smp_config_t, commands.rate_per_device)},
+    {"rate_global", 1, 100000, 200, offsetof(smp_config_t, commands.rate_global)},
+    {"dedup_max", 16, 1000000, 10000, offsetof(smp_config_t, commands.dedup_max)},
+    {"result_max_bytes", 256, 65536, 4096, offsetof(smp_config_t, commands.result_max_bytes)},
+    {"audit_max_rows", 1000, 100000000, 1000000, offsetof(smp_config_t, commands.audit_max_rows)},
+    {"audit_retention_days", 1, 3650, 90, offsetof(smp_config_t, commands.audit_retention_days)},
 };
 
 static void parse_commands(vctx_t *v, smp_config_t *cfg, json_t *root)
@@ -1666,13 +1666,9 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     cfg->mqtt.inflight_max = 256;
     cfg->store.history_retention_h = 168;
     cfg->store.outbox_max_mb = 256;
-    cfg->commands.dedup_window_s = 600;
-    cfg->commands.rate_per_device = 20;
-    cfg->commands.rate_global = 200;
-    cfg->commands.dedup_max = 10000;
-    cfg->commands.result_max_bytes = 4096;
-    cfg->commands.audit_max_rows = 1000000;
-    cfg->commands.audit_retention_days = 90;
+    for (size_t k = 0; k < sizeof command_keys / sizeof command_keys[0]; k++) {
+        *(int *)((char *)cfg + command_keys[k].off) = (int)command_keys[k].dflt;
+    }
     return v->oom ? -ENOMEM : 0;
 }
 

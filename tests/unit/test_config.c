@@ -847,6 +847,33 @@ static void test_store_synchronous(void **state)
     res_free(&r);
 }
 
+static void test_commands_section(void **state)
+{
+    (void)state;
+    res_t r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": []}");
+    assert_int_equal(r.n, 0);
+    assert_int_equal(r.cfg->commands.dedup_window_s, 600);
+    assert_int_equal(r.cfg->commands.rate_per_device, 20);
+    assert_int_equal(r.cfg->commands.rate_global, 200);
+    assert_int_equal(r.cfg->commands.dedup_max, 10000);
+    assert_int_equal(r.cfg->commands.result_max_bytes, 4096);
+    assert_int_equal(r.cfg->commands.audit_max_rows, 1000000);
+    assert_int_equal(r.cfg->commands.audit_retention_days, 90);
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"commands\": "
+             "{\"dedup_window_s\": 5, \"rate_global\": 7}}");
+    assert_int_equal(r.n, 0);
+    assert_int_equal(r.cfg->commands.dedup_window_s, 5);
+    assert_int_equal(r.cfg->commands.rate_global, 7);
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"commands\": "
+             "{\"dedup_window_s\": 0, \"dedup\": 1}}");
+    expect_errors(&r, 2);
+    expect_line(&r, "t.json:1:75: commands.dedup_window_s: 0 is out of range 1..86400");
+    expect_line(&r, "t.json:1:78: commands.dedup: unknown key");
+    res_free(&r);
+}
+
 static void test_out_of_range(void **state)
 {
     (void)state;
@@ -1437,6 +1464,7 @@ int main(void)
         cmocka_unit_test(test_duplicate_json_keys),
         cmocka_unit_test(test_out_of_range),
         cmocka_unit_test(test_store_synchronous),
+        cmocka_unit_test(test_commands_section),
         cmocka_unit_test(test_missing_required),
         cmocka_unit_test(test_bad_plugin_keys),
         cmocka_unit_test(test_type_restrictions),
