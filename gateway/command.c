@@ -245,6 +245,43 @@ bool smp_cmd_reply_topic_ok(const char *topic, const char *prefix, const char *g
            strpbrk(topic, "+#") == NULL;
 }
 
+int smp_cmd_delivery(const char *topic, const smp_mqtt_props_t *props, const char *prefix,
+                     const char *gateway_id, smp_cmd_delivery_t *out)
+{
+    memset(out, 0, sizeof *out);
+    /* topic = P/G/D/cmd: take D from between the known prefix and the suffix. */
+    size_t lp = strlen(prefix), lg = strlen(gateway_id), lt = strlen(topic);
+    if (lt < lp + lg + 2 + 4 || strncmp(topic, prefix, lp) != 0 || topic[lp] != '/' ||
+        strncmp(topic + lp + 1, gateway_id, lg) != 0 || topic[lp + 1 + lg] != '/' ||
+        strcmp(topic + lt - 4, "/cmd") != 0) {
+        return -EINVAL;
+    }
+    const char *dn = topic + lp + lg + 2;
+    size_t dlen = (size_t)(topic + lt - 4 - dn);
+    if (dlen == 0 || dlen >= sizeof out->device) {
+        return -EINVAL;
+    }
+    memcpy(out->device, dn, dlen);
+    out->device[dlen] = '\0';
+    if (props != NULL && props->retained) {
+        /* Stored by the broker before this subscription: an old request, perhaps long since
+         * carried out, delivered again on every (re)subscribe. Never acted upon. */
+        out->refusal_code = "stale_retained";
+        out->refusal_fmt = "retained command (published with the retain flag) not executed; "
+                           "publish commands without retain%.0s%.0s";
+    } else if (props != NULL && props->response_topic != NULL) {
+        if (smp_cmd_reply_topic_ok(props->response_topic, prefix, gateway_id)) {
+            out->use_response_topic = true;
+        } else {
+            /* A client that may only publish commands must not make the gateway publish
+             * where it pleases (another device's data, say). Answered on the result topic. */
+            out->refusal_code = "bad_request";
+            out->refusal_fmt = "Response Topic must be under %s/%s/reply/";
+        }
+    }
+    return 0;
+}
+
 int64_t smp_cmd_deadline(const smp_cmd_t *cmd)
 {
     /* Both are >= 0 (the parser sees to it): only the upper end can overflow. */
@@ -1160,34 +1197,22 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
     if (e->cmds == NULL) {
         return;
     }
-    /* topic = P/G/D/cmd: take D from between the known prefix and the suffix. */
     const char *pre = e->cfg->mqtt.topic_prefix;
     const char *gid = e->cfg->gateway.id;
-    size_t lp = strlen(pre), lg = strlen(gid), lt = strlen(topic);
-    if (lt < lp + lg + 2 + 4 || strncmp(topic, pre, lp) != 0 || topic[lp] != '/' ||
-        strncmp(topic + lp + 1, gid, lg) != 0 || topic[lp + 1 + lg] != '/' ||
-        strcmp(topic + lt - 4, "/cmd") != 0) {
-        return;
+    smp_cmd_delivery_t dv;
+    if (smp_cmd_delivery(topic, props, pre, gid, &dv) < 0) {
+        return; /* not a command topic of this gateway */
     }
-    const char *dn = topic + lp + lg + 2;
-    size_t dlen = (size_t)(topic + lt - 4 - dn);
     struct cmd *m = calloc(1, sizeof *m);
-    if (m == NULL || dlen == 0 || dlen >= sizeof m->device) {
-        free(m);
+    if (m == NULL) {
         return;
     }
     m->e = e;
-    memcpy(m->device, dn, dlen);
-    m->device[dlen] = '\0';
+    memcpy(m->device, dv.device, sizeof m->device);
     m->recv_wall_ms = smp__wall_ms();
     m->recv_hr_ns = uv_hrtime();
-    bool resp_refused = false;
-    if (props != NULL && props->response_topic != NULL) {
-        if (smp_cmd_reply_topic_ok(props->response_topic, pre, gid)) {
-            m->resp_topic = strdup(props->response_topic);
-        } else {
-            resp_refused = true; /* answered on the device's result topic, below */
-        }
+    if (dv.use_response_topic) {
+        m->resp_topic = strdup(props->response_topic);
     }
     if (props != NULL && props->correlation_data != NULL && props->correlation_len > 0) {
         m->corr = malloc(props->correlation_len);
@@ -1205,22 +1230,12 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
     if (m->c.value != NULL) {
         m->value_json = json_dumps(m->c.value, JSON_ENCODE_ANY | JSON_COMPACT);
     }
-    if (props != NULL && props->retained) {
-        /* Stored by the broker before this subscription: an old request, perhaps long since
-         * carried out, delivered again on every (re)subscribe. Never acted upon, and kept out
-         * of the at-most-once table so that a live command with its id still runs. */
-        fail(e, m, "stale_retained",
-             "retained command (published with the retain flag) not executed; publish "
-             "commands without retain");
-        return;
-    }
-    if (resp_refused) {
-        /* A client that may only publish commands must not make the gateway publish where
-         * it pleases (another device's data, say). Refused before the de-dup table: the same
-         * id with an allowed Response Topic still runs. */
-        char msg[200];
-        snprintf(msg, sizeof msg, "Response Topic must be under %s/%s/reply/", pre, gid);
-        fail(e, m, "bad_request", msg);
+    if (dv.refusal_code != NULL) {
+        /* Refused before the de-dup table: the same id sent live, or with an allowed
+         * Response Topic, still runs. */
+        char msg[300];
+        snprintf(msg, sizeof msg, dv.refusal_fmt, pre, gid);
+        fail(e, m, dv.refusal_code, msg);
         return;
     }
     uint64_t now = uv_now(e->loop);

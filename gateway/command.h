@@ -16,6 +16,7 @@
 #include <jansson.h>
 #include <simpul/plugin.h>
 
+#include "bridge.h"
 #include "config.h"
 
 #define SMP_CMD_MAX_PAYLOAD 65536
@@ -56,6 +57,18 @@ typedef struct smp_cmd {
 int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error_t *err);
 void smp_cmd_free(smp_cmd_t *cmd);
 
+/* What a delivery on a command topic is, before its payload is read. */
+typedef struct smp_cmd_delivery {
+    char device[128];         /* D of P/G/D/cmd */
+    const char *refusal_code; /* NULL, or the code it is answered with, never run */
+    const char *refusal_fmt;  /* the message: a printf format taking prefix and gateway id */
+    bool use_response_topic;  /* props->response_topic is where the answer goes */
+} smp_cmd_delivery_t;
+/* Classifies a delivery: -EINVAL when `topic` is no PREFIX/GATEWAY_ID/D/cmd (ignored), else 0
+ * with the device name, and a refusal for a retained delivery or a Response Topic outside
+ * the reply namespace. `props` may be NULL. Pure (fuzzed: tests/fuzz/fuzz_cmd_props.c). */
+int smp_cmd_delivery(const char *topic, const smp_mqtt_props_t *props, const char *prefix,
+                     const char *gateway_id, smp_cmd_delivery_t *out);
 /* True when an MQTT 5 Response Topic lies in the namespace answers may go to:
  * PREFIX/GATEWAY_ID/reply/ followed by at least one character, no wildcards. */
 bool smp_cmd_reply_topic_ok(const char *topic, const char *prefix, const char *gateway_id);

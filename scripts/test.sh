@@ -2,7 +2,8 @@
 # Runs every test of simpul, the way CI does:
 #   1. a gcc build with -Werror: unit tests + integration tests;
 #   2. an ASan+UBSan build with -Werror: unit tests + integration tests (leaks fail the run);
-#   3. a clang build with -Werror: compile only (catches what gcc lets through).
+#   3. a clang build with -Werror: compile only (catches what gcc lets through);
+#   4. every libFuzzer harness for 5 s (clang builds only).
 # Prints one closing line "N passed, N failed" and exits non-zero when anything failed.
 # Usage: scripts/test.sh [--quick]   (--quick: the sanitizer build only)
 set -uo pipefail
@@ -70,6 +71,41 @@ if [ $quick -eq 0 ]; then
   else
     failed_suites+=("clang build"); total_fail=$((total_fail + 1))
   fi
+fi
+
+# Fuzz harnesses (tests/fuzz): each runs for a few seconds from its corpus, when clang with
+# libFuzzer is here (it is on CI). New inputs go to a temporary folder, never into the repo;
+# the long runs are recorded in docs/fuzzing.md.
+if [ $quick -eq 0 ] && command -v clang >/dev/null &&
+   echo 'int LLVMFuzzerTestOneInput(const char *d, long n){return 0;}' |
+     clang -x c -fsanitize=fuzzer -o /dev/null - >/dev/null 2>&1; then
+  if CC=clang setup build-ci-fuzz --buildtype=debugoptimized -Dfuzz=true \
+       -Db_sanitize=address,undefined -Db_lundef=false; then
+    fuzz_fail=0
+    for src in tests/fuzz/fuzz_*.c; do
+      h=$(basename "$src" .c)
+      tmp=$(mktemp -d)
+      mkdir -p "tests/fuzz/corpus/$h"
+      seeds=("tests/fuzz/corpus/$h")
+      [ "$h" = fuzz_config ] && seeds+=(tests/integration/configs)
+      if SMP_FUZZ_PLUGIN_DIR="$ROOT/build-ci-fuzz/protocols/modbus" \
+           "build-ci-fuzz/tests/fuzz/$h" -max_total_time=5 -timeout=10 "$tmp" "${seeds[@]}" \
+           >"build-ci-fuzz.$h.log" 2>&1; then
+        echo "=== fuzz $h: OK ($(grep -o 'Done [0-9]* runs' "build-ci-fuzz.$h.log"))"
+      else
+        echo "--- fuzz $h FAILED (log: build-ci-fuzz.$h.log):"; tail -30 "build-ci-fuzz.$h.log"
+        fuzz_fail=1
+      fi
+      rm -rf "$tmp"
+    done
+    if [ $fuzz_fail -ne 0 ]; then
+      failed_suites+=("fuzz"); total_fail=$((total_fail + 1))
+    fi
+  else
+    failed_suites+=("fuzz build"); total_fail=$((total_fail + 1))
+  fi
+else
+  echo "=== fuzz: skipped (no clang with libFuzzer, or --quick)"
 fi
 
 # Format (style.md): every C file as clang-format (Debian 12's, 14) would write it.
