@@ -1274,7 +1274,7 @@ int smp_bridge_subscribe(smp_bridge_t *b, const char *topic, int qos)
             return -ENOMEM;
         }
         s = &b->subs[b->nsubs++];
-        s->topic = copy;
+        *s = (sub_t){.topic = copy};
     }
     s->qos = qos;
     if (b->state == ST_CONNECTED) {
