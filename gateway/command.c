@@ -1150,7 +1150,7 @@ static void after_begin_stored(void *arg, int status, int64_t id)
     } else if (e->stopping) {
         d->cmd_queued--;
         smp__job_free(bc->j);
-        fail(e, bc->m, "device_offline", "the gateway is stopping");
+        fail(e, bc->m, "cancelled", "the gateway is stopping; nothing was written");
     } else if (d->online == 0) {
         /* The device went offline while the record was being committed. */
         d->cmd_queued--;
@@ -1362,8 +1362,9 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
     }
     if (m->d->cmd_queued >= SMP_CMD_QUEUE_MAX || e->stopping) {
         smp__job_free(j);
-        fail(e, m, e->stopping ? "device_offline" : "busy",
-             e->stopping ? "the gateway is stopping" : "too many commands queued for the device");
+        fail(e, m, e->stopping ? "cancelled" : "busy",
+             e->stopping ? "the gateway is stopping; nothing was written"
+                         : "too many commands queued for the device");
         return;
     }
     /* Expiry also applies to the time spent in the queue and in opening the connection. The

@@ -459,8 +459,17 @@ class CommandSafetyTest(h.TestCase):
         for k, cid in enumerate(ids):
             self.sub.publish(P + "/pump-01/cmd", json.dumps(
                 {"id": cid, "op": "write", "tag": "raw_sp", "value": 100 + k}))
-        h.wait_for(lambda: "write fs-0" in self.gw.proc.output() or
-                   self.writes_to(11), 10, "the first write under way")
+        # Every command accepted (its durable record committed, so it waits in the queue),
+        # the first one at the device.
+        def accepted():
+            db = sqlite3.connect(self.cfg["store"]["path"], timeout=5)
+            try:
+                return db.execute("select count(*) from cmd_result where id like 'fs-%'"
+                                  ).fetchone()[0]
+            finally:
+                db.close()
+        h.wait_for(lambda: accepted() == len(ids) and self.writes_to(11), 20,
+                   "all commands queued, the first write under way")
         self.gw.proc.signal(h.SIGTERM)
         assert self.gw.proc.wait(15) == 0, self.gw.proc.output()[-3000:]
         answers = {}
