@@ -262,9 +262,11 @@ static void run_write(struct conn *c, struct job *j)
     j->done_wall_ms = smp__wall_ms();
     if (rc < 0) {
         set_worker_error(j, rc, message);
-        /* The driver refused the value itself (-ERANGE, -EPERM, -E2BIG) or the device
-         * answered with an exception: the connection is fine. */
-        if (rc != SMP_EDEVICE && rc != -ERANGE && rc != -EPERM && rc != -E2BIG && rc != -EINVAL) {
+        /* The driver refused the value itself (-ERANGE, -EPERM, -E2BIG), the device
+         * answered with an exception, or an RTU reply was garbled (-EBADMSG, the driver drains
+         * the line): the connection is fine. */
+        if (rc != SMP_EDEVICE && rc != -ERANGE && rc != -EPERM && rc != -E2BIG && rc != -EINVAL &&
+            rc != -EBADMSG) {
             after_failure(c, d, rc, now);
         }
         return;

@@ -28,9 +28,10 @@ def bad_replies(tid, uid, fc, count):
     yield struct.pack(">HHHB", tid, 0, 250, uid) + bytes([fc, 248]) + b"\xff" * 248
     yield b"\x00" * 3
     yield os.urandom(40)
-    # Not sent: a reply with a non-zero MBAP protocol id. libmodbus 3.1.6 accepts it (its check
-    # is `rsp[2] != 0 && rsp[3] != 0`), so such a frame's registers would be taken as read;
-    # docs/modbus.md lists this among libmodbus' limits.
+    # Well-formed but for one field: a non-zero MBAP protocol id, then another unit id.
+    pdu = bytes([fc, len(data)]) + data
+    yield struct.pack(">HHHB", tid, 7, len(pdu) + 1, uid) + pdu
+    yield struct.pack(">HHHB", tid, 0, len(pdu) + 1, (uid + 1) & 0xFF) + pdu
 
 
 class Hostile:
@@ -109,6 +110,10 @@ class HostileTest(h.TestCase):
         assert set(seen) == {TRUE_VALUE}, sorted(set(seen))
         states = {j["state"] for j in sub.json("simpul/gw-test/evil-01/status")}
         assert "offline" in states and "online" in states, states
+        # The strict framing refused both frames that libmodbus 3.1.6 would have let through.
+        out = g.proc.output()
+        assert "MBAP protocol id is not 0" in out, out[-3000:]
+        assert "reply from another unit id" in out, out[-3000:]
         assert g.stop() == 0
 
 

@@ -132,6 +132,12 @@ typedef struct smp_host_api {
     uint64_t (*wall_ms)(void);
 } smp_host_api_t;
 
+/* Link counters of one connection, cumulative since conn_create (see conn_stats). */
+typedef struct smp_conn_stats {
+    uint64_t crc_errors;     /* replies refused for a bad checksum */
+    uint64_t framing_errors; /* replies refused for their framing: length, ids, function, count */
+} smp_conn_stats_t;
+
 /* Where a check_* function reports a problem: `key` names the offending key inside the object
  * being checked (or NULL for the object itself). Returns nothing; call it once per problem. */
 typedef void (*smp_report_fn)(void *report_ctx, const char *key, const char *fmt, ...)
@@ -187,6 +193,10 @@ typedef struct smp_plugin {
                         const char **message);
 
     void *reserved[8]; /* must be NULL; room to grow without a new ABI version */
+
+    /* Added in simpul 1.1 (optional; absent from a smaller struct_size, or NULL): fills *out
+     * with the connection's counters. Called on the connection's worker thread. */
+    void (*conn_stats)(void *c, smp_conn_stats_t *out);
 } smp_plugin_t;
 
 /* The one exported symbol. `host` is borrowed and stays valid until the plugin is unloaded.
