@@ -459,6 +459,8 @@ typedef struct mb_tag {
     int bit;      /* -1 = none */
     char *strbuf; /* strings: decoded text, valid until the next call on the device */
     size_t strsize;
+    uint16_t *raw; /* the registers (or the bit) of its last successful read, for tag_detail */
+    bool raw_ok;
 } mb_tag_t;
 
 typedef struct mb_device {
@@ -484,6 +486,7 @@ static void device_destroy(void *dp)
     }
     for (size_t i = 0; i < d->ntags; i++) {
         free(d->tags[i].strbuf);
+        free(d->tags[i].raw);
     }
     free(d->tags);
     free(d->spans);
@@ -546,6 +549,11 @@ static void *device_create(void *cp, const smp_param_t *dev_conn, const smp_tag_
             return NULL;
         }
         t->count = (uint16_t)count;
+        t->raw = calloc(count, sizeof(*t->raw));
+        if (t->raw == NULL) {
+            device_destroy(d);
+            return NULL;
+        }
         if (st->type == SMP_TYPE_STRING) {
             t->strsize = smp_mb_string_bufsize(count);
             t->strbuf = calloc(1, t->strsize);
@@ -620,13 +628,16 @@ static mb_err_t read_range(mb_device_t *d, smp_mb_table_t table, uint16_t addr, 
 
 /* Decodes tag t from the buffer of the last read, whose first unit is `offset` units before the
  * tag's address. */
-static void decode_tag(mb_device_t *d, const mb_tag_t *t, uint16_t offset, smp_reading_t *out)
+static void decode_tag(mb_device_t *d, mb_tag_t *t, uint16_t offset, smp_reading_t *out)
 {
     memset(out, 0, sizeof(*out));
+    t->raw_ok = true;
     if (smp_mb_table_is_bits(t->table)) {
         out->value.v.b = d->bits[offset] != 0;
+        t->raw[0] = d->bits[offset];
         return;
     }
+    memcpy(t->raw, &d->regs[offset], t->count * sizeof(*t->raw));
     int rc = smp_mb_decode_regs(&d->regs[offset], t->count, t->type, t->order, t->bit, t->strbuf,
                                 t->strsize, &out->value);
     if (rc < 0) {
@@ -717,7 +728,7 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
                    smp_mb_table_name(req->table), req->address, req->count, e.message, req->nitems);
             for (size_t j = 0; j < req->nitems; j++) {
                 uint32_t k = items[j].k;
-                const mb_tag_t *t = &d->tags[idx[k]];
+                mb_tag_t *t = &d->tags[idx[k]];
                 d->spans[idx[k]].isolated = true;
                 mb_err_t e1 = read_range(d, t->table, t->address, t->count);
                 requests++;
@@ -811,7 +822,7 @@ static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_readin
         fail_reading(readback, -EINVAL, *message);
         return -EINVAL;
     }
-    const mb_tag_t *t = &d->tags[ti];
+    mb_tag_t *t = &d->tags[ti];
     /* Never write where the config did not allow it, whatever the host asks. */
     if (!t->writable || t->table == SMP_MB_DISCRETE_INPUT || t->table == SMP_MB_INPUT_REGISTER) {
         *message = "tag is not writable";
@@ -863,6 +874,31 @@ static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_readin
     return 0;
 }
 
+static int tag_detail(void *dp, uint32_t ti, char *where, size_t wn, char *raw, size_t rn)
+{
+    const mb_device_t *d = dp;
+    if (d == NULL || ti >= d->ntags || where == NULL || raw == NULL || wn == 0 || rn == 0) {
+        return -EINVAL;
+    }
+    const mb_tag_t *t = &d->tags[ti];
+    if (t->count > 1) {
+        snprintf(where, wn, "%s %u-%u", smp_mb_table_name(t->table), t->address,
+                 t->address + t->count - 1u);
+    } else if (t->bit >= 0) {
+        snprintf(where, wn, "%s %u bit %d", smp_mb_table_name(t->table), t->address, t->bit);
+    } else {
+        snprintf(where, wn, "%s %u", smp_mb_table_name(t->table), t->address);
+    }
+    raw[0] = '\0';
+    size_t len = 0;
+    for (unsigned i = 0; t->raw_ok && i < t->count && len + 6 <= rn; i++) {
+        len += (size_t)snprintf(raw + len, rn - len,
+                                smp_mb_table_is_bits(t->table) ? "%s%u" : "%s%04X", i ? " " : "",
+                                t->raw[i]);
+    }
+    return 0;
+}
+
 /* ---- descriptor ----------------------------------------------------------------------------- */
 
 static const smp_plugin_t descriptor = {
@@ -885,6 +921,7 @@ static const smp_plugin_t descriptor = {
     .device_write = device_write,
     .reserved = {NULL},
     .conn_stats = conn_stats,
+    .tag_detail = tag_detail,
 };
 
 SMP_PLUGIN_EXPORT const smp_plugin_t *smp_plugin_entry(const smp_host_api_t *h);

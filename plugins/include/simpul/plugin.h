@@ -197,6 +197,13 @@ typedef struct smp_plugin {
     /* Added in simpul 1.1 (optional; absent from a smaller struct_size, or NULL): fills *out
      * with the connection's counters. Called on the connection's worker thread. */
     void (*conn_stats)(void *c, smp_conn_stats_t *out);
+
+    /* Added in simpul 1.1 (optional): for commissioning (simpul --probe), describes tag idx of
+     * dev after a device_read: where it lives in the protocol's terms (e.g. "holding_register
+     * 10-11") into where[wn], and the raw data the last read returned for it (e.g. "05AA 0000",
+     * or "" when it was not read) into raw[rn]. Both NUL-terminated, truncated to fit. Returns 0
+     * or -EINVAL. Same thread as device_read. */
+    int (*tag_detail)(void *dev, uint32_t idx, char *where, size_t wn, char *raw, size_t rn);
 } smp_plugin_t;
 
 /* The one exported symbol. `host` is borrowed and stays valid until the plugin is unloaded.
