@@ -163,12 +163,8 @@ class RtuTcpTest(h.TestCase):
         assert [x[:5] for x in write_log(wlog)] == [["2", "6", "10", "1", "1200"]], write_log(wlog)
         assert g.stop() == 0
 
-    def test_late_reply_is_drained_before_a_bit_write(self):
-        wlog = os.path.join(self.workdir, "writes.log")
-        # Every 4th reply to a read of unit 1's holding register 10 comes 400 ms after the
-        # request: 100 ms after simpul's 300 ms timeout, when the next request may be out.
-        sim = self.sim(["--rtu-tcp", "--pumps", "2", "--lights", "0", "--static",
-                        "--write-log", wlog, "--delay", "1:holding_register:10:400:4", "-v"])
+    def late_reply_case(self, sim_output, wlog, conn):
+        """A poll reply held back past the timeout, then a bit write: the right bits written."""
         b = self.broker()
         # One register per request, so the late reply (FC3, 1 register, 1450) looks exactly
         # like the answer to the bit write's read of register 11 (FC3, 1 register, 5).
@@ -176,22 +172,22 @@ class RtuTcpTest(h.TestCase):
                  "type": "uint16"},
                 {"name": "ramp_bit1", "table": "holding_register", "address": 11,
                  "type": "bool", "bit": 1, "writable": True}]
-        devs = [rtu_tcp_device("pump-01", sim.port, 1, tags, interval_ms=250,
-                               max_regs_per_request=1),
-                rtu_tcp_device("pump-02", sim.port, 2, tags, interval_ms=250,
-                               max_regs_per_request=1)]
+        devs = []
+        for u in (1, 2):
+            c = dict(conn, unit_id=u, timeout_ms=TIMEOUT_MS, max_regs_per_request=1)
+            devs.append({"name": "pump-%02d" % u, "protocol": "modbus", "interval_ms": 250,
+                         "connection": c, "tags": tags})
         cfg = h.base_config(self.workdir, b.port, devs)
         sub = self.subscriber(b.port, [P + "/#"])
         g = self.gateway(cfg)
         sub.wait_json(P + "/pump-02/data", lambda j: "speed_rpm" in j["values"], 20)
-        sub.wait_json(P + "/pump-01/status", lambda j: j["state"] == "online", 20)
         # A command answered proves the gateway hears commands before the real test starts.
         sub.publish(P + "/pump-02/cmd", json.dumps(
             {"id": "ready", "op": "write", "tag": "ramp_bit1", "value": False}))
         sub.wait_json(P + "/pump-02/cmd/result", lambda j: j["id"] == "ready", 10)
 
         def delayed():
-            return sim.proc.output().count("unit 1 fc 3: reply delayed")
+            return sim_output().count("unit 1 fc 3: reply delayed")
         # The device must be online when the command comes (an offline one is refused).
         h.wait_for(lambda: sub.json(P + "/pump-01/status")[-1]["state"] == "online", 20,
                    "pump-01 online")
@@ -207,6 +203,34 @@ class RtuTcpTest(h.TestCase):
         assert unit1 == [["1", "6", "11", "1", "7"]], (unit1, r)
         assert r["ok"] is True and r["value"] is True, r
         assert g.stop() == 0
+
+    # Every 4th reply to a read of unit 1's holding register 10 comes 400 ms after the request:
+    # 100 ms after simpul's 300 ms timeout, when the next request may already be out.
+    LATE = ["--pumps", "2", "--lights", "0", "--static", "--delay",
+            "1:holding_register:10:400:4", "-v"]
+
+    def test_late_reply_is_drained_before_a_bit_write(self):
+        wlog = os.path.join(self.workdir, "writes.log")
+        sim = self.sim(["--rtu-tcp", "--write-log", wlog] + self.LATE)
+        self.late_reply_case(sim.proc.output, wlog,
+                             {"transport": "rtu_tcp", "host": "127.0.0.1", "port": sim.port})
+
+    def test_late_reply_is_drained_on_a_serial_line(self):
+        socat = shutil.which("socat")
+        assert socat, "socat is required (scripts/install-deps.sh installs it)"
+        sim_tty = os.path.join(self.workdir, "sim-tty")
+        gw_tty = os.path.join(self.workdir, "gw-tty")
+        pty = h.Proc("socat", [socat, "-d", "-d", "pty,raw,echo=0,link=" + sim_tty,
+                               "pty,raw,echo=0,link=" + gw_tty], self.workdir)
+        self.defer(pty.stop)
+        h.wait_for(lambda: os.path.exists(sim_tty) and os.path.exists(gw_tty), 10, "pty pair")
+        wlog = os.path.join(self.workdir, "writes.log")
+        sim = h.Proc("sim-rtu", [h.SIMPUL_SIM, "--rtu", sim_tty, "--baud", "19200",
+                                 "--write-log", wlog] + self.LATE, self.workdir)
+        self.defer(sim.stop)
+        h.wait_for(lambda: "listening" in sim.output(), 10, "simulator on the tty")
+        self.late_reply_case(sim.output, wlog,
+                             {"transport": "rtu", "device": gw_tty, "baud": 19200})
 
     def test_over_subscribed_bus_is_named(self):
         # Each reply takes 60 ms; two units polled every 50 ms need 240 % of the line's time.
