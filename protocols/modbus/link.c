@@ -142,16 +142,30 @@ static int write_all(smp_mb_link_t *l, const uint8_t *buf, size_t n, int64_t dea
     return 0;
 }
 
-/* Discards what arrives until the line has been quiet for the drain gap, counted from the last
- * byte seen (or from the failure itself). Returns 0, or a negative errno when the link failed
- * or the line never went quiet. */
+/* Discards whatever is already buffered on the line, without waiting. A byte found there is a
+ * late one: the drain's quiet gap starts again. Returns 0 or a negative errno. */
+static int discard_buffered(smp_mb_link_t *l)
+{
+    uint8_t junk[256];
+    for (;;) {
+        ssize_t r = read_some(l, junk, sizeof junk);
+        if (r <= 0) {
+            return (int)r;
+        }
+        l->drain_since_ns = mono_ns();
+    }
+}
+
+/* Discards what arrives until the line has been quiet for the drain gap, counted from the
+ * failure or the last late byte. Returns 0, or a negative errno when the link failed or the
+ * line never went quiet. */
 static int drain(smp_mb_link_t *l)
 {
     int64_t quiet = (int64_t)l->drain_quiet_ms * 1000000LL;
     if (quiet < l->gap_ns) {
         quiet = l->gap_ns;
     }
-    int64_t last = l->io_seen ? ts_ns(&l->last_io) : mono_ns();
+    int64_t last = l->drain_since_ns;
     int64_t give_up = mono_ns() + DRAIN_MAX_GAPS * quiet;
     uint8_t junk[256];
     for (;;) {
@@ -176,10 +190,26 @@ static int drain(smp_mb_link_t *l)
             return w;
         }
     }
-    clock_gettime(CLOCK_MONOTONIC, &l->last_io);
-    l->io_seen = true;
+    if (last != l->drain_since_ns) {
+        clock_gettime(CLOCK_MONOTONIC, &l->last_io); /* late bytes came: keep the gap after them */
+        l->io_seen = true;
+    }
     l->drain_pending = false;
     return 0;
+}
+
+/* Arms the drain after a failed exchange with `unit`. After a timeout only a request to the
+ * same unit could take the late reply for its own: a request to another unit would see the
+ * wrong unit id and refuse it. So only that unit's next request waits for the quiet gap, and a
+ * dead unit costs its neighbours its timeout and nothing more. After a garbled reply the line
+ * holds an unknown rest: every next request waits. */
+static void arm_drain(smp_mb_link_t *l, int unit, bool any, int timeout_ms)
+{
+    l->drain_pending = true;
+    l->drain_any = any;
+    l->drain_unit = unit;
+    l->drain_since_ns = mono_ns();
+    l->drain_quiet_ms = timeout_ms / 2 > DRAIN_MIN_MS ? timeout_ms / 2 : DRAIN_MIN_MS;
 }
 
 /* ---- open / close ------------------------------------------------------------------------ */
@@ -305,7 +335,7 @@ void smp_mb_link_close(smp_mb_link_t *l)
 
 /* Records a framing or CRC problem: counted, explained, and the line drained before the next
  * request. */
-static int garbled(smp_mb_link_t *l, smp_mb_verdict_t v, int timeout_ms)
+static int garbled(smp_mb_link_t *l, const smp_mb_req_t *rq, smp_mb_verdict_t v, int timeout_ms)
 {
     if (v == SMP_MB_BAD_CRC) {
         l->crc_errors++;
@@ -314,8 +344,7 @@ static int garbled(smp_mb_link_t *l, smp_mb_verdict_t v, int timeout_ms)
     }
     set_why(l, "%s", smp_mb_verdict_str(v));
     l->verdict = v;
-    l->drain_pending = true;
-    l->drain_quiet_ms = timeout_ms / 2 > DRAIN_MIN_MS ? timeout_ms / 2 : DRAIN_MIN_MS;
+    arm_drain(l, rq->unit, true, timeout_ms);
     return is_rtu(l) ? -EBADMSG : -EPROTO;
 }
 
@@ -348,15 +377,18 @@ static int transact_rtu(smp_mb_link_t *l, const smp_mb_req_t *rq, int timeout_ms
     if (n < 0) {
         return link_failed(l, n, "request");
     }
-    if (l->drain_pending) {
-        int rc = drain(l);
-        if (rc < 0) {
-            return rc == -EIO && l->why[0] ? rc : link_failed(l, rc, "drain");
-        }
+    int rc = 0;
+    if (l->drain_pending && (l->drain_any || l->drain_unit == rq->unit)) {
+        rc = drain(l);
+    } else {
+        rc = discard_buffered(l);
+    }
+    if (rc < 0) {
+        return rc == -EIO && l->why[0] ? rc : link_failed(l, rc, "drain");
     }
     keep_gap(l);
     int64_t deadline = mono_ns() + (int64_t)timeout_ms * 1000000LL;
-    int rc = write_all(l, adu, (size_t)n, deadline);
+    rc = write_all(l, adu, (size_t)n, deadline);
     if (rc < 0) {
         return link_failed(l, rc, "send");
     }
@@ -365,12 +397,11 @@ static int transact_rtu(smp_mb_link_t *l, const smp_mb_req_t *rq, int timeout_ms
     clock_gettime(CLOCK_MONOTONIC, &l->last_io);
     l->io_seen = true;
     if (rc == -ETIMEDOUT && got == 0) {
-        l->drain_pending = true;
-        l->drain_quiet_ms = timeout_ms / 2 > DRAIN_MIN_MS ? timeout_ms / 2 : DRAIN_MIN_MS;
+        arm_drain(l, rq->unit, false, timeout_ms);
         return link_failed(l, rc, "no reply");
     }
     if (rc == -ETIMEDOUT) {
-        return garbled(l, SMP_MB_BAD_LENGTH, timeout_ms);
+        return garbled(l, rq, SMP_MB_BAD_LENGTH, timeout_ms);
     }
     if (rc < 0) {
         return link_failed(l, rc, "receive");
@@ -378,12 +409,12 @@ static int transact_rtu(smp_mb_link_t *l, const smp_mb_req_t *rq, int timeout_ms
     smp_mb_verdict_t v;
     size_t want = smp_mb_rtu_reply_len(rq, adu, &v);
     if (want == 0) {
-        return garbled(l, v, timeout_ms);
+        return garbled(l, rq, v, timeout_ms);
     }
     rc = read_exact(l, adu + SMP_MB_RTU_HEAD_LEN, want - SMP_MB_RTU_HEAD_LEN, deadline, &got);
     clock_gettime(CLOCK_MONOTONIC, &l->last_io);
     if (rc == -ETIMEDOUT) {
-        return garbled(l, SMP_MB_BAD_LENGTH, timeout_ms); /* a truncated frame */
+        return garbled(l, rq, SMP_MB_BAD_LENGTH, timeout_ms); /* a truncated frame */
     }
     if (rc < 0) {
         return link_failed(l, rc, "receive");
@@ -392,7 +423,7 @@ static int transact_rtu(smp_mb_link_t *l, const smp_mb_req_t *rq, int timeout_ms
     if (v == SMP_MB_OK) {
         return 0;
     }
-    return v == SMP_MB_EXCEPTION ? SMP_EDEVICE : garbled(l, v, timeout_ms);
+    return v == SMP_MB_EXCEPTION ? SMP_EDEVICE : garbled(l, rq, v, timeout_ms);
 }
 
 static int transact_tcp(smp_mb_link_t *l, const smp_mb_req_t *rq, int timeout_ms, uint16_t *regs,
@@ -419,37 +450,37 @@ static int transact_tcp(smp_mb_link_t *l, const smp_mb_req_t *rq, int timeout_ms
             return link_failed(l, rc, "no reply");
         }
         if (rc == -ETIMEDOUT) {
-            return garbled(l, SMP_MB_BAD_LENGTH, timeout_ms);
+            return garbled(l, rq, SMP_MB_BAD_LENGTH, timeout_ms);
         }
         if (rc < 0) {
             return link_failed(l, rc, "receive");
         }
         smp_mb_verdict_t v = smp_mb_mbap_header(adu, &rtid, &unit, &pdu_len);
         if (v == SMP_MB_BAD_LENGTH) {
-            return garbled(l, v, timeout_ms);
+            return garbled(l, rq, v, timeout_ms);
         }
         rc = read_exact(l, adu + SMP_MB_MBAP_HDR, pdu_len, deadline, &got);
         if (rc == -ETIMEDOUT) {
-            return garbled(l, SMP_MB_BAD_LENGTH, timeout_ms);
+            return garbled(l, rq, SMP_MB_BAD_LENGTH, timeout_ms);
         }
         if (rc < 0) {
             return link_failed(l, rc, "receive");
         }
         if (v != SMP_MB_OK) {
-            return garbled(l, v, timeout_ms);
+            return garbled(l, rq, v, timeout_ms);
         }
         if (rtid != tid) {
             /* A reply to an earlier request that timed out: skip it, ours may follow. */
             continue;
         }
         if (unit != rq->unit) {
-            return garbled(l, SMP_MB_BAD_UNIT, timeout_ms);
+            return garbled(l, rq, SMP_MB_BAD_UNIT, timeout_ms);
         }
         v = smp_mb_pdu_check(rq, adu + SMP_MB_MBAP_HDR, pdu_len, regs, bits, exception);
         if (v == SMP_MB_OK) {
             return 0;
         }
-        return v == SMP_MB_EXCEPTION ? SMP_EDEVICE : garbled(l, v, timeout_ms);
+        return v == SMP_MB_EXCEPTION ? SMP_EDEVICE : garbled(l, rq, v, timeout_ms);
     }
 }
 

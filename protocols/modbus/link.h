@@ -7,9 +7,12 @@
  * with poll() deadlines, on the connection's worker thread; nothing here is thread-safe.
  *
  * An RTU line has no transaction ids, so a reply that comes after its request timed out would
- * look like the answer to the next one. After a timeout or a garbled reply the link drains the
- * line before its next request: it discards whatever arrives until the line has been quiet
- * for half the timeout of the request that failed (at least the inter-frame gap).
+ * look like the answer to the next one to the same unit. After a timeout the link drains the
+ * line before its next request to that unit (after a garbled reply, before any request): it
+ * discards whatever arrives until the line has been quiet for half the timeout of the request
+ * that failed (at least the inter-frame gap), counted from the failure or the last late byte.
+ * Requests to other units only drop what is already buffered: a late reply that still comes
+ * during theirs carries the wrong unit id and is refused.
  */
 #ifndef SMP_MB_LINK_H
 #define SMP_MB_LINK_H
@@ -42,6 +45,9 @@ typedef struct smp_mb_link {
     bool io_seen; /* last_io is valid */
     struct timespec last_io;
     bool drain_pending;
+    bool drain_any;         /* every next request drains (after a garbled reply) */
+    int drain_unit;         /* otherwise only a request to this unit (after its timeout) */
+    int64_t drain_since_ns; /* the failure, or the last late byte seen since */
     int drain_quiet_ms;
     /* cumulative, for the connection's metrics */
     uint64_t crc_errors, framing_errors;

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -68,22 +69,12 @@ static void drain_request(int fd)
     }
 }
 
-static void test_rtu_reply_taken(void **state)
-{
-    pair_t *p = *state;
-    uint8_t r[16];
-    size_t n = rtu_reply(1, 1450, r);
-    assert_int_equal(write(p->dev, r, n), (ssize_t)n); /* already there when asked */
-    uint16_t regs[1];
-    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 200, regs, NULL, NULL), 0);
-    assert_int_equal(regs[0], 1450);
-}
-
-/* A device that answers the next request it reads with value v, from its own thread. */
+/* A device that answers the next request it reads with buf[0..len), from its own thread. */
 typedef struct answerer {
     pthread_t th;
     int fd;
-    uint16_t v;
+    uint8_t buf[32];
+    size_t len;
 } answerer_t;
 
 static void *answer_main(void *arg)
@@ -91,19 +82,39 @@ static void *answer_main(void *arg)
     answerer_t *a = arg;
     struct pollfd pfd = {.fd = a->fd, .events = POLLIN};
     if (poll(&pfd, 1, 2000) == 1) {
-        uint8_t req[64], r[16];
+        uint8_t req[64];
         (void)!read(a->fd, req, sizeof req);
-        size_t n = rtu_reply(1, a->v, r);
-        (void)!write(a->fd, r, n);
+        (void)!write(a->fd, a->buf, a->len);
     }
     return NULL;
 }
 
-static void answer_next(answerer_t *a, int fd, uint16_t v)
+static void answer_with(answerer_t *a, int fd, const uint8_t *buf, size_t len)
 {
     a->fd = fd;
-    a->v = v;
+    memcpy(a->buf, buf, len);
+    a->len = len;
     assert_int_equal(pthread_create(&a->th, NULL, answer_main, a), 0);
+}
+
+/* Answers the next request with unit's reply holding v. */
+static void answer_next(answerer_t *a, int fd, uint8_t unit, uint16_t v)
+{
+    uint8_t r[16];
+    answer_with(a, fd, r, rtu_reply(unit, v, r));
+}
+
+static void test_rtu_reply_taken(void **state)
+{
+    pair_t *p = *state;
+    /* Bytes on the line before the request are not its answer. */
+    assert_int_equal(write(p->dev, "\x01\x03", 2), 2);
+    answerer_t a;
+    answer_next(&a, p->dev, 1, 1450);
+    uint16_t regs[1];
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, regs, NULL, NULL), 0);
+    pthread_join(a.th, NULL);
+    assert_int_equal(regs[0], 1450);
 }
 
 static void test_rtu_crc_error_counted_and_drained(void **state)
@@ -112,17 +123,18 @@ static void test_rtu_crc_error_counted_and_drained(void **state)
     uint8_t r[16];
     size_t n = rtu_reply(1, 1450, r);
     r[n - 1] ^= 0xFF;
-    assert_int_equal(write(p->dev, r, n), (ssize_t)n);
+    answerer_t a;
+    answer_with(&a, p->dev, r, n);
     uint16_t regs[1];
-    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 100, regs, NULL, NULL), -EBADMSG);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, regs, NULL, NULL), -EBADMSG);
+    pthread_join(a.th, NULL);
     assert_int_equal(p->l.crc_errors, 1);
     assert_int_equal(p->l.verdict, SMP_MB_BAD_CRC);
     assert_true(p->l.drain_pending);
     /* The rest of a garbled frame, still on the line: drained before the next request. */
     assert_int_equal(write(p->dev, "\x01\x03\x02", 3), 3);
     drain_request(p->dev);
-    answerer_t a;
-    answer_next(&a, p->dev, 7);
+    answer_next(&a, p->dev, 1, 7);
     assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, regs, NULL, NULL), 0);
     pthread_join(a.th, NULL);
     assert_int_equal(regs[0], 7);
@@ -141,21 +153,50 @@ static void test_rtu_late_reply_drained(void **state)
     assert_int_equal(write(p->dev, r, n), (ssize_t)n);
     /* The next request gets its own answer (5), never the late 1450. */
     answerer_t a;
-    answer_next(&a, p->dev, 5);
+    answer_next(&a, p->dev, 1, 5);
     assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, regs, NULL, NULL), 0);
     pthread_join(a.th, NULL);
     assert_int_equal(regs[0], 5);
     assert_int_equal(p->l.crc_errors + p->l.framing_errors, 0);
 }
 
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void test_rtu_timeout_costs_other_units_nothing(void **state)
+{
+    pair_t *p = *state;
+    uint16_t regs[1];
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 400, regs, NULL, NULL), -ETIMEDOUT);
+    drain_request(p->dev);
+    /* Unit 2 is asked at once: no quiet gap (200 ms here) is waited for it. */
+    answerer_t a;
+    answer_next(&a, p->dev, 2, 9);
+    const smp_mb_req_t read2 = {.unit = 2, .fc = 3, .address = 10, .count = 1};
+    int64_t t0 = now_ms();
+    assert_int_equal(smp_mb_link_transact(&p->l, &read2, 400, regs, NULL, NULL), 0);
+    pthread_join(a.th, NULL);
+    assert_true(now_ms() - t0 < 150);
+    assert_int_equal(regs[0], 9);
+    /* Unit 1's late reply turning up during unit 2's request is refused, not taken. */
+    answer_next(&a, p->dev, 1, 1450);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read2, 500, regs, NULL, NULL), -EBADMSG);
+    pthread_join(a.th, NULL);
+    assert_int_equal(p->l.verdict, SMP_MB_BAD_UNIT);
+}
+
 static void test_rtu_wrong_unit_is_framing_error(void **state)
 {
     pair_t *p = *state;
-    uint8_t r[16];
-    size_t n = rtu_reply(2, 1450, r);
-    assert_int_equal(write(p->dev, r, n), (ssize_t)n);
+    answerer_t a;
+    answer_next(&a, p->dev, 2, 1450);
     uint16_t regs[1];
-    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 100, regs, NULL, NULL), -EBADMSG);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, regs, NULL, NULL), -EBADMSG);
+    pthread_join(a.th, NULL);
     assert_int_equal(p->l.framing_errors, 1);
     assert_int_equal(p->l.verdict, SMP_MB_BAD_UNIT);
 }
@@ -166,9 +207,11 @@ static void test_rtu_exception(void **state)
     const uint8_t pdu[] = {0x83, 2};
     uint8_t r[8];
     int n = smp_mb_rtu_encode(1, pdu, sizeof pdu, r, sizeof r);
-    assert_int_equal(write(p->dev, r, (size_t)n), n);
+    answerer_t a;
+    answer_with(&a, p->dev, r, (size_t)n);
     int ex = 0;
-    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 100, NULL, NULL, &ex), SMP_EDEVICE);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, NULL, NULL, &ex), SMP_EDEVICE);
+    pthread_join(a.th, NULL);
     assert_int_equal(ex, 2);
 }
 
@@ -248,6 +291,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_rtu_crc_error_counted_and_drained, setup_rtu,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_rtu_late_reply_drained, setup_rtu, teardown),
+        cmocka_unit_test_setup_teardown(test_rtu_timeout_costs_other_units_nothing, setup_rtu,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_rtu_wrong_unit_is_framing_error, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_exception, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_peer_closed, setup_rtu, teardown),
