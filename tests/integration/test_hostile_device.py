@@ -116,6 +116,37 @@ class HostileTest(h.TestCase):
         assert "reply from another unit id" in out, out[-3000:]
         assert g.stop() == 0
 
+    def test_sim_faults_on_tcp_are_refused_and_counted(self):
+        # simpul-sim spoils some replies' framing only (their registers stay true), so here
+        # the proof is the refusal itself: logged, counted, and the device keeps being read.
+        sim = self.sim(["--pumps", "1", "--lights", "0", "--static", "--counter",
+                        "--fault", "protocol:1:3", "--fault", "unit:1:4",
+                        "--fault", "truncate:1:5"])
+        b = self.broker()
+        cfg = h.base_config(self.workdir, b.port, [
+            {"name": "pump-01", "protocol": "modbus", "interval_ms": 50,
+             "connection": {"transport": "tcp", "host": "127.0.0.1", "port": sim.port,
+                            "unit_id": 1, "timeout_ms": 200},
+             "tags": [{"name": "heartbeat", "table": "input_register", "address": 30,
+                       "type": "uint32"}]}])
+        cfg["gateway"]["metrics_interval_s"] = 1
+        sub = self.subscriber(b.port, ["simpul/gw-test/#"])
+        g = self.gateway(cfg)
+        key = "tcp:127.0.0.1:%d" % sim.port
+
+        def framing_errors():
+            m = sub.json("simpul/gw-test/metrics")
+            return m[-1]["connections"][key]["framing_errors"] if m else 0
+        h.wait_for(lambda: framing_errors() >= 3, 30, "framing errors counted")
+        out = g.proc.output()
+        for why in ("MBAP protocol id is not 0", "reply from another unit id",
+                    "frame length does not agree"):
+            assert why in out, (why, out[-3000:])
+        beats = [j["values"]["heartbeat"] for j in sub.json("simpul/gw-test/pump-01/data")
+                 if "heartbeat" in j["values"]]
+        assert len(beats) >= 3 and beats == sorted(beats), beats
+        assert g.stop() == 0
+
 
 if __name__ == "__main__":
     HostileTest().run_all()
