@@ -195,19 +195,28 @@ static int drain(smp_mb_link_t *l)
         l->io_seen = true;
     }
     l->drain_pending = false;
+    l->drain_any = false;
+    memset(l->drain_units, 0, sizeof l->drain_units);
     return 0;
+}
+
+static bool must_drain(const smp_mb_link_t *l, int unit)
+{
+    return l->drain_pending &&
+           (l->drain_any || (l->drain_units[(unit & 0xFF) / 32] >> (unit % 32) & 1u) != 0);
 }
 
 /* Arms the drain after a failed exchange with `unit`. After a timeout only a request to the
  * same unit could take the late reply for its own: a request to another unit would see the
- * wrong unit id and refuse it. So only that unit's next request waits for the quiet gap, and a
- * dead unit costs its neighbours its timeout and nothing more. After a garbled reply the line
- * holds an unknown rest: every next request waits. */
+ * wrong unit id and refuse it. So only the next request to a unit that timed out (they are
+ * kept in a set until a drain) waits for the quiet gap, and a dead unit costs its neighbours
+ * its timeout and nothing more. After a garbled reply the line holds an unknown rest: every
+ * next request waits. */
 static void arm_drain(smp_mb_link_t *l, int unit, bool any, int timeout_ms)
 {
     l->drain_pending = true;
-    l->drain_any = any;
-    l->drain_unit = unit;
+    l->drain_any = l->drain_any || any;
+    l->drain_units[(unit & 0xFF) / 32] |= 1u << (unit % 32);
     l->drain_since_ns = mono_ns();
     l->drain_quiet_ms = timeout_ms / 2 > DRAIN_MIN_MS ? timeout_ms / 2 : DRAIN_MIN_MS;
 }
@@ -309,7 +318,8 @@ int smp_mb_link_open(smp_mb_link_t *l, int timeout_ms)
         return rc;
     }
     l->io_seen = false;
-    l->drain_pending = false;
+    l->drain_pending = l->drain_any = false;
+    memset(l->drain_units, 0, sizeof l->drain_units);
     if (is_rtu(l)) {
         /* Whatever a device or a converter left in the line before we listened is not ours. */
         uint8_t junk[256];
@@ -378,7 +388,7 @@ static int transact_rtu(smp_mb_link_t *l, const smp_mb_req_t *rq, int timeout_ms
         return link_failed(l, n, "request");
     }
     int rc = 0;
-    if (l->drain_pending && (l->drain_any || l->drain_unit == rq->unit)) {
+    if (must_drain(l, rq->unit)) {
         rc = drain(l);
     } else {
         rc = discard_buffered(l);

@@ -45,9 +45,9 @@ typedef struct smp_mb_link {
     bool io_seen; /* last_io is valid */
     struct timespec last_io;
     bool drain_pending;
-    bool drain_any;         /* every next request drains (after a garbled reply) */
-    int drain_unit;         /* otherwise only a request to this unit (after its timeout) */
-    int64_t drain_since_ns; /* the failure, or the last late byte seen since */
+    bool drain_any;          /* every next request drains (after a garbled reply) */
+    uint32_t drain_units[8]; /* otherwise a request to one of these units (timed out) */
+    int64_t drain_since_ns;  /* the last failure, or the last late byte seen since */
     int drain_quiet_ms;
     /* cumulative, for the connection's metrics */
     uint64_t crc_errors, framing_errors;

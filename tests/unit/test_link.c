@@ -75,11 +75,18 @@ typedef struct answerer {
     int fd;
     uint8_t buf[32];
     size_t len;
+    uint8_t late[16]; /* sent 10 ms after the start, before waiting for the request */
+    size_t late_len;
 } answerer_t;
 
 static void *answer_main(void *arg)
 {
     answerer_t *a = arg;
+    if (a->late_len > 0) {
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+        (void)!write(a->fd, a->late, a->late_len);
+    }
     struct pollfd pfd = {.fd = a->fd, .events = POLLIN};
     if (poll(&pfd, 1, 2000) == 1) {
         uint8_t req[64];
@@ -92,6 +99,7 @@ static void *answer_main(void *arg)
 static void answer_with(answerer_t *a, int fd, const uint8_t *buf, size_t len)
 {
     a->fd = fd;
+    a->late_len = 0;
     memcpy(a->buf, buf, len);
     a->len = len;
     assert_int_equal(pthread_create(&a->th, NULL, answer_main, a), 0);
@@ -187,6 +195,25 @@ static void test_rtu_timeout_costs_other_units_nothing(void **state)
     assert_int_equal(smp_mb_link_transact(&p->l, &read2, 500, regs, NULL, NULL), -EBADMSG);
     pthread_join(a.th, NULL);
     assert_int_equal(p->l.verdict, SMP_MB_BAD_UNIT);
+}
+
+static void test_rtu_two_units_time_out(void **state)
+{
+    pair_t *p = *state;
+    uint16_t regs[1];
+    const smp_mb_req_t read2 = {.unit = 2, .fc = 3, .address = 10, .count = 1};
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 60, regs, NULL, NULL), -ETIMEDOUT);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read2, 60, regs, NULL, NULL), -ETIMEDOUT);
+    drain_request(p->dev);
+    /* Unit 1's late reply comes after unit 2 timed out too: unit 1's next request still waits
+     * for the line to go quiet, so the late reply cannot pass for its answer. */
+    answerer_t a = {.fd = p->dev};
+    a.late_len = rtu_reply(1, 1450, a.late);
+    a.len = rtu_reply(1, 5, a.buf);
+    assert_int_equal(pthread_create(&a.th, NULL, answer_main, &a), 0);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, regs, NULL, NULL), 0);
+    pthread_join(a.th, NULL);
+    assert_int_equal(regs[0], 5);
 }
 
 static void test_rtu_wrong_unit_is_framing_error(void **state)
@@ -293,6 +320,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_rtu_late_reply_drained, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_timeout_costs_other_units_nothing, setup_rtu,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_rtu_two_units_time_out, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_wrong_unit_is_framing_error, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_exception, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_peer_closed, setup_rtu, teardown),
