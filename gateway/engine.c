@@ -152,6 +152,8 @@ static int ensure_open(struct conn *c, uint64_t now, struct job *j)
     c->open = true;
     c->backoff_ms = 0;
     c->timeouts = 0;
+    c->reconnects += c->ever_open;
+    c->ever_open = true;
     return 0;
 }
 
@@ -282,10 +284,10 @@ static void run_write(struct conn *c, struct job *j)
     if (rc < 0) {
         set_worker_error(j, rc, message);
         /* The driver refused the value itself (-ERANGE, -EPERM, -E2BIG), found the deadline
-         * passed before writing (-ETIME) or the device answered with an exception: the
-         * connection is fine. */
+         * passed before writing (-ETIME), the device answered with an exception, or an RTU
+         * reply was garbled (-EBADMSG, the driver drains the line): the connection is fine. */
         if (rc != SMP_EDEVICE && rc != -ERANGE && rc != -EPERM && rc != -E2BIG && rc != -EINVAL &&
-            rc != -ETIME) {
+            rc != -ETIME && rc != -EBADMSG) {
             after_failure(c, d, rc, now);
         }
         return;
@@ -309,6 +311,18 @@ static void run_write(struct conn *c, struct job *j)
         snprintf(j->errmsg, sizeof j->errmsg, "%s", err_text(rb.status, rb.message));
         j->rb.message = NULL;
     }
+}
+
+/* Records what job j cost its connection, for the connection's load. Worker thread. */
+static void sample_job(struct conn *c, struct job *j, uint64_t start_ns)
+{
+    const smp_plugin_t *p = c->plugin->desc;
+    j->sample.busy_us = (uv_hrtime() - start_ns) / 1000u;
+    j->sample.requests = j->type == JOB_READ ? (j->status > 0 ? (uint32_t)j->status : 0) : 1;
+    if (p->conn_stats != NULL && c->pconn != NULL) {
+        p->conn_stats(c->pconn, &j->sample.link);
+    }
+    j->sample.reconnects = c->reconnects;
 }
 
 static void worker_main(void *arg)
@@ -354,6 +368,7 @@ static void worker_main(void *arg)
         if (j == NULL) {
             break; /* stop requested and no command left */
         }
+        uint64_t start_ns = uv_hrtime();
         if (deadline_passed(j)) {
             set_worker_error(j, -ETIME, "expired while waiting in the device's queue");
         } else if (j->type == JOB_READ) {
@@ -361,6 +376,7 @@ static void worker_main(void *arg)
         } else {
             run_write(c, j);
         }
+        sample_job(c, j, start_ns);
         done_push(c->eng, j);
     }
     for (size_t k = 0; k < c->ndevs; k++) {
@@ -858,6 +874,7 @@ static void on_group_timer(uv_timer_t *t)
         /* The previous poll of this group has not come back (slow or dead device): skip rather
          * than pile up requests behind it. */
         e->stats.overruns++;
+        smp__conn_load_overrun(&d->conn->load);
         return;
     }
     struct job *j = calloc(1, sizeof *j);
@@ -878,6 +895,19 @@ static void on_group_timer(uv_timer_t *t)
     j->n = g->n;
     g->in_flight = true;
     smp__engine_enqueue(d->conn, j);
+}
+
+/* ,"connections":{"KEY":{...},...}: one object per connection (conn_load.c). */
+static void metrics_connections(smp_engine_t *e, smp_buf_t *b)
+{
+    smp_buf_puts(b, ",\"connections\":{");
+    for (size_t m = 0; m < e->nconns; m++) {
+        if (m > 0) {
+            smp_buf_puts(b, ",");
+        }
+        smp__conn_load_json(&e->conns[m]->load, e->conns[m]->key, b, uv_now(e->loop));
+    }
+    smp_buf_puts(b, "}");
 }
 
 static void metrics_publish(smp_engine_t *e)
@@ -907,9 +937,11 @@ static void metrics_publish(smp_engine_t *e)
     smp_buf_printf(&b,
                    ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64
                    ",\"outbox_bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64
-                   ",\"rss_kb\":%ld}",
+                   ",\"rss_kb\":%ld",
                    e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
+    metrics_connections(e, &b);
+    smp_buf_puts(&b, "}");
     publish_direct(e, e->topic_metrics, &b, false);
     smp_buf_free(&b);
 }
@@ -1027,6 +1059,9 @@ static void on_done(uv_async_t *a)
     uv_mutex_unlock(&e->done_mu);
     while (j != NULL) {
         struct job *next = j->next;
+        if (j->type != JOB_EXIT) {
+            smp__conn_load_add(&j->conn->load, j->conn->key, &j->sample, uv_now(e->loop));
+        }
         switch (j->type) {
         case JOB_READ:
             if (j->cmd != NULL) {
@@ -1272,6 +1307,7 @@ int smp_engine_start(smp_engine_t *e)
         }
         c->started = true;
         e->workers_alive++;
+        smp__conn_load_init(&c->load, e->started_ms);
     }
     for (size_t k = 0; k < e->ndevs; k++) {
         struct device *d = &e->devs[k];

@@ -10,6 +10,7 @@
 
 #include "bridge.h"
 #include "config.h"
+#include "conn_load.h"
 #include "engine.h"
 #include "store.h"
 #include "value.h"
@@ -51,6 +52,7 @@ struct job {
     int status;
     char errmsg[ERRMSG_LEN];
     uint64_t done_wall_ms;
+    smp_conn_sample_t sample; /* what the job tells about its connection's load */
 };
 #define JOB_ERR(j, k) ((j)->errs + (size_t)(k)*ERRMSG_LEN)
 
@@ -123,6 +125,10 @@ struct conn {
     int timeouts;
     int last_open_err;
     char last_open_msg[ERRMSG_LEN];
+    bool ever_open;
+    uint64_t reconnects;
+    /* loop thread */
+    smp_conn_load_t load;
 };
 
 struct smp_engine_stats {

@@ -14,6 +14,7 @@
 #include "config.h"
 #include "engine.h"
 #include "log.h"
+#include "probe.h"
 
 /* SIGTERM/SIGINT must end the process within 5 s (the contract); leave a margin. */
 #define STOP_TIMEOUT_MS 4000u
@@ -23,6 +24,7 @@ static void usage(FILE *f)
     fprintf(
         f,
         "Usage: simpul -c FILE [--check] [--log-level LEVEL] [--plugin-dir DIR]\n"
+        "       simpul -c FILE --probe DEVICE\n"
         "       simpul --version | --help\n"
         "\n"
         "Edge gateway: polls field devices (Modbus TCP/RTU) and bridges them to MQTT.\n"
@@ -31,6 +33,9 @@ static void usage(FILE *f)
         "      --check            validate FILE and every plugin's part of it; print each\n"
         "                         problem as FILE:LINE:COL: path.to.key: message;\n"
         "                         exit 0 when valid, 1 when not\n"
+        "      --probe DEVICE     read every tag of DEVICE once, print tag, address, raw\n"
+        "                         data, decoded value, unit, error; never writes; exit 0\n"
+        "                         all read, 3 some tags failed, 1 unreachable\n"
         "  -l, --log-level LEVEL  error | warn | info | debug (overrides gateway.log_level)\n"
         "      --plugin-dir DIR   where protocol plugins (NAME.so) are found\n"
         "  -V, --version          print the version and exit\n"
@@ -153,6 +158,7 @@ int main(int argc, char **argv)
         {"check", no_argument, NULL, 'k'},
         {"log-level", required_argument, NULL, 'l'},
         {"plugin-dir", required_argument, NULL, 'p'},
+        {"probe", required_argument, NULL, 'P'},
         {"version", no_argument, NULL, 'V'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -161,6 +167,7 @@ int main(int argc, char **argv)
     memset(&a, 0, sizeof a);
     a.cli_log_level = -1;
     bool check = false;
+    const char *probe = NULL;
     int c;
     while ((c = getopt_long(argc, argv, "c:l:Vh", opts, NULL)) != -1) {
         switch (c) {
@@ -182,6 +189,9 @@ int main(int argc, char **argv)
             break;
         case 'p':
             a.plugin_dir = optarg;
+            break;
+        case 'P':
+            probe = optarg;
             break;
         case 'V':
             printf("simpul %s (plugin ABI %u)\n", SMP_VERSION, SMP_PLUGIN_ABI_VERSION);
@@ -205,6 +215,10 @@ int main(int argc, char **argv)
     }
     if (check) {
         return run_check(a.config_path, a.plugin_dir);
+    }
+    if (probe != NULL) {
+        smp_log_set_level(a.cli_log_level >= 0 ? a.cli_log_level : SMP_LOG_WARN);
+        return smp_probe_run(a.config_path, a.plugin_dir, probe, stdout);
     }
 
     /* glibc returns freed memory of its per-thread arenas with madvise(), and every madvise

@@ -1,13 +1,14 @@
-/* The Modbus protocol driver plugin: Modbus TCP and RTU through libmodbus.
+/* The Modbus protocol driver plugin: Modbus TCP, RTU on a serial line, and RTU over TCP.
  *
  * The host calls everything for one connection from that connection's worker thread, so the
  * per-connection and per-device state below needs no locks; the only global is the host API
  * table, written once by smp_plugin_entry() before any other call.
  *
  * Layering: codec.c turns registers into values and back, planner.c decides which requests to
- * issue; this file owns the libmodbus context, maps libmodbus errors at the boundary (a device
- * exception fails the tags of one request, anything else fails the whole call so the host
- * reconnects) and validates the config cross-field rules.
+ * issue, frame.c builds requests and checks replies, link.c owns the socket or tty and does one
+ * exchange on it; this file maps the outcomes (a device exception fails the tags of one
+ * request, a garbled RTU reply fails that request's tags and the line is drained, anything
+ * else fails the whole call so the host reconnects) and validates the config cross-field rules.
  */
 #include <errno.h>
 #include <netdb.h>
@@ -18,11 +19,11 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#include <modbus.h>
-
 #include <simpul/plugin.h>
 
 #include "codec.h"
+#include "frame.h"
+#include "link.h"
 #include "planner.h"
 
 #define MB_PLUGIN_VERSION "1.0.0"
@@ -57,15 +58,17 @@ enum {
     CK_MAX_REGS,
     CK_MAX_BITS,
     CK_ALLOW_BROADCAST,
+    CK_FRAME_GAP_MS,
     CK_COUNT
 };
 
-enum { TRANSPORT_TCP = 0, TRANSPORT_RTU };
+/* Same order as transport_choices. */
+enum { TRANSPORT_TCP = 0, TRANSPORT_RTU, TRANSPORT_RTU_TCP };
 
 /* Indices into tag_keys. */
 enum { TK_TABLE, TK_ADDRESS, TK_ORDER, TK_BIT, TK_LENGTH, TK_COUNT };
 
-static const char *const transport_choices[] = {"tcp", "rtu", NULL};
+static const char *const transport_choices[] = {"tcp", "rtu", "rtu_tcp", NULL};
 static const char *const parity_choices[] = {"N", "E", "O", NULL};
 /* Same order as smp_mb_table_t and smp_mb_order_t, so an enum param's index is the value. */
 static const char *const table_choices[] = {"coil", "discrete_input", "input_register",
@@ -85,13 +88,15 @@ static const char *const order_choices[] = {"ABCD", "BADC", "CDAB", "DCBA", NULL
 
 static const smp_config_key_t conn_keys[CK_COUNT + 1] = {
     [CK_TRANSPORT] = {"transport", SMP_KEY_ENUM, true, 0, 0, transport_choices, NULL,
-                      "\"tcp\" (Modbus TCP) or \"rtu\" (Modbus RTU on a serial line)"},
+                      "\"tcp\" (Modbus TCP), \"rtu\" (Modbus RTU on a serial line) or "
+                      "\"rtu_tcp\" (RTU frames over TCP to a serial server)"},
     [CK_HOST] = {"host", SMP_KEY_STRING, false, 0, 0, NULL, NULL,
-                 "tcp: server host name or IP address (required for tcp)"},
+                 "tcp, rtu_tcp: server host name or IP address (required there)"},
     [CK_PORT] = {"port", SMP_KEY_INT, false, 1, 65535, NULL, NULL,
-                 "tcp: server port (default 502)"},
+                 "tcp, rtu_tcp: server port (default 502)"},
     [CK_UNIT_ID] = {"unit_id", SMP_KEY_INT, false, 0, 255, NULL, "1",
-                    "Modbus unit id of the device: 0-247 or 255 for tcp, 1-247 for rtu"},
+                    "Modbus unit id of the device: 0-247 or 255 for tcp, 1-247 for rtu and "
+                    "rtu_tcp"},
     [CK_TIMEOUT_MS] = {"timeout_ms", SMP_KEY_INT, false, 10, 60000, NULL, "1000",
                        "response timeout of one request, and of a tcp connect, in ms"},
     [CK_DEVICE] = {"device", SMP_KEY_STRING, false, 0, 0, NULL, NULL,
@@ -115,6 +120,9 @@ static const smp_config_key_t conn_keys[CK_COUNT + 1] = {
         {"allow_broadcast_writes", SMP_KEY_BOOL, false, 0, 0, NULL, NULL,
          "tcp (default false): allow writable tags on unit id 0, which a TCP-to-RTU gateway "
          "broadcasts to every device on its bus"},
+    [CK_FRAME_GAP_MS] = {"frame_gap_ms", SMP_KEY_INT, false, 0, 10000, NULL, NULL,
+                         "rtu_tcp: least silence between a reply and the next request, for "
+                         "slow serial servers (default 0)"},
     [CK_COUNT] = {NULL, 0, false, 0, 0, NULL, NULL, NULL},
 };
 
@@ -162,59 +170,83 @@ static bool baud_is_standard(int64_t baud)
 
 /* ---- config checks (main thread) ---------------------------------------------------------- */
 
+static const char *transport_name(int64_t t)
+{
+    return t >= 0 && t <= TRANSPORT_RTU_TCP ? transport_choices[t] : "?";
+}
+
+/* Reports each key of `keys` that is set but does not belong to transport t. */
+static int refuse_keys(const smp_param_t *conn, const int *keys, size_t n, const char *owner,
+                       int64_t t, smp_report_fn report, void *rctx)
+{
+    int problems = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (conn[keys[i]].set) {
+            report(rctx, conn_keys[keys[i]].name, "only for transport %s, not %s", owner,
+                   transport_name(t));
+            problems++;
+        }
+    }
+    return problems;
+}
+
 static int check_connection(const smp_param_t *conn, smp_report_fn report, void *rctx)
 {
-    static const int tcp_only[] = {CK_HOST, CK_PORT, CK_ALLOW_BROADCAST};
-    static const int rtu_only[] = {CK_DEVICE, CK_BAUD, CK_PARITY, CK_DATA_BITS, CK_STOP_BITS};
+    static const int net_only[] = {CK_HOST, CK_PORT};
+    static const int serial_only[] = {CK_DEVICE, CK_BAUD, CK_PARITY, CK_DATA_BITS, CK_STOP_BITS};
+    static const int rtu_tcp_only[] = {CK_FRAME_GAP_MS};
+    static const int tcp_only[] = {CK_ALLOW_BROADCAST};
     int problems = 0;
 
     if (!conn[CK_TRANSPORT].set) {
         report(rctx, "transport", "required key is missing");
         return 1;
     }
-    bool tcp = conn[CK_TRANSPORT].i == TRANSPORT_TCP;
+    int64_t t = conn[CK_TRANSPORT].i;
     int64_t unit = param_int(&conn[CK_UNIT_ID], DEFAULT_UNIT_ID);
 
-    if (tcp) {
+    if (t == TRANSPORT_TCP || t == TRANSPORT_RTU_TCP) {
         const char *h = param_str(&conn[CK_HOST]);
         if (h == NULL || h[0] == '\0') {
-            report(rctx, NULL, "transport tcp needs \"host\"");
+            report(rctx, NULL, "transport %s needs \"host\"", transport_name(t));
             problems++;
         }
-        for (size_t i = 0; i < sizeof(rtu_only) / sizeof(rtu_only[0]); i++) {
-            if (conn[rtu_only[i]].set) {
-                report(rctx, conn_keys[rtu_only[i]].name, "only for transport rtu, not tcp");
-                problems++;
-            }
-        }
-        /* libmodbus 3.1.6 refuses TCP unit ids 248-254 (modbus_set_slave: EINVAL). */
-        if (unit >= 248 && unit <= 254) {
-            report(rctx, "unit_id", "unit id %lld is not supported over tcp (use 0-247 or 255)",
-                   (long long)unit);
-            problems++;
-        }
+        problems += refuse_keys(conn, serial_only, sizeof serial_only / sizeof serial_only[0],
+                                "rtu", t, report, rctx);
     } else {
         const char *d = param_str(&conn[CK_DEVICE]);
         if (d == NULL || d[0] == '\0') {
             report(rctx, NULL, "transport rtu needs \"device\"");
             problems++;
         }
-        for (size_t i = 0; i < sizeof(tcp_only) / sizeof(tcp_only[0]); i++) {
-            if (conn[tcp_only[i]].set) {
-                report(rctx, conn_keys[tcp_only[i]].name, "only for transport tcp, not rtu");
-                problems++;
-            }
-        }
-        /* 0 is the broadcast address (no reply, so nothing can be read) and 248-255 are
-         * reserved on a serial line. */
-        if (unit < 1 || unit > 247) {
-            report(rctx, "unit_id", "must be 1-247 for transport rtu (got %lld)", (long long)unit);
-            problems++;
-        }
+        problems += refuse_keys(conn, net_only, sizeof net_only / sizeof net_only[0],
+                                "tcp or rtu_tcp", t, report, rctx);
         if (conn[CK_BAUD].set && !baud_is_standard(conn[CK_BAUD].i)) {
             report(rctx, "baud", "%lld is not a standard baud rate", (long long)conn[CK_BAUD].i);
             problems++;
         }
+    }
+    if (t != TRANSPORT_TCP) {
+        problems +=
+            refuse_keys(conn, tcp_only, sizeof tcp_only / sizeof tcp_only[0], "tcp", t, report, rctx);
+    }
+    if (t != TRANSPORT_RTU_TCP) {
+        problems += refuse_keys(conn, rtu_tcp_only, sizeof rtu_tcp_only / sizeof rtu_tcp_only[0],
+                                "rtu_tcp", t, report, rctx);
+    }
+    if (t == TRANSPORT_TCP) {
+        /* 248-254 are reserved; a TCP gateway in front of a serial bus would pass them on. */
+        if (unit >= 248 && unit <= 254) {
+            report(rctx, "unit_id", "unit id %lld is not supported over tcp (use 0-247 or 255)",
+                   (long long)unit);
+            problems++;
+        }
+    } else if (unit < 1 || unit > 247) {
+        /* 0 is the broadcast address (no reply, so nothing can be read) and 248-255 are
+         * reserved on a serial line, also behind a serial server. */
+        report(rctx, "unit_id", "must be 1-247 for transport %s (got %lld)", transport_name(t),
+               (long long)unit);
+        problems++;
     }
     return problems;
 }
@@ -311,9 +343,10 @@ static int check_tag(const smp_tag_t *tag, smp_report_fn report, void *rctx)
 static int conn_key(const smp_param_t *conn, char *buf, size_t n)
 {
     int len;
-    if (conn[CK_TRANSPORT].set && conn[CK_TRANSPORT].i == TRANSPORT_TCP) {
+    int64_t t = conn[CK_TRANSPORT].set ? conn[CK_TRANSPORT].i : TRANSPORT_RTU;
+    if (t == TRANSPORT_TCP || t == TRANSPORT_RTU_TCP) {
         const char *h = param_str(&conn[CK_HOST]);
-        len = snprintf(buf, n, "tcp:%s:%lld", h ? h : "",
+        len = snprintf(buf, n, "%s:%s:%lld", transport_name(t), h ? h : "",
                        (long long)param_int(&conn[CK_PORT], DEFAULT_PORT));
     } else {
         const char *d = param_str(&conn[CK_DEVICE]);
@@ -327,126 +360,42 @@ static int conn_key(const smp_param_t *conn, char *buf, size_t n)
 /* Modbus exception names as the platform sees them (Modbus Application Protocol v1.1b3,
  * section 7), indexed by exception code. */
 static const char *const exception_names[] = {
-    [0] = "unknown exception",
-    [MODBUS_EXCEPTION_ILLEGAL_FUNCTION] = "illegal function",
-    [MODBUS_EXCEPTION_ILLEGAL_DATA_ADDRESS] = "illegal data address",
-    [MODBUS_EXCEPTION_ILLEGAL_DATA_VALUE] = "illegal data value",
-    [MODBUS_EXCEPTION_SLAVE_OR_SERVER_FAILURE] = "server device failure",
-    [MODBUS_EXCEPTION_ACKNOWLEDGE] = "acknowledge",
-    [MODBUS_EXCEPTION_SLAVE_OR_SERVER_BUSY] = "server device busy",
-    [MODBUS_EXCEPTION_NEGATIVE_ACKNOWLEDGE] = "negative acknowledge",
-    [MODBUS_EXCEPTION_MEMORY_PARITY] = "memory parity error",
-    [MODBUS_EXCEPTION_NOT_DEFINED] = "unknown exception",
-    [MODBUS_EXCEPTION_GATEWAY_PATH] = "gateway path unavailable",
-    [MODBUS_EXCEPTION_GATEWAY_TARGET] = "gateway target device failed to respond",
+    [1] = "illegal function",
+    [2] = "illegal data address",
+    [3] = "illegal data value",
+    [4] = "server device failure",
+    [5] = "acknowledge",
+    [6] = "server device busy",
+    [7] = "negative acknowledge",
+    [8] = "memory parity error",
+    [10] = "gateway path unavailable",
+    [11] = "gateway target device failed to respond",
 };
+#define EXC_ILLEGAL_DATA_ADDRESS 2
+#define EXC_ILLEGAL_DATA_VALUE   3
 
-/* The outcome of one libmodbus call, converted at the boundary. */
-typedef struct mb_err {
-    int code;            /* 0, SMP_EDEVICE, or a negative errno (link failure) */
-    int exception;       /* Modbus exception code when code == SMP_EDEVICE */
-    const char *message; /* static text for SMP_EDEVICE; NULL otherwise */
-} mb_err_t;
-
-/* Maps libmodbus's errno after a failed call. A device exception is an answer: the link is fine
- * and other requests may still succeed. Everything else (timeouts, resets, CRC errors, replies
- * that do not match the request) means the byte stream can no longer be trusted, so the whole
- * call fails and the host reconnects, which also drops any late reply still in flight. */
-static mb_err_t map_errno(int err)
+static const char *exception_name(int code)
 {
-    mb_err_t e = {0, 0, NULL};
-    if (err >= MODBUS_ENOBASE && err <= (int)EMBXGTAR) {
-        e.code = SMP_EDEVICE;
-        e.exception = err - MODBUS_ENOBASE;
-        e.message = exception_names[e.exception];
-        if (e.message == NULL) {
-            e.message = "unknown exception";
-        }
-    } else if (err == EMBBADEXC || err == EMBUNKEXC) {
-        /* The device replied with an exception code this library does not know. */
-        e.code = SMP_EDEVICE;
-        e.message = "unknown exception";
-    } else if (err >= MODBUS_ENOBASE) {
-        e.code = -EPROTO; /* EMBBADCRC, EMBBADDATA, EMBMDATA, EMBBADSLAVE */
-    } else if (err > 0) {
-        e.code = -err;
-    } else {
-        e.code = -EIO;
-    }
-    return e;
+    size_t n = sizeof exception_names / sizeof exception_names[0];
+    return code > 0 && (size_t)code < n && exception_names[code] != NULL ? exception_names[code]
+                                                                         : "unknown exception";
 }
+
+/* The outcome of one exchange. */
+typedef struct mb_err {
+    int code;            /* 0, SMP_EDEVICE, -EBADMSG (garbled RTU reply), or a link failure */
+    int exception;       /* Modbus exception code when code == SMP_EDEVICE */
+    const char *message; /* static text for SMP_EDEVICE; the link's text for the others */
+} mb_err_t;
 
 /* ---- connection ------------------------------------------------------------------------- */
 
 typedef struct mb_conn {
-    modbus_t *ctx;
+    smp_mb_link_t link;
     const smp_param_t *params; /* borrowed from the host, outlives the connection */
     void *log_ctx;
-    bool rtu;
     bool open;
-    int slave;      /* unit id currently set on ctx, -1 = unknown */
-    int timeout_ms; /* response timeout currently set on ctx, -1 = unknown */
-    /* RTU: frames must be separated by 3.5 character times of silence and libmodbus does not
-     * enforce it, so the driver waits before sending when the bus has not been quiet long
-     * enough (this thread owns the bus, so blocking here is the right place). */
-    long t35_ns;
-    bool io_seen; /* last_io is valid */
-    struct timespec last_io;
-    /* After a timeout the reply may still arrive. The host keeps a connection open across a
-     * few timeouts (one silent unit id must not cut off its neighbours), so drop whatever came
-     * in late before the next request rather than read it as that request's reply. */
-    bool flush_pending;
 } mb_conn_t;
-
-static void set_timeouts(mb_conn_t *c, int ms)
-{
-    if (c->timeout_ms == ms) {
-        return;
-    }
-    modbus_set_response_timeout(c->ctx, (uint32_t)(ms / 1000), (uint32_t)(ms % 1000) * 1000u);
-    /* The byte timeout bounds the silence inside one reply; a device that trickles bytes can
-     * stretch a request to (reply length) x this, so keep it no longer than libmodbus's 0.5 s. */
-    int byte_ms = ms < 500 ? ms : 500;
-    modbus_set_byte_timeout(c->ctx, 0, (uint32_t)byte_ms * 1000u);
-    c->timeout_ms = ms;
-}
-
-static long ns_between(const struct timespec *a, const struct timespec *b)
-{
-    return (long)(b->tv_sec - a->tv_sec) * 1000000000L + (b->tv_nsec - a->tv_nsec);
-}
-
-/* Called before every request on the connection. */
-static void before_request(mb_conn_t *c)
-{
-    if (c->flush_pending) {
-        modbus_flush(c->ctx);
-        c->flush_pending = false;
-    }
-    if (!c->rtu || !c->io_seen) {
-        return;
-    }
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    long left = c->t35_ns - ns_between(&c->last_io, &now);
-    if (left > 0) {
-        struct timespec ts = {0, left};
-        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-        }
-    }
-}
-
-/* Called after every request with libmodbus's result and errno. */
-static void after_request(mb_conn_t *c, int rc, int err)
-{
-    if (c->rtu) {
-        clock_gettime(CLOCK_MONOTONIC, &c->last_io);
-        c->io_seen = true;
-    }
-    if (rc < 0 && err == ETIMEDOUT) {
-        c->flush_pending = true;
-    }
-}
 
 static void *conn_create(const smp_param_t *conn, void *log_ctx)
 {
@@ -456,38 +405,27 @@ static void *conn_create(const smp_param_t *conn, void *log_ctx)
     }
     c->params = conn;
     c->log_ctx = log_ctx;
-    c->slave = -1;
-    c->timeout_ms = -1;
-    c->rtu = conn[CK_TRANSPORT].set && conn[CK_TRANSPORT].i == TRANSPORT_RTU;
-
-    if (c->rtu) {
-        const char *dev = param_str(&conn[CK_DEVICE]);
-        int baud = (int)param_int(&conn[CK_BAUD], DEFAULT_BAUD);
+    int64_t t = conn[CK_TRANSPORT].set ? conn[CK_TRANSPORT].i : TRANSPORT_TCP;
+    smp_mb_link_t *l = &c->link;
+    if (t == TRANSPORT_RTU) {
+        smp_mb_link_init(l, SMP_MB_LINK_SERIAL);
         const char *par = param_str(&conn[CK_PARITY]);
-        int data_bits = (int)param_int(&conn[CK_DATA_BITS], DEFAULT_DATA_BITS);
-        int stop_bits = (int)param_int(&conn[CK_STOP_BITS], DEFAULT_STOP_BITS);
-        c->ctx = dev ? modbus_new_rtu(dev, baud, par ? par[0] : 'N', data_bits, stop_bits) : NULL;
-        /* 3.5 characters of 11 bits; above 19200 baud the spec fixes it at 1.75 ms. */
-        c->t35_ns = baud > 19200 ? 1750000L : (long)(3.5 * 11 * 1e9 / baud);
+        l->device = param_str(&conn[CK_DEVICE]);
+        l->baud = (int)param_int(&conn[CK_BAUD], DEFAULT_BAUD);
+        l->parity = par ? par[0] : 'N';
+        l->data_bits = (int)param_int(&conn[CK_DATA_BITS], DEFAULT_DATA_BITS);
+        l->stop_bits = (int)param_int(&conn[CK_STOP_BITS], DEFAULT_STOP_BITS);
+        /* RTU frames are separated by 3.5 characters of 11 bits of silence; above 19200 baud
+         * the spec fixes it at 1.75 ms. */
+        l->gap_ns = l->baud > 19200 ? 1750000L : (long)(3.5 * 11 * 1e9 / l->baud);
     } else {
-        const char *h = param_str(&conn[CK_HOST]);
-        char service[16];
-        snprintf(service, sizeof(service), "%lld",
+        smp_mb_link_init(l, t == TRANSPORT_RTU_TCP ? SMP_MB_LINK_RTU_TCP : SMP_MB_LINK_TCP);
+        l->host = param_str(&conn[CK_HOST]);
+        snprintf(l->service, sizeof l->service, "%lld",
                  (long long)param_int(&conn[CK_PORT], DEFAULT_PORT));
-        /* The _pi variant resolves host names (on this worker thread, never the loop) and
-         * accepts IPv6; plain modbus_new_tcp takes dotted IPv4 only. */
-        c->ctx = h ? modbus_new_tcp_pi(h, service) : NULL;
+        /* The serial server keeps the bus's own t3.5 gap; some need more between requests. */
+        l->gap_ns = (long)param_int(&conn[CK_FRAME_GAP_MS], 0) * 1000000L;
     }
-    if (c->ctx == NULL) {
-        MB_LOG(log_ctx, SMP_LOG_ERROR, "cannot create a libmodbus context: %s",
-               modbus_strerror(errno));
-        free(c);
-        return NULL;
-    }
-    /* Recovery mode would make libmodbus sleep and reconnect inside calls; the host owns
-     * backoff and reconnection instead. */
-    modbus_set_error_recovery(c->ctx, MODBUS_ERROR_RECOVERY_NONE);
-    set_timeouts(c, (int)param_int(&conn[CK_TIMEOUT_MS], DEFAULT_TIMEOUT_MS));
     return c;
 }
 
@@ -495,27 +433,10 @@ static void conn_close(void *cp)
 {
     mb_conn_t *c = cp;
     if (c != NULL && c->open) {
-        modbus_close(c->ctx);
+        smp_mb_link_close(&c->link);
         c->open = false;
         MB_LOG(c->log_ctx, SMP_LOG_DEBUG, "connection closed");
     }
-}
-
-/* libmodbus reports a host name that does not resolve as ECONNREFUSED, which sends an
- * integrator hunting for a firewall; look the name up again to tell the two apart. Only runs
- * after a failed connect, on the worker thread. */
-static int explain_refused(mb_conn_t *c)
-{
-    const char *h = param_str(&c->params[CK_HOST]);
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
-    int gai = h ? getaddrinfo(h, NULL, &hints, &res) : EAI_NONAME;
-    if (gai == 0) {
-        freeaddrinfo(res);
-        return -ECONNREFUSED;
-    }
-    MB_LOG(c->log_ctx, SMP_LOG_WARN, "cannot resolve host %s: %s", h ? h : "(none)",
-           gai_strerror(gai));
-    return -EHOSTUNREACH;
 }
 
 static int conn_open(void *cp)
@@ -525,27 +446,16 @@ static int conn_open(void *cp)
         return -EINVAL;
     }
     conn_close(c);
-    /* A TCP connect is bounded by the response timeout: use the connection's own. */
-    set_timeouts(c, (int)param_int(&c->params[CK_TIMEOUT_MS], DEFAULT_TIMEOUT_MS));
-    if (modbus_connect(c->ctx) != 0) {
-        int err = errno;
-        mb_err_t e = map_errno(err);
-        MB_LOG(c->log_ctx, SMP_LOG_DEBUG, "connect failed: %s", modbus_strerror(err));
-        /* libmodbus may leave a socket behind on a failed connect. */
-        modbus_close(c->ctx);
-        if (e.code == -ECONNREFUSED && !c->rtu) {
-            return explain_refused(c);
-        }
-        return e.code == SMP_EDEVICE ? -EIO : e.code;
+    /* A TCP connect is bounded by the connection's own response timeout. */
+    int rc =
+        smp_mb_link_open(&c->link, (int)param_int(&c->params[CK_TIMEOUT_MS], DEFAULT_TIMEOUT_MS));
+    if (rc < 0) {
+        /* A name that does not resolve is worth a warning: it sends an integrator hunting for
+         * a firewall otherwise. */
+        MB_LOG(c->log_ctx, rc == -EHOSTUNREACH ? SMP_LOG_WARN : SMP_LOG_DEBUG, "%s", c->link.why);
+        return rc;
     }
     c->open = true;
-    c->slave = -1;
-    c->io_seen = false;
-    c->flush_pending = false;
-    if (c->rtu) {
-        /* Drop whatever a device left on the line before we listened. */
-        modbus_flush(c->ctx);
-    }
     MB_LOG(c->log_ctx, SMP_LOG_DEBUG, "connected");
     return 0;
 }
@@ -557,8 +467,17 @@ static void conn_destroy(void *cp)
         return;
     }
     conn_close(c);
-    modbus_free(c->ctx);
     free(c);
+}
+
+static void conn_stats(void *cp, smp_conn_stats_t *out)
+{
+    const mb_conn_t *c = cp;
+    if (c == NULL || out == NULL) {
+        return;
+    }
+    out->crc_errors = c->link.crc_errors;
+    out->framing_errors = c->link.framing_errors;
 }
 
 /* ---- device ------------------------------------------------------------------------------ */
@@ -574,6 +493,8 @@ typedef struct mb_tag {
     int bit;      /* -1 = none */
     char *strbuf; /* strings: decoded text, valid until the next call on the device */
     size_t strsize;
+    uint16_t *raw; /* the registers (or the bit) of its last successful read, for tag_detail */
+    bool raw_ok;
 } mb_tag_t;
 
 typedef struct mb_device {
@@ -581,6 +502,7 @@ typedef struct mb_device {
     void *log_ctx;
     int unit_id;
     int timeout_ms;
+    int call_timeout_ms; /* > 0: this call's requests wait no longer (a command's deadline) */
     smp_mb_limits_t lim;
     mb_tag_t *tags;
     smp_mb_span_t *spans; /* index-aligned with tags; `isolated` is learned at run time */
@@ -599,6 +521,7 @@ static void device_destroy(void *dp)
     }
     for (size_t i = 0; i < d->ntags; i++) {
         free(d->tags[i].strbuf);
+        free(d->tags[i].raw);
     }
     free(d->tags);
     free(d->spans);
@@ -661,6 +584,11 @@ static void *device_create(void *cp, const smp_param_t *dev_conn, const smp_tag_
             return NULL;
         }
         t->count = (uint16_t)count;
+        t->raw = calloc(count, sizeof(*t->raw));
+        if (t->raw == NULL) {
+            device_destroy(d);
+            return NULL;
+        }
         if (st->type == SMP_TYPE_STRING) {
             t->strsize = smp_mb_string_bufsize(count);
             t->strbuf = calloc(1, t->strsize);
@@ -681,80 +609,71 @@ static void *device_create(void *cp, const smp_param_t *dev_conn, const smp_tag_
     return d;
 }
 
-/* Points the shared context at this device: its unit id and its response timeout. */
 static int select_device(mb_device_t *d)
 {
-    mb_conn_t *c = d->conn;
-    if (c->ctx == NULL || !c->open) {
-        return -ENOTCONN;
-    }
-    if (c->slave != d->unit_id) {
-        if (modbus_set_slave(c->ctx, d->unit_id) != 0) {
-            return -EINVAL;
-        }
-        c->slave = d->unit_id;
-    }
-    set_timeouts(c, d->timeout_ms);
-    return 0;
+    return d->conn->open ? 0 : -ENOTCONN;
 }
 
 /* Records a link failure's text for out[].message / *message. */
 static const char *link_message(mb_device_t *d, const char *what, int code)
 {
-    snprintf(d->msg, sizeof(d->msg), "%s: %s", what, strerror(-code));
+    const char *why = d->conn->link.why;
+    if (why[0] != '\0') {
+        snprintf(d->msg, sizeof(d->msg), "%s: %s", what, why);
+    } else {
+        snprintf(d->msg, sizeof(d->msg), "%s: %s", what, strerror(-code));
+    }
     return d->msg;
 }
+
+/* One exchange with this device on its connection, mapped for the callers. */
+static mb_err_t exchange(mb_device_t *d, const smp_mb_req_t *rq, const char *what)
+{
+    int ex = 0;
+    int timeout_ms = d->call_timeout_ms > 0 ? d->call_timeout_ms : d->timeout_ms;
+    int rc = smp_mb_link_transact(&d->conn->link, rq, timeout_ms, d->regs, d->bits, &ex);
+    if (rc == 0) {
+        return (mb_err_t){0, 0, NULL};
+    }
+    if (rc == SMP_EDEVICE) {
+        return (mb_err_t){SMP_EDEVICE, ex, exception_name(ex)};
+    }
+    const char *m = link_message(d, what, rc);
+    MB_LOG(d->log_ctx, rc == -EBADMSG || rc == -EPROTO ? SMP_LOG_WARN : SMP_LOG_DEBUG,
+           "fc %u %u+%u: %s", rq->fc, rq->address, rq->count, m);
+    return (mb_err_t){rc, 0, m};
+}
+
+static const uint8_t read_fc[SMP_MB_NTABLES] = {
+    [SMP_MB_COIL] = SMP_MB_FC_READ_COILS,
+    [SMP_MB_DISCRETE_INPUT] = SMP_MB_FC_READ_DISCRETE_INPUTS,
+    [SMP_MB_INPUT_REGISTER] = SMP_MB_FC_READ_INPUT_REGISTERS,
+    [SMP_MB_HOLDING_REGISTER] = SMP_MB_FC_READ_HOLDING_REGISTERS,
+};
 
 /* Issues one read (FC1/2/3/4) into d->bits or d->regs. */
 static mb_err_t read_range(mb_device_t *d, smp_mb_table_t table, uint16_t addr, uint16_t count)
 {
-    mb_conn_t *c = d->conn;
-    int rc;
-    before_request(c);
-    errno = 0;
-    switch (table) {
-    case SMP_MB_COIL:
-        rc = modbus_read_bits(c->ctx, addr, count, d->bits);
-        break;
-    case SMP_MB_DISCRETE_INPUT:
-        rc = modbus_read_input_bits(c->ctx, addr, count, d->bits);
-        break;
-    case SMP_MB_INPUT_REGISTER:
-        rc = modbus_read_input_registers(c->ctx, addr, count, d->regs);
-        break;
-    case SMP_MB_HOLDING_REGISTER:
-        rc = modbus_read_registers(c->ctx, addr, count, d->regs);
-        break;
-    default:
+    if ((unsigned)table >= SMP_MB_NTABLES) {
         return (mb_err_t){-EINVAL, 0, NULL};
     }
-    int err = errno;
-    after_request(c, rc, err);
-    if (rc < 0) {
-        mb_err_t e = map_errno(err);
-        MB_LOG(d->log_ctx, SMP_LOG_DEBUG, "read %s %u+%u failed: %s", smp_mb_table_name(table),
-               addr, count, e.message ? e.message : modbus_strerror(err));
-        return e;
-    }
-    /* libmodbus checks the reply's byte count against the request; a count that still differs
-     * means we do not understand the reply, so nothing from it is used. */
-    if (rc != count) {
-        MB_LOG(d->log_ctx, SMP_LOG_WARN, "read %s %u+%u: reply holds %d units",
-               smp_mb_table_name(table), addr, count, rc);
-        return (mb_err_t){-EPROTO, 0, NULL};
-    }
-    return (mb_err_t){0, 0, NULL};
+    smp_mb_req_t rq = {
+        .unit = (uint8_t)d->unit_id, .fc = read_fc[table], .address = addr, .count = count};
+    return exchange(d, &rq, "read");
 }
 
 /* Decodes tag t from the buffer of the last read, whose first unit is `offset` units before the
  * tag's address. */
-static void decode_tag(mb_device_t *d, const mb_tag_t *t, uint16_t offset, smp_reading_t *out)
+static void decode_tag(mb_device_t *d, mb_tag_t *t, uint16_t offset, smp_reading_t *out)
 {
     memset(out, 0, sizeof(*out));
+    t->raw_ok = true;
     if (smp_mb_table_is_bits(t->table)) {
         out->value.v.b = d->bits[offset] != 0;
+        t->raw[0] = d->bits[offset];
         return;
     }
+    memcpy(t->raw, &d->regs[offset], t->count * sizeof(*t->raw));
     int rc = smp_mb_decode_regs(&d->regs[offset], t->count, t->type, t->order, t->bit, t->strbuf,
                                 t->strsize, &out->value);
     if (rc < 0) {
@@ -774,8 +693,7 @@ static void fail_reading(smp_reading_t *out, int code, const char *message)
  * neighbouring tags), so reading the tags one by one can get the good ones through. */
 static bool exception_may_be_range(int exception)
 {
-    return exception == MODBUS_EXCEPTION_ILLEGAL_DATA_ADDRESS ||
-           exception == MODBUS_EXCEPTION_ILLEGAL_DATA_VALUE;
+    return exception == EXC_ILLEGAL_DATA_ADDRESS || exception == EXC_ILLEGAL_DATA_VALUE;
 }
 
 /* Fails every tag of the call with link error `code` and returns it. */
@@ -788,6 +706,16 @@ static int fail_all(mb_device_t *d, smp_reading_t *out, size_t n, int code)
     return code;
 }
 
+/* Fails the tags of one request with a static text (the exception's name, or the garbled
+ * reply's verdict), so several failed requests of one call each keep their own. */
+static void fail_request(const smp_mb_request_t *req, const smp_mb_item_t *items,
+                         smp_reading_t *out, int code, const char *m)
+{
+    for (size_t j = 0; j < req->nitems; j++) {
+        fail_reading(&out[items[j].k], code, m);
+    }
+}
+
 static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *out)
 {
     mb_device_t *d = dp;
@@ -797,6 +725,7 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
     if (n == 0) {
         return 0;
     }
+    d->call_timeout_ms = 0; /* polls always wait the device's whole timeout */
     int rc = select_device(d);
     if (rc == 0) {
         rc = smp_mb_plan_build(&d->plan, d->spans, d->ntags, idx, n, &d->lim);
@@ -822,6 +751,9 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
             for (size_t j = 0; j < req->nitems; j++) {
                 decode_tag(d, &d->tags[idx[items[j].k]], items[j].offset, &out[items[j].k]);
             }
+        } else if (e.code == -EBADMSG) {
+            /* A garbled RTU reply costs this request only: the line will be drained. */
+            fail_request(req, items, out, e.code, smp_mb_verdict_str(d->conn->link.verdict));
         } else if (e.code != SMP_EDEVICE) {
             return fail_all(d, out, n, e.code);
         } else if (req->nitems > 1 && exception_may_be_range(e.exception)) {
@@ -833,7 +765,7 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
                    smp_mb_table_name(req->table), req->address, req->count, e.message, req->nitems);
             for (size_t j = 0; j < req->nitems; j++) {
                 uint32_t k = items[j].k;
-                const mb_tag_t *t = &d->tags[idx[k]];
+                mb_tag_t *t = &d->tags[idx[k]];
                 d->spans[idx[k]].isolated = true;
                 mb_err_t e1 = read_range(d, t->table, t->address, t->count);
                 requests++;
@@ -841,14 +773,14 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
                     decode_tag(d, t, 0, &out[k]);
                 } else if (e1.code == SMP_EDEVICE) {
                     fail_reading(&out[k], SMP_EDEVICE, e1.message);
+                } else if (e1.code == -EBADMSG) {
+                    fail_reading(&out[k], e1.code, smp_mb_verdict_str(d->conn->link.verdict));
                 } else {
                     return fail_all(d, out, n, e1.code);
                 }
             }
         } else {
-            for (size_t j = 0; j < req->nitems; j++) {
-                fail_reading(&out[items[j].k], SMP_EDEVICE, e.message);
-            }
+            fail_request(req, items, out, SMP_EDEVICE, e.message);
         }
     }
     return requests;
@@ -878,8 +810,8 @@ static int fit_deadline(mb_device_t *d)
         return -ETIME;
     }
     uint64_t left = dl - now;
-    set_timeouts(d->conn,
-                 left < (uint64_t)d->timeout_ms ? (int)(left < 10 ? 10 : left) : d->timeout_ms);
+    d->call_timeout_ms =
+        left < (uint64_t)d->timeout_ms ? (int)(left < 10 ? 10 : left) : d->timeout_ms;
     return 0;
 }
 
@@ -888,17 +820,14 @@ static int fit_deadline(mb_device_t *d)
 static mb_err_t write_tag(mb_device_t *d, const mb_tag_t *t, const smp_value_t *in,
                           const char **message)
 {
-    mb_conn_t *c = d->conn;
     uint16_t regs[MB_MAX_WRITE_REGS];
-    int wrc;
+    smp_mb_req_t rq = {.unit = (uint8_t)d->unit_id, .address = t->address};
 
     /* Only what comes before the write is bounded by the deadline: once the write is sent,
      * its answer and the read-back get the device's whole timeout. */
     if (t->table == SMP_MB_COIL) {
-        set_timeouts(c, d->timeout_ms);
-        before_request(c);
-        errno = 0;
-        wrc = modbus_write_bit(c->ctx, t->address, in->v.b ? 1 : 0);
+        rq.fc = SMP_MB_FC_WRITE_SINGLE_COIL;
+        rq.value = in->v.b ? 1 : 0;
     } else if (t->type == SMP_TYPE_BOOL && t->bit >= 0) {
         /* Read the register, change the bit, write it back. Another master changing the
          * register in between would be overwritten; mask write (FC22) would avoid that, but
@@ -913,11 +842,8 @@ static mb_err_t write_tag(mb_device_t *d, const mb_tag_t *t, const smp_value_t *
         if (e.code != 0) {
             return e;
         }
-        uint16_t reg = smp_mb_bit_apply(d->regs[0], (unsigned)t->bit, in->v.b);
-        set_timeouts(c, d->timeout_ms);
-        before_request(c);
-        errno = 0;
-        wrc = modbus_write_register(c->ctx, t->address, reg);
+        rq.fc = SMP_MB_FC_WRITE_SINGLE_REGISTER;
+        rq.value = smp_mb_bit_apply(d->regs[0], (unsigned)t->bit, in->v.b);
     } else {
         if (t->count > MB_MAX_WRITE_REGS) {
             *message = "too many registers for one write";
@@ -929,24 +855,27 @@ static mb_err_t write_tag(mb_device_t *d, const mb_tag_t *t, const smp_value_t *
                                      : "value cannot be encoded for this tag";
             return (mb_err_t){rc, 0, NULL};
         }
-        set_timeouts(c, d->timeout_ms);
-        before_request(c);
-        errno = 0;
         if (t->count == 1) {
-            wrc = modbus_write_register(c->ctx, t->address, regs[0]);
+            rq.fc = SMP_MB_FC_WRITE_SINGLE_REGISTER;
+            rq.value = regs[0];
         } else {
-            wrc = modbus_write_registers(c->ctx, t->address, t->count, regs);
+            rq.fc = SMP_MB_FC_WRITE_MULTIPLE_REGISTERS;
+            rq.count = t->count;
+            rq.regs = regs;
         }
     }
-    int err = errno;
-    after_request(c, wrc, err);
-    if (wrc < 0) {
-        mb_err_t e = map_errno(err);
-        MB_LOG(d->log_ctx, SMP_LOG_DEBUG, "write %s failed: %s", t->name,
-               e.message ? e.message : modbus_strerror(err));
-        return e;
+    d->call_timeout_ms = 0; /* the write and its answer get the device's whole timeout */
+    mb_err_t e = exchange(d, &rq, "write");
+    if (e.code == -EBADMSG) {
+        /* The request went out; only the answer was garbled. */
+        snprintf(d->msg, sizeof(d->msg),
+                 "the reply was garbled (%s): the write may have "
+                 "taken effect",
+                 d->conn->link.why);
+        e.message = d->msg;
+        *message = d->msg;
     }
-    return (mb_err_t){0, 0, NULL};
+    return e;
 }
 
 static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_reading_t *readback,
@@ -968,13 +897,14 @@ static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_readin
         fail_reading(readback, -EINVAL, *message);
         return -EINVAL;
     }
-    const mb_tag_t *t = &d->tags[ti];
+    mb_tag_t *t = &d->tags[ti];
     /* Never write where the config did not allow it, whatever the host asks. */
     if (!t->writable || t->table == SMP_MB_DISCRETE_INPUT || t->table == SMP_MB_INPUT_REGISTER) {
         *message = "tag is not writable";
         fail_reading(readback, -EPERM, *message);
         return -EPERM;
     }
+    d->call_timeout_ms = 0;
     int rc = select_device(d);
     if (rc < 0) {
         *message = link_message(d, "write", rc);
@@ -1005,6 +935,13 @@ static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_readin
         fail_reading(readback, SMP_EDEVICE, *message);
         return SMP_EDEVICE;
     }
+    if (e.code == -EBADMSG) {
+        snprintf(d->msg, sizeof(d->msg), "written, but the read-back reply was garbled: %s",
+                 smp_mb_verdict_str(d->conn->link.verdict));
+        *message = d->msg;
+        fail_reading(readback, e.code, *message);
+        return e.code;
+    }
     if (e.code < 0) {
         *message = link_message(d, "read-back", e.code);
         fail_reading(readback, e.code, *message);
@@ -1014,6 +951,31 @@ static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_readin
     if (readback->status != 0) {
         *message = readback->message;
         return readback->status;
+    }
+    return 0;
+}
+
+static int tag_detail(void *dp, uint32_t ti, char *where, size_t wn, char *raw, size_t rn)
+{
+    const mb_device_t *d = dp;
+    if (d == NULL || ti >= d->ntags || where == NULL || raw == NULL || wn == 0 || rn == 0) {
+        return -EINVAL;
+    }
+    const mb_tag_t *t = &d->tags[ti];
+    if (t->count > 1) {
+        snprintf(where, wn, "%s %u-%u", smp_mb_table_name(t->table), t->address,
+                 t->address + t->count - 1u);
+    } else if (t->bit >= 0) {
+        snprintf(where, wn, "%s %u bit %d", smp_mb_table_name(t->table), t->address, t->bit);
+    } else {
+        snprintf(where, wn, "%s %u", smp_mb_table_name(t->table), t->address);
+    }
+    raw[0] = '\0';
+    size_t len = 0;
+    for (unsigned i = 0; t->raw_ok && i < t->count && len + 6 <= rn; i++) {
+        len += (size_t)snprintf(raw + len, rn - len,
+                                smp_mb_table_is_bits(t->table) ? "%s%u" : "%s%04X", i ? " " : "",
+                                t->raw[i]);
     }
     return 0;
 }
@@ -1040,6 +1002,8 @@ static const smp_plugin_t descriptor = {
     .device_write = device_write,
     .check_device = check_device,
     .reserved = {NULL},
+    .conn_stats = conn_stats,
+    .tag_detail = tag_detail,
 };
 
 SMP_PLUGIN_EXPORT const smp_plugin_t *smp_plugin_entry(const smp_host_api_t *h);

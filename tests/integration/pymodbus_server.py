@@ -6,6 +6,10 @@ test can show the gateway agrees with a Modbus stack it did not grow up with. It
 exactly the values a JSON spec lists and records every write it executes.
 
     /usr/bin/python3 pymodbus_server.py --port P --spec FILE [--bind ADDR] [-v]
+    /usr/bin/python3 pymodbus_server.py --rtu TTY [--baud N] --spec FILE [-v]
+
+With --rtu it is a Modbus RTU server on the serial device TTY (e.g. one end of a socat pty
+pair) instead of a TCP server.
 
 The spec (unknown keys are errors, so a typo cannot silently serve zeros):
 
@@ -52,7 +56,8 @@ from pymodbus.datastore import (
     ModbusSequentialDataBlock,
     ModbusSparseDataBlock,
 )
-from pymodbus.server.async_io import ModbusTcpServer
+from pymodbus.framer.rtu_framer import ModbusRtuFramer
+from pymodbus.server.async_io import ModbusSerialServer, ModbusTcpServer
 
 TABLES = {
     # spec key: (ModbusSlaveContext keyword, is a bit table)
@@ -225,6 +230,9 @@ async def serve(args, context, ignore_missing):
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    if args.rtu:
+        await serve_rtu(args, context, ignore_missing, stop)
+        return
     server = ModbusTcpServer(context, address=(args.bind, args.port),
                              allow_reuse_address=True,
                              ignore_missing_slaves=ignore_missing)
@@ -249,13 +257,31 @@ async def serve(args, context, ignore_missing):
     print("pymodbus_server: stopped", flush=True)
 
 
+async def serve_rtu(args, context, ignore_missing, stop):
+    server = ModbusSerialServer(context, framer=ModbusRtuFramer, port=args.rtu,
+                                baudrate=args.baud, ignore_missing_slaves=ignore_missing)
+    await server.start()
+    if server.transport is None:
+        raise OSError("cannot open %s" % args.rtu)
+    units = ",".join(str(u) for u, _ in context)
+    print("pymodbus_server: listening on rtu %s %d (units %s)" % (args.rtu, args.baud, units),
+          flush=True)
+    await stop.wait()
+    await server.shutdown()
+    print("pymodbus_server: stopped", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--rtu", help="serve RTU on this serial device instead of TCP")
+    ap.add_argument("--baud", type=int, default=9600)
     ap.add_argument("--spec", required=True, help="JSON spec (see the module docstring)")
     ap.add_argument("--bind", default="127.0.0.1")
     ap.add_argument("-v", "--verbose", action="store_true", help="pymodbus debug logging")
     args = ap.parse_args()
+    if (args.port is None) == (args.rtu is None):
+        ap.error("give one of --port or --rtu")
 
     logging.basicConfig(stream=sys.stderr,
                         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -280,7 +306,8 @@ def main():
     try:
         asyncio.run(serve(args, context, ignore_missing))
     except OSError as e:
-        print("pymodbus_server: %s:%d: %s" % (args.bind, args.port, e), file=sys.stderr)
+        print("pymodbus_server: %s: %s" % (args.rtu or "%s:%d" % (args.bind, args.port), e),
+              file=sys.stderr)
         return 1
     finally:
         if log is not None:

@@ -63,7 +63,7 @@ EXPECT = {
         "a-z, 0-9, _ and -",
         "bad-types-names.json:7:55: devices[1].tags: expected an array, got an object",
         'bad-types-names.json:8:34: devices[1].connection.transport: unknown value "udp" (use '
-        "one of: tcp, rtu)",
+        "one of: tcp, rtu, rtu_tcp)",
     ],
     # The Modbus driver's cross-field checks: positions and paths are the host's, the words
     # are the driver's, so only the prefixes are pinned.
@@ -82,6 +82,14 @@ EXPECT = {
         '"sp": behind a TCP-to-RTU gateway 0 is a broadcast',
         "bad-broadcast.json:18:47: devices[3].connection.allow_broadcast_writes: only for "
         "transport tcp, not rtu",
+    ],
+    "bad-rtu-tcp.json": [
+        'bad-rtu-tcp.json:5:20: devices[0].connection: transport rtu_tcp needs "host"',
+        "bad-rtu-tcp.json:5:53: devices[0].connection.baud: only for transport rtu, not rtu_tcp",
+        "bad-rtu-tcp.json:5:70: devices[0].connection.unit_id: must be 1-247 for transport "
+        "rtu_tcp (got 0)",
+        "bad-rtu-tcp.json:8:78: devices[1].connection.frame_gap_ms: only for transport rtu_tcp, "
+        "not tcp",
     ],
     "bad-missing-plugin.json": [
         'bad-missing-plugin.json:4:38: devices[0].protocol: no plugin for protocol "bacnet": '
@@ -131,7 +139,7 @@ class CheckTest(TestCase):
 
     def test_good_fixture(self):
         rc, out, err = run_check("good-modbus.json", cwd=CONFIGS)
-        if rc != 0 or "OK (3 devices, 9 tags)" not in out:
+        if rc != 0 or "OK (4 devices, 12 tags)" not in out:
             raise Failure("exit %s\nstdout:\n%s\nstderr:\n%s" % (rc, out, err))
         if problem_lines("good-modbus.json", out + err):
             raise Failure("a good config printed problems:\n" + out + err)
@@ -165,7 +173,7 @@ class CheckTest(TestCase):
             if errs:
                 raise Failure("%s fails the schema: %s" % (path, [e.message for e in errs]))
         for name in ["bad-unknown-key.json", "bad-range.json", "bad-types-names.json",
-                     "bad-modbus.json"]:
+                     "bad-modbus.json", "bad-rtu-tcp.json"]:
             with open(os.path.join(CONFIGS, name)) as f:
                 if v.is_valid(json.load(f)):
                     raise Failure("%s passes the schema" % name)

@@ -28,9 +28,10 @@ def bad_replies(tid, uid, fc, count):
     yield struct.pack(">HHHB", tid, 0, 250, uid) + bytes([fc, 248]) + b"\xff" * 248
     yield b"\x00" * 3
     yield os.urandom(40)
-    # Not sent: a reply with a non-zero MBAP protocol id. libmodbus 3.1.6 accepts it (its check
-    # is `rsp[2] != 0 && rsp[3] != 0`), so such a frame's registers would be taken as read;
-    # docs/modbus.md lists this among libmodbus' limits.
+    # Well-formed but for one field: a non-zero MBAP protocol id, then another unit id.
+    pdu = bytes([fc, len(data)]) + data
+    yield struct.pack(">HHHB", tid, 7, len(pdu) + 1, uid) + pdu
+    yield struct.pack(">HHHB", tid, 0, len(pdu) + 1, (uid + 1) & 0xFF) + pdu
 
 
 class Hostile:
@@ -109,6 +110,41 @@ class HostileTest(h.TestCase):
         assert set(seen) == {TRUE_VALUE}, sorted(set(seen))
         states = {j["state"] for j in sub.json("simpul/gw-test/evil-01/status")}
         assert "offline" in states and "online" in states, states
+        # The strict framing refused both frames that libmodbus 3.1.6 would have let through.
+        out = g.proc.output()
+        assert "MBAP protocol id is not 0" in out, out[-3000:]
+        assert "reply from another unit id" in out, out[-3000:]
+        assert g.stop() == 0
+
+    def test_sim_faults_on_tcp_are_refused_and_counted(self):
+        # simpul-sim spoils some replies' framing only (their registers stay true), so here
+        # the proof is the refusal itself: logged, counted, and the device keeps being read.
+        sim = self.sim(["--pumps", "1", "--lights", "0", "--static", "--counter",
+                        "--fault", "protocol:1:3", "--fault", "unit:1:4",
+                        "--fault", "truncate:1:5"])
+        b = self.broker()
+        cfg = h.base_config(self.workdir, b.port, [
+            {"name": "pump-01", "protocol": "modbus", "interval_ms": 50,
+             "connection": {"transport": "tcp", "host": "127.0.0.1", "port": sim.port,
+                            "unit_id": 1, "timeout_ms": 200},
+             "tags": [{"name": "heartbeat", "table": "input_register", "address": 30,
+                       "type": "uint32"}]}])
+        cfg["gateway"]["metrics_interval_s"] = 1
+        sub = self.subscriber(b.port, ["simpul/gw-test/#"])
+        g = self.gateway(cfg)
+        key = "tcp:127.0.0.1:%d" % sim.port
+
+        def framing_errors():
+            m = sub.json("simpul/gw-test/metrics")
+            return m[-1]["connections"][key]["framing_errors"] if m else 0
+        h.wait_for(lambda: framing_errors() >= 3, 30, "framing errors counted")
+        out = g.proc.output()
+        for why in ("MBAP protocol id is not 0", "reply from another unit id",
+                    "frame length does not agree"):
+            assert why in out, (why, out[-3000:])
+        beats = [j["values"]["heartbeat"] for j in sub.json("simpul/gw-test/pump-01/data")
+                 if "heartbeat" in j["values"]]
+        assert len(beats) >= 3 and beats == sorted(beats), beats
         assert g.stop() == 0
 
 

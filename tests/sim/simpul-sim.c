@@ -17,6 +17,8 @@
  */
 #include "sim.h"
 
+#include "frame.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -50,13 +52,31 @@
 #define CLIENT_BUF     1024 /* > one maximal TCP ADU (260), so a frame always fits */
 #define RTU_BUF        512
 #define RTU_MIN_GAP_NS (20 * 1000000LL)
+#define MAX_FAULTS     16
+#define MAX_DELAYED    64
 
 typedef struct rule {
     int unit;
     int table; /* sim_table_t, or -1 for any table */
     int first, last;
     int code;
+    int every; /* --delay: only every EVERY-th matching reply (1: all) */
 } rule_t;
+
+/* --fault KIND:UNIT:EVERY: every EVERY-th reply to UNIT (0: any unit) is spoiled. */
+typedef enum fault_kind {
+    FAULT_CRC,      /* RTU: a CRC byte flipped */
+    FAULT_TRUNCATE, /* the reply cut to half its length */
+    FAULT_PROTOCOL, /* MBAP: protocol id 1 */
+    FAULT_UNIT,     /* the reply carries another unit id (RTU: with a valid CRC) */
+    FAULT_DROP,     /* no reply: the TCP connection is closed instead */
+} fault_kind_t;
+
+typedef struct fault {
+    fault_kind_t kind;
+    int unit;
+    int every;
+} fault_t;
 
 typedef struct options {
     const char *bind;
@@ -73,6 +93,11 @@ typedef struct options {
     bool fail_unit[MAX_UNIT + 1];
     rule_t rules[MAX_RULES];
     int nrules;
+    rule_t delays[MAX_RULES]; /* code = delay in ms */
+    int ndelays;
+    fault_t faults[MAX_FAULTS];
+    int nfaults;
+    bool rtu_tcp; /* the TCP port speaks RTU framing (a transparent serial server) */
     uint64_t seed;
     bool verbose;
 } options_t;
@@ -93,6 +118,14 @@ typedef struct rtu_port {
     uint8_t buf[RTU_BUF];
 } rtu_port_t;
 
+/* A reply held back until `due_ns`: by --delay, or because it queues behind a delayed one. */
+typedef struct delayed {
+    int fd; /* -1: free slot */
+    int64_t due_ns;
+    size_t len;
+    uint8_t buf[MODBUS_TCP_MAX_ADU_LENGTH];
+} delayed_t;
+
 typedef struct server {
     options_t opt;
     sim_unit_t *units[MAX_UNIT + 1]; /* by unit id; NULL = no such unit */
@@ -103,6 +136,14 @@ typedef struct server {
     FILE *wlog;
     sim_rng_t rng;
     bool fail_active; /* SIGUSR1 toggles whether the --fail-unit units are silent */
+    /* Fault injection: replies are framed by libmodbus into cap[0], taken from cap[1], spoiled
+     * or delayed, then sent. Without --fault/--delay/--rtu-tcp replies go out directly. */
+    int cap[2];
+    modbus_t *rtu_reply;            /* --rtu-tcp: frames RTU replies for TCP clients */
+    unsigned replies[MAX_UNIT + 1]; /* replies per unit, for --fault EVERY */
+    unsigned delay_hits[MAX_RULES]; /* matching replies per --delay rule, for its EVERY */
+    delayed_t delayed[MAX_DELAYED]; /* FIFO: replies leave in the order they were made */
+    int dhead, dcount;
 } server_t;
 
 /* A parsed request: an optional read range and an optional write range. */
@@ -200,48 +241,106 @@ static int parse_table(const char *s, size_t n)
     return -2;
 }
 
-/* UNIT:TABLE:FIRST[-LAST][:CODE] */
-static void parse_rule(options_t *o, const char *spec)
+/* UNIT:TABLE:FIRST[-LAST][:CODE] for --exception; --delay uses the same shape with the delay
+ * in ms as its CODE (required there). */
+static void parse_rule_as(const char *opt, rule_t *rules, int *nrules, const char *spec,
+                          long code_max, bool code_required)
 {
-    if (o->nrules == MAX_RULES) {
-        die("--exception: at most %d rules", MAX_RULES);
+    if (*nrules == MAX_RULES) {
+        die("%s: at most %d rules", opt, MAX_RULES);
     }
-    rule_t *r = &o->rules[o->nrules];
+    rule_t *r = &rules[*nrules];
     char buf[128];
     if (strlen(spec) >= sizeof buf) {
-        die("--exception: '%s' is too long", spec);
+        die("%s: '%s' is too long", opt, spec);
     }
     strcpy(buf, spec);
     char *unit = buf, *table = strchr(unit, ':');
     if (!table) {
-        die("--exception: expected UNIT:TABLE:FIRST[-LAST][:CODE], got '%s'", spec);
+        die("%s: expected UNIT:TABLE:FIRST[-LAST]:..., got '%s'", opt, spec);
     }
     *table++ = '\0';
     char *range = strchr(table, ':');
     if (!range) {
-        die("--exception: expected UNIT:TABLE:FIRST[-LAST][:CODE], got '%s'", spec);
+        die("%s: expected UNIT:TABLE:FIRST[-LAST]:..., got '%s'", opt, spec);
     }
     *range++ = '\0';
     char *code = strchr(range, ':');
     if (code) {
         *code++ = '\0';
+    } else if (code_required) {
+        die("%s: expected UNIT:TABLE:FIRST[-LAST]:MS[:EVERY], got '%s'", opt, spec);
+    }
+    char *every = code_required && code ? strchr(code, ':') : NULL;
+    if (every) {
+        *every++ = '\0';
     }
     char *last = strchr(range, '-');
     if (last) {
         *last++ = '\0';
     }
-    r->unit = (int)parse_long("--exception unit", unit, 1, MAX_UNIT);
+    char what[64];
+    snprintf(what, sizeof what, "%s unit", opt);
+    r->unit = (int)parse_long(what, unit, 1, MAX_UNIT);
     r->table = parse_table(table, strlen(table));
     if (r->table == -2) {
-        die("--exception: unknown table '%s' (coil, discrete_input, input_register, "
+        die("%s: unknown table '%s' (coil, discrete_input, input_register, "
             "holding_register, any)",
-            table);
+            opt, table);
     }
-    r->first = (int)parse_long("--exception first address", range, 0, 65535);
-    r->last = last ? (int)parse_long("--exception last address", last, r->first, 65535) : r->first;
-    r->code = code ? (int)parse_long("--exception code", code, 1, MODBUS_EXCEPTION_MAX - 1)
-                   : SIM_EX_DEVICE_FAILURE;
-    o->nrules++;
+    snprintf(what, sizeof what, "%s first address", opt);
+    r->first = (int)parse_long(what, range, 0, 65535);
+    snprintf(what, sizeof what, "%s last address", opt);
+    r->last = last ? (int)parse_long(what, last, r->first, 65535) : r->first;
+    snprintf(what, sizeof what, "%s %s", opt, code_required ? "delay" : "code");
+    r->code = code ? (int)parse_long(what, code, 1, code_max) : SIM_EX_DEVICE_FAILURE;
+    snprintf(what, sizeof what, "%s every", opt);
+    r->every = every ? (int)parse_long(what, every, 1, 1000000) : 1;
+    (*nrules)++;
+}
+
+static void parse_rule(options_t *o, const char *spec)
+{
+    parse_rule_as("--exception", o->rules, &o->nrules, spec, MODBUS_EXCEPTION_MAX - 1, false);
+}
+
+/* KIND:UNIT:EVERY */
+static void parse_fault(options_t *o, const char *spec)
+{
+    static const char *const kinds[] = {[FAULT_CRC] = "crc",
+                                        [FAULT_TRUNCATE] = "truncate",
+                                        [FAULT_PROTOCOL] = "protocol",
+                                        [FAULT_UNIT] = "unit",
+                                        [FAULT_DROP] = "drop"};
+    if (o->nfaults == MAX_FAULTS) {
+        die("--fault: at most %d faults", MAX_FAULTS);
+    }
+    const char *c1 = strchr(spec, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+    if (!c2) {
+        die("--fault: expected KIND:UNIT:EVERY, got '%s'", spec);
+    }
+    fault_t *f = &o->faults[o->nfaults];
+    size_t kn = (size_t)(c1 - spec);
+    int kind = -1;
+    for (int k = 0; k < (int)(sizeof kinds / sizeof kinds[0]); k++) {
+        if (strlen(kinds[k]) == kn && strncmp(kinds[k], spec, kn) == 0) {
+            kind = k;
+        }
+    }
+    if (kind < 0) {
+        die("--fault: unknown kind in '%s' (crc, truncate, protocol, unit, drop)", spec);
+    }
+    char unit[16];
+    size_t un = (size_t)(c2 - c1 - 1);
+    if (un == 0 || un >= sizeof unit) {
+        die("--fault: bad unit in '%s'", spec);
+    }
+    memcpy(unit, c1 + 1, un);
+    unit[un] = '\0';
+    f->kind = (fault_kind_t)kind;
+    f->unit = (int)parse_long("--fault unit", unit, 0, MAX_UNIT);
+    f->every = (int)parse_long("--fault every", c2 + 1, 1, 1000000);
+    o->nfaults++;
 }
 
 static void usage(FILE *f)
@@ -268,6 +367,14 @@ static void usage(FILE *f)
             "                      those addresses with exception CODE (default 4);\n"
             "                      TABLE is coil, discrete_input, input_register,\n"
             "                      holding_register or any (repeatable)\n"
+            "  --delay SPEC        UNIT:TABLE:FIRST[-LAST]:MS[:EVERY]: answer requests\n"
+            "                      touching those addresses MS ms late (only every\n"
+            "                      EVERY-th of them, default all; repeatable)\n"
+            "  --fault SPEC        KIND:UNIT:EVERY: spoil every EVERY-th reply to UNIT\n"
+            "                      (0 = any unit); KIND is crc, truncate, protocol, unit\n"
+            "                      or drop (repeatable)\n"
+            "  --rtu-tcp           the TCP port speaks RTU framing with CRC, like a\n"
+            "                      transparent serial server (absent units stay silent)\n"
             "  --seed N            noise generator seed (default 1)\n"
             "  -v, --verbose       log every request to stderr\n"
             "  -h, --help          this help\n"
@@ -293,6 +400,9 @@ static void parse_options(options_t *o, int argc, char **argv)
         OPT_FAIL,
         OPT_EXCEPTION,
         OPT_SEED,
+        OPT_DELAY,
+        OPT_FAULT,
+        OPT_RTU_TCP,
     };
     static const struct option longopts[] = {
         {"port", required_argument, NULL, OPT_PORT},
@@ -309,6 +419,9 @@ static void parse_options(options_t *o, int argc, char **argv)
         {"fail-unit", required_argument, NULL, OPT_FAIL},
         {"exception", required_argument, NULL, OPT_EXCEPTION},
         {"seed", required_argument, NULL, OPT_SEED},
+        {"delay", required_argument, NULL, OPT_DELAY},
+        {"fault", required_argument, NULL, OPT_FAULT},
+        {"rtu-tcp", no_argument, NULL, OPT_RTU_TCP},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
@@ -373,6 +486,15 @@ static void parse_options(options_t *o, int argc, char **argv)
             break;
         case OPT_SEED:
             o->seed = (uint64_t)parse_long("--seed", optarg, 0, LONG_MAX);
+            break;
+        case OPT_DELAY:
+            parse_rule_as("--delay", o->delays, &o->ndelays, optarg, 600000, true);
+            break;
+        case OPT_FAULT:
+            parse_fault(o, optarg);
+            break;
+        case OPT_RTU_TCP:
+            o->rtu_tcp = true;
             break;
         case 'v':
             o->verbose = true;
@@ -519,10 +641,10 @@ static bool overlaps(int a_first, int a_count, int b_first, int b_last)
     return a_first <= b_last && a_first + a_count - 1 >= b_first;
 }
 
-static const rule_t *match_rule(const server_t *s, const request_t *rq)
+static const rule_t *match_in(const rule_t *rules, int n, const request_t *rq)
 {
-    for (int i = 0; i < s->opt.nrules; i++) {
-        const rule_t *r = &s->opt.rules[i];
+    for (int i = 0; i < n; i++) {
+        const rule_t *r = &rules[i];
         if (r->unit != rq->unit) {
             continue;
         }
@@ -536,6 +658,11 @@ static const rule_t *match_rule(const server_t *s, const request_t *rq)
         }
     }
     return NULL;
+}
+
+static const rule_t *match_rule(const server_t *s, const request_t *rq)
+{
+    return match_in(s->opt.rules, s->opt.nrules, rq);
 }
 
 static bool in_table(const sim_unit_t *u, sim_table_t t, int addr, int count)
@@ -664,6 +791,173 @@ static int handle_frame(server_t *s, modbus_t *ctx, bool rtu, const uint8_t *adu
     return 0;
 }
 
+/* ---- Fault injection (--fault, --delay, --rtu-tcp) ---- */
+
+static bool capturing(const server_t *s)
+{
+    return s->cap[0] >= 0;
+}
+
+/* Writes a whole reply to a client or the tty (both non-blocking; replies are small). */
+static int send_all(int fd, const uint8_t *buf, size_t len)
+{
+    size_t off = 0;
+    while (off < len) {
+        ssize_t n = write(fd, buf + off, len - off);
+        if (n > 0) {
+            off += (size_t)n;
+        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            if (poll(&p, 1, 1000) <= 0) {
+                return -1;
+            }
+        } else {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Takes the reply libmodbus framed into cap[0]. */
+static size_t take_captured(server_t *s, uint8_t *buf, size_t cap)
+{
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(s->cap[1], buf + len, cap - len);
+        if (n <= 0 || (len += (size_t)n) == cap) {
+            return len;
+        }
+    }
+}
+
+/* Spoils a reply as the --fault rules say. Returns false when the connection is to be dropped
+ * instead of answered. */
+static bool apply_faults(server_t *s, int unit, bool rtu, uint8_t *buf, size_t *len)
+{
+    unsigned nth = ++s->replies[unit];
+    for (int i = 0; i < s->opt.nfaults; i++) {
+        const fault_t *f = &s->opt.faults[i];
+        if ((f->unit != 0 && f->unit != unit) || nth % (unsigned)f->every != 0) {
+            continue;
+        }
+        vlog(s, "unit %d: fault %d on reply %u", unit, (int)f->kind, nth);
+        switch (f->kind) {
+        case FAULT_CRC:
+            if (rtu && *len >= 4) {
+                buf[*len - 1] ^= 0xFF;
+            }
+            break;
+        case FAULT_TRUNCATE:
+            *len = *len > 1 ? *len / 2 : *len;
+            break;
+        case FAULT_PROTOCOL:
+            if (!rtu && *len >= MBAP_LEN) {
+                buf[3] = 1;
+            }
+            break;
+        case FAULT_UNIT:
+            if (rtu && *len >= 4) {
+                buf[0] = (uint8_t)(unit + 1);
+                uint16_t crc = smp_mb_crc16(buf, *len - 2);
+                buf[*len - 2] = (uint8_t)(crc & 0xFF);
+                buf[*len - 1] = (uint8_t)(crc >> 8);
+            } else if (!rtu && *len >= MBAP_LEN) {
+                buf[6] = (uint8_t)(unit + 1);
+            }
+            break;
+        case FAULT_DROP:
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Holds a reply back for `ms`, and never lets it overtake one held back before it: a device
+ * that answers late answers everything after that late too, in order. */
+static void queue_delayed(server_t *s, int fd, const uint8_t *buf, size_t len, int ms)
+{
+    if (s->dcount == MAX_DELAYED) {
+        vlog(s, "delayed reply dropped: %d replies already held back", MAX_DELAYED);
+        return;
+    }
+    int64_t due = now_ns() + (int64_t)ms * 1000000LL;
+    if (s->dcount > 0) {
+        int64_t last = s->delayed[(s->dhead + s->dcount - 1) % MAX_DELAYED].due_ns;
+        due = due > last ? due : last;
+    }
+    delayed_t *d = &s->delayed[(s->dhead + s->dcount) % MAX_DELAYED];
+    d->fd = fd;
+    d->due_ns = due;
+    d->len = len;
+    memcpy(d->buf, buf, len);
+    s->dcount++;
+}
+
+/* Sends the held-back replies that are due; returns the next due time (INT64_MAX: none). */
+static int64_t send_delayed(server_t *s, int64_t now)
+{
+    while (s->dcount > 0) {
+        delayed_t *d = &s->delayed[s->dhead];
+        if (d->due_ns > now) {
+            return d->due_ns;
+        }
+        if (d->fd >= 0) {
+            send_all(d->fd, d->buf, d->len); /* a client gone meanwhile: nothing to do */
+        }
+        s->dhead = (s->dhead + 1) % MAX_DELAYED;
+        s->dcount--;
+    }
+    return INT64_MAX;
+}
+
+static void cancel_delayed(server_t *s, int fd)
+{
+    for (int i = 0; i < s->dcount; i++) {
+        delayed_t *d = &s->delayed[(s->dhead + i) % MAX_DELAYED];
+        if (d->fd == fd) {
+            d->fd = -1;
+        }
+    }
+}
+
+/* Answers a frame that came from fd (a TCP client or the tty) with ctx, through the fault
+ * injection when it is on. Returns -1 to drop the TCP client. */
+static int answer(server_t *s, int fd, modbus_t *ctx, bool rtu, const uint8_t *adu, int adu_len,
+                  int unit, const uint8_t *pdu, size_t pdu_len)
+{
+    if (!capturing(s)) {
+        return handle_frame(s, ctx, rtu, adu, adu_len, unit, pdu, pdu_len);
+    }
+    int saved = modbus_get_socket(ctx);
+    modbus_set_socket(ctx, s->cap[0]);
+    int rc = handle_frame(s, ctx, rtu, adu, adu_len, unit, pdu, pdu_len);
+    modbus_set_socket(ctx, saved);
+    uint8_t buf[MODBUS_TCP_MAX_ADU_LENGTH];
+    size_t len = take_captured(s, buf, sizeof buf);
+    if (rc < 0 || len == 0 || unit < 0 || unit > MAX_UNIT) {
+        return rc; /* no answer: an absent or failed unit */
+    }
+    if (!apply_faults(s, unit, rtu, buf, &len)) {
+        return fd == s->rtu.fd ? 0 : -1;
+    }
+    request_t rq;
+    memset(&rq, 0, offsetof(request_t, wvals));
+    rq.unit = unit;
+    parse_pdu(pdu, pdu_len, &rq);
+    const rule_t *d = match_in(s->opt.delays, s->opt.ndelays, &rq);
+    if (d && ++s->delay_hits[d - s->opt.delays] % (unsigned)d->every != 0) {
+        d = NULL;
+    }
+    if (d) {
+        vlog(s, "unit %d fc %d: reply delayed %d ms", unit, rq.fc, d->code);
+    }
+    if (d || s->dcount > 0) {
+        queue_delayed(s, fd, buf, len, d ? d->code : 0);
+        return 0;
+    }
+    return send_all(fd, buf, len) < 0 && fd != s->rtu.fd ? -1 : 0;
+}
+
 /* ---- TCP ---- */
 
 static int open_listener(const char *bind_addr, int port)
@@ -701,6 +995,7 @@ static void client_close(server_t *s, int slot)
 {
     client_t *c = s->clients[slot];
     vlog(s, "client %d disconnected", c->fd);
+    cancel_delayed(s, c->fd);
     close(c->fd);
     free(c);
     s->clients[slot] = NULL;
@@ -740,8 +1035,8 @@ static void accept_clients(server_t *s)
     }
 }
 
-/* Reads what the client sent and answers every complete frame. Returns -1 to drop it. */
-static int client_read(server_t *s, client_t *c)
+/* Appends what the client sent to its buffer: 1 bytes came, 0 none yet, -1 drop the client. */
+static int client_fill(client_t *c)
 {
     ssize_t n = recv(c->fd, c->buf + c->len, sizeof c->buf - c->len, 0);
     if (n == 0) {
@@ -751,6 +1046,16 @@ static int client_read(server_t *s, client_t *c)
         return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
     }
     c->len += (size_t)n;
+    return 1;
+}
+
+/* Reads what the client sent and answers every complete frame. Returns -1 to drop it. */
+static int client_read(server_t *s, client_t *c)
+{
+    int got = client_fill(c);
+    if (got <= 0) {
+        return got;
+    }
 
     size_t off = 0;
     while (c->len - off >= MBAP_LEN) {
@@ -770,8 +1075,8 @@ static int client_read(server_t *s, client_t *c)
             uint8_t adu[MODBUS_TCP_MAX_ADU_LENGTH + 16] = {0};
             memcpy(adu, f, flen);
             modbus_set_socket(s->tcp, c->fd);
-            if (handle_frame(s, s->tcp, false, adu, (int)flen, f[6], adu + MBAP_LEN,
-                             flen - MBAP_LEN) < 0) {
+            if (answer(s, c->fd, s->tcp, false, adu, (int)flen, f[6], adu + MBAP_LEN,
+                       flen - MBAP_LEN) < 0) {
                 return -1;
             }
         } else {
@@ -786,24 +1091,12 @@ static int client_read(server_t *s, client_t *c)
 
 /* ---- RTU ---- */
 
-static uint16_t crc16(const uint8_t *p, size_t n)
-{
-    uint16_t crc = 0xFFFF;
-    for (size_t i = 0; i < n; i++) {
-        crc ^= p[i];
-        for (int b = 0; b < 8; b++) {
-            crc = (crc & 1) ? (uint16_t)((crc >> 1) ^ 0xA001) : (uint16_t)(crc >> 1);
-        }
-    }
-    return crc;
-}
-
 static bool crc_ok(const uint8_t *p, size_t n)
 {
     if (n < 4) {
         return false;
     }
-    uint16_t crc = crc16(p, n - 2);
+    uint16_t crc = smp_mb_crc16(p, n - 2);
     return p[n - 2] == (crc & 0xFF) && p[n - 1] == (crc >> 8);
 }
 
@@ -840,12 +1133,48 @@ static size_t rtu_request_len(const uint8_t *b, size_t n)
     }
 }
 
-static void rtu_handle(server_t *s, const uint8_t *frame, size_t len)
+/* Answers one CRC-checked RTU frame from fd with ctx. Returns -1 to drop a TCP client. */
+static int rtu_answer(server_t *s, int fd, modbus_t *ctx, const uint8_t *frame, size_t len)
 {
     uint8_t adu[MODBUS_RTU_MAX_ADU_LENGTH + 16] = {0};
     memcpy(adu, frame, len);
     /* The broadcast unit 0 is not a simulated device: it finds no unit and gets no answer. */
-    handle_frame(s, s->rtu.ctx, true, adu, (int)len, adu[0], adu + 1, len - 3);
+    return answer(s, fd, ctx, true, adu, (int)len, adu[0], adu + 1, len - 3);
+}
+
+static void rtu_handle(server_t *s, const uint8_t *frame, size_t len)
+{
+    rtu_answer(s, s->rtu.fd, s->rtu.ctx, frame, len);
+}
+
+/* --rtu-tcp: a TCP client sends RTU frames, as through a transparent serial server. Frames are
+ * delimited by the function's length (a TCP stream has no line silence); a bad CRC or an
+ * unknown function discards what is buffered. Returns -1 to drop the client. */
+static int client_read_rtu(server_t *s, client_t *c)
+{
+    int got = client_fill(c);
+    if (got <= 0) {
+        return got;
+    }
+    size_t off = 0;
+    while (c->len - off >= 2) {
+        size_t need = rtu_request_len(c->buf + off, c->len - off);
+        if (need == 0 || (need != SIZE_MAX && need > c->len - off)) {
+            break; /* wait for the rest */
+        }
+        if (need == SIZE_MAX || need > MODBUS_RTU_MAX_ADU_LENGTH || !crc_ok(c->buf + off, need)) {
+            vlog(s, "client %d: bad RTU frame, %zu bytes discarded", c->fd, c->len - off);
+            off = c->len;
+            break;
+        }
+        if (rtu_answer(s, c->fd, s->rtu_reply, c->buf + off, need) < 0) {
+            return -1;
+        }
+        off += need;
+    }
+    memmove(c->buf, c->buf + off, c->len - off);
+    c->len -= off;
+    return 0;
 }
 
 /* Frames by length where the function code tells it, so back-to-back requests need no gap;
@@ -967,6 +1296,10 @@ static int run(server_t *s, const sigset_t *wait_mask)
         }
 
         int64_t now = now_ns(), deadline = next_tick;
+        int64_t due = send_delayed(s, now);
+        if (due < deadline) {
+            deadline = due;
+        }
         bool rtu_pending = s->rtu.ctx && (s->rtu.len || s->rtu.discarding);
         if (rtu_pending && s->rtu.last_rx_ns + s->rtu.gap_ns < deadline) {
             deadline = s->rtu.last_rx_ns + s->rtu.gap_ns;
@@ -999,7 +1332,9 @@ static int run(server_t *s, const sigset_t *wait_mask)
                     return -1;
                 }
                 rtu_read(s);
-            } else if (s->clients[slot_of[i]] && client_read(s, s->clients[slot_of[i]]) < 0) {
+            } else if (s->clients[slot_of[i]] &&
+                       (s->opt.rtu_tcp ? client_read_rtu(s, s->clients[slot_of[i]])
+                                       : client_read(s, s->clients[slot_of[i]])) < 0) {
                 client_close(s, slot_of[i]);
             }
         }
@@ -1020,6 +1355,29 @@ static int run(server_t *s, const sigset_t *wait_mask)
                 next_tick = now + TICK_NS; /* fell behind (suspended): don't burst */
             }
         }
+    }
+    return 0;
+}
+
+/* The reply capture for --fault, --delay and --rtu-tcp. */
+static int open_fault_injection(server_t *s)
+{
+    const options_t *o = &s->opt;
+    if (o->nfaults == 0 && o->ndelays == 0 && !o->rtu_tcp) {
+        return 0;
+    }
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, s->cap) < 0) {
+        fprintf(stderr, "simpul-sim: socketpair: %s\n", strerror(errno));
+        return -1;
+    }
+    if (o->rtu_tcp) {
+        /* Never connected: it only frames replies, into the capture socket. */
+        s->rtu_reply = modbus_new_rtu("/dev/null", 9600, 'N', 8, 1);
+        if (!s->rtu_reply) {
+            fprintf(stderr, "simpul-sim: out of memory\n");
+            return -1;
+        }
+        modbus_set_socket(s->rtu_reply, s->cap[0]);
     }
     return 0;
 }
@@ -1060,6 +1418,15 @@ static void server_free(server_t *s)
         modbus_close(s->rtu.ctx);
         modbus_free(s->rtu.ctx);
     }
+    if (s->rtu_reply) {
+        modbus_set_socket(s->rtu_reply, -1);
+        modbus_free(s->rtu_reply);
+    }
+    for (int i = 0; i < 2; i++) {
+        if (s->cap[i] >= 0) {
+            close(s->cap[i]);
+        }
+    }
     for (int id = 0; id <= MAX_UNIT; id++) {
         smp__sim_unit_free(s->units[id]);
     }
@@ -1075,6 +1442,9 @@ int main(int argc, char **argv)
     parse_options(&s->opt, argc, argv);
     s->listen_fd = -1;
     s->fail_active = true;
+    s->cap[0] = s->cap[1] = -1;
+    s->rtu.fd = -1;
+
     s->rng.s = s->opt.seed ? s->opt.seed : 0x9E3779B97F4A7C15ULL; /* xorshift needs non-zero */
     int status = 1;
 
@@ -1124,6 +1494,9 @@ int main(int argc, char **argv)
     if (s->opt.rtu_device && open_rtu(s) < 0) {
         goto out;
     }
+    if (open_fault_injection(s) < 0) {
+        goto out;
+    }
 
     char units[96], where[320];
     format_units(s, units, sizeof units);
@@ -1131,7 +1504,8 @@ int main(int argc, char **argv)
         snprintf(where, sizeof where, "tcp %s:%d and rtu %s %d %c%d", s->opt.bind, s->opt.port,
                  s->opt.rtu_device, s->opt.baud, s->opt.parity, s->opt.stop_bits);
     } else if (s->opt.port > 0) {
-        snprintf(where, sizeof where, "tcp %s:%d", s->opt.bind, s->opt.port);
+        snprintf(where, sizeof where, "%s %s:%d", s->opt.rtu_tcp ? "rtu-over-tcp" : "tcp",
+                 s->opt.bind, s->opt.port);
     } else {
         snprintf(where, sizeof where, "rtu %s %d 8%c%d", s->opt.rtu_device, s->opt.baud,
                  s->opt.parity, s->opt.stop_bits);

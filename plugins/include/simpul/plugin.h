@@ -138,6 +138,12 @@ typedef struct smp_host_api {
     uint64_t (*call_deadline_ms)(void);
 } smp_host_api_t;
 
+/* Link counters of one connection, cumulative since conn_create (see conn_stats). */
+typedef struct smp_conn_stats {
+    uint64_t crc_errors;     /* replies refused for a bad checksum */
+    uint64_t framing_errors; /* replies refused for their framing: length, ids, function, count */
+} smp_conn_stats_t;
+
 /* Where a check_* function reports a problem: `key` names the offending key inside the object
  * being checked (or NULL for the object itself). Returns nothing; call it once per problem. */
 typedef void (*smp_report_fn)(void *report_ctx, const char *key, const char *fmt, ...)
@@ -200,6 +206,17 @@ typedef struct smp_plugin {
                         smp_report_fn report, void *report_ctx);
 
     void *reserved[7]; /* must be NULL; room to grow without a new ABI version */
+
+    /* Added in simpul 1.1 (optional; absent from a smaller struct_size, or NULL): fills *out
+     * with the connection's counters. Called on the connection's worker thread. */
+    void (*conn_stats)(void *c, smp_conn_stats_t *out);
+
+    /* Added in simpul 1.1 (optional): for commissioning (simpul --probe), describes tag idx of
+     * dev after a device_read: where it lives in the protocol's terms (e.g. "holding_register
+     * 10-11") into where[wn], and the raw data the last read returned for it (e.g. "05AA 0000",
+     * or "" when it was not read) into raw[rn]. Both NUL-terminated, truncated to fit. Returns 0
+     * or -EINVAL. Same thread as device_read. */
+    int (*tag_detail)(void *dev, uint32_t idx, char *where, size_t wn, char *raw, size_t rn);
 } smp_plugin_t;
 
 /* The one exported symbol. `host` is borrowed and stays valid until the plugin is unloaded.
