@@ -1151,7 +1151,7 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
     char gb[128], sb[SHOW_MAX + 8];
     static const want_t wants[] = {
         [SMP_KEY_STRING] = W_STRING, [SMP_KEY_INT] = W_INT,     [SMP_KEY_NUMBER] = W_NUMBER,
-        [SMP_KEY_BOOL] = W_BOOL,     [SMP_KEY_ENUM] = W_STRING,
+        [SMP_KEY_BOOL] = W_BOOL,     [SMP_KEY_ENUM] = W_STRING, [SMP_KEY_SECRET_FILE] = W_STRING,
     };
     want_t w = wants[k->type];
     if (!type_ok(j, w)) {
@@ -1179,6 +1179,16 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
     case SMP_KEY_NUMBER:
         p->d = json_number_value(j);
         break;
+    case SMP_KEY_SECRET_FILE: {
+        /* The same path rules and checks as mqtt.password_file; the plugin sees the secret. */
+        char *path = resolve(v, json_string_value(j));
+        p->s = path != NULL ? read_password(v, k->name, path) : NULL;
+        free(path);
+        if (p->s == NULL) {
+            return false;
+        }
+        break;
+    }
     case SMP_KEY_BOOL:
         p->i = json_is_true(j);
         p->d = (double)p->i;

@@ -85,6 +85,13 @@ typedef enum smp_key_type {
     SMP_KEY_NUMBER, /* JSON number */
     SMP_KEY_BOOL,
     SMP_KEY_ENUM, /* JSON string, one of `choices`; param.i is its index */
+    /* JSON string naming a file that holds a secret (a password). The host resolves the path
+     * against the config file's directory, reads the file with the checks of
+     * mqtt.password_file (a readable regular file of at most 65535 bytes, no NUL byte; one
+     * trailing newline dropped) and hands the plugin the secret itself in param.s, never the
+     * path. Takes no default. Added in ABI 1 for SNMPv3 (a host that predates it refuses the
+     * plugin at load with "unknown type 6"). */
+    SMP_KEY_SECRET_FILE,
 } smp_key_type_t;
 
 typedef struct smp_config_key {
