@@ -1444,7 +1444,9 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, cons
         char perr[1024];
         dev->plugin = smp_plugin_set_get(cfg->plugins, proto, perr, sizeof perr);
         if (dev->plugin == NULL) {
-            err_key(v, "protocol", AT_VALUE, "%s", perr[0] ? perr : "cannot load the plugin");
+            /* The reason names the file; the device's name says who cannot start. */
+            err_key(v, "protocol", AT_VALUE, "%s (device %s)",
+                    perr[0] ? perr : "cannot load the plugin", name != NULL ? name : "?");
         }
     }
 

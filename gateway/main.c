@@ -14,6 +14,7 @@
 #include "config.h"
 #include "engine.h"
 #include "log.h"
+#include "plugin_info.h"
 
 /* SIGTERM/SIGINT must end the process within 5 s (the contract); leave a margin. */
 #define STOP_TIMEOUT_MS 4000u
@@ -23,6 +24,7 @@ static void usage(FILE *f)
     fprintf(
         f,
         "Usage: simpul -c FILE [--check] [--log-level LEVEL] [--plugin-dir DIR]\n"
+        "       simpul --plugins | --plugin-help NAME | --plugin-schema NAME\n"
         "       simpul --version | --help\n"
         "\n"
         "Edge gateway: polls field devices (Modbus TCP/RTU) and bridges them to MQTT.\n"
@@ -33,6 +35,9 @@ static void usage(FILE *f)
         "                         exit 0 when valid, 1 when not\n"
         "  -l, --log-level LEVEL  error | warn | info | debug (overrides gateway.log_level)\n"
         "      --plugin-dir DIR   where protocol plugins (NAME.so) are found\n"
+        "      --plugins          list the plugins found, with their versions and ABI\n"
+        "      --plugin-help NAME print protocol NAME's connection and tag keys\n"
+        "      --plugin-schema NAME  the same keys as JSON Schema (config/simpul.schema.json)\n"
         "  -V, --version          print the version and exit\n"
         "  -h, --help             print this help and exit\n"
         "\n"
@@ -155,13 +160,17 @@ int main(int argc, char **argv)
         {"plugin-dir", required_argument, NULL, 'p'},
         {"version", no_argument, NULL, 'V'},
         {"help", no_argument, NULL, 'h'},
+        {"plugins", no_argument, NULL, 'P'},
+        {"plugin-help", required_argument, NULL, 'H'},
+        {"plugin-schema", required_argument, NULL, 'S'},
         {NULL, 0, NULL, 0},
     };
     struct app a;
     memset(&a, 0, sizeof a);
     a.cli_log_level = -1;
     bool check = false;
-    int c;
+    int c, info = 0;
+    const char *info_name = NULL;
     while ((c = getopt_long(argc, argv, "c:l:Vh", opts, NULL)) != -1) {
         switch (c) {
         case 'c':
@@ -189,10 +198,23 @@ int main(int argc, char **argv)
         case 'h':
             usage(stdout);
             return 0;
+        case 'P':
+        case 'H':
+        case 'S':
+            info = c;
+            info_name = optarg;
+            break;
         default:
             usage(stderr);
             return 2;
         }
+    }
+    if (info != 0 && optind == argc) {
+        /* After the loop, so that --plugin-dir counts wherever it stands. */
+        int rc = info == 'P'   ? smp_plugin_list(stdout, a.plugin_dir)
+                 : info == 'H' ? smp_plugin_help(stdout, a.plugin_dir, info_name, stderr)
+                               : smp_plugin_schema(stdout, a.plugin_dir, info_name, stderr);
+        return rc == 0 ? 0 : 1;
     }
     if (optind < argc || a.config_path == NULL) {
         if (optind < argc) {

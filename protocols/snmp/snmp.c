@@ -605,22 +605,14 @@ static int sess_ensure(sn_device_t *d)
     return rc;
 }
 
-/* Sends pdu (owned) and waits for the answer: on success *resp (owned by the caller) holds
- * it. Returns 0, -ETIMEDOUT when the agent did not answer any retry, -EKEYREJECTED when v3
- * authentication failed, or another negative code; d->msg explains failures. */
-static int transact(sn_device_t *d, netsnmp_pdu *pdu, netsnmp_pdu **resp)
+/* Hands pdu (owned) to the library and returns the session's socket, or a negative code with
+ * d->msg set. */
+static int send_pdu(sn_device_t *d, netsnmp_pdu *pdu)
 {
-    *resp = NULL;
-    int rc = sess_ensure(d);
-    if (rc < 0) {
-        snmp_free_pdu(pdu);
-        return rc;
-    }
     d->done = false;
     d->resp = NULL;
     pthread_mutex_lock(&lib_mu);
-    int sent = snmp_sess_send(d->sess, pdu);
-    if (sent == 0) {
+    if (snmp_sess_send(d->sess, pdu) == 0) {
         snmp_free_pdu(pdu);
         int liberr = 0, syserr = 0;
         char *text = NULL;
@@ -637,7 +629,13 @@ static int transact(sn_device_t *d, netsnmp_pdu *pdu, netsnmp_pdu **resp)
         snprintf(d->msg, sizeof d->msg, "session has no socket");
         return -EIO;
     }
+    return sock;
+}
 
+/* Waits until on_response() has run: the library tells how long it may wait before the next
+ * retry is due, the wait itself happens outside lib_mu. */
+static void wait_reply(sn_device_t *d, int sock)
+{
     while (!d->done) {
         struct timeval tv = {0, 0};
         int nfds = 0, block = 0;
@@ -663,42 +661,60 @@ static int transact(sn_device_t *d, netsnmp_pdu *pdu, netsnmp_pdu **resp)
         netsnmp_large_fd_set_cleanup(&fds);
         pthread_mutex_unlock(&lib_mu);
     }
+}
+
+/* v3: what the agent's Report, or our own check of its answer, says went wrong. */
+static int security_failure(sn_device_t *d)
+{
+    int rc = -EKEYREJECTED;
+    pthread_mutex_lock(&lib_mu);
+    if (d->resp != NULL && d->resp->command == SNMP_MSG_REPORT) {
+        int type = snmpv3_get_report_type(d->resp);
+        snprintf(d->msg, sizeof d->msg, "%s", snmp_api_errstring(type));
+        if (type != SNMPERR_AUTHENTICATION_FAILURE && type != SNMPERR_UNKNOWN_USER_NAME &&
+            type != SNMPERR_UNSUPPORTED_SEC_LEVEL && type != SNMPERR_DECRYPTION_ERR) {
+            rc = -EPROTO;
+        }
+    } else {
+        int liberr = 0, syserr = 0;
+        char *text = NULL;
+        snmp_sess_error(d->sess, &syserr, &liberr, &text);
+        snprintf(d->msg, sizeof d->msg, "%s", text != NULL ? text : "security error");
+        free(text);
+    }
+    pthread_mutex_unlock(&lib_mu);
+    snmp_free_pdu(d->resp);
+    d->resp = NULL;
+    return rc;
+}
+
+/* Sends pdu (owned) and waits for the answer: on success *resp (owned by the caller) holds
+ * it. Returns 0, -ETIMEDOUT when the agent did not answer any retry, -EKEYREJECTED when v3
+ * authentication failed, or another negative code; d->msg explains failures. */
+static int transact(sn_device_t *d, netsnmp_pdu *pdu, netsnmp_pdu **resp)
+{
+    *resp = NULL;
+    int rc = sess_ensure(d);
+    if (rc < 0) {
+        snmp_free_pdu(pdu);
+        return rc;
+    }
+    int sock = send_pdu(d, pdu);
+    if (sock < 0) {
+        return sock;
+    }
+    wait_reply(d, sock);
     if (d->op == NETSNMP_CALLBACK_OP_TIMED_OUT) {
         snprintf(d->msg, sizeof d->msg, "no answer from the agent (timeout)");
         return -ETIMEDOUT;
     }
-    if (d->op == NETSNMP_CALLBACK_OP_SEC_ERROR &&
-        (d->resp == NULL || d->resp->command != SNMP_MSG_REPORT)) {
-        /* v3: the agent's answer failed our security checks (wrong keys). */
-        int liberr = 0, syserr = 0;
-        char *text = NULL;
-        pthread_mutex_lock(&lib_mu);
-        snmp_sess_error(d->sess, &syserr, &liberr, &text);
-        pthread_mutex_unlock(&lib_mu);
-        snprintf(d->msg, sizeof d->msg, "%s", text != NULL ? text : "security error");
-        free(text);
-        if (d->resp != NULL) {
-            snmp_free_pdu(d->resp);
-            d->resp = NULL;
-        }
-        return -EKEYREJECTED;
+    if (d->op == NETSNMP_CALLBACK_OP_SEC_ERROR ||
+        (d->resp != NULL && d->resp->command == SNMP_MSG_REPORT)) {
+        return security_failure(d);
     }
     if (d->resp == NULL) {
         snprintf(d->msg, sizeof d->msg, "no usable answer from the agent");
         return -EIO;
-    }
-    if (d->resp->command == SNMP_MSG_REPORT) {
-        /* v3: the agent refused the message itself (wrong password, unknown user...). */
-        pthread_mutex_lock(&lib_mu);
-        int type = snmpv3_get_report_type(d->resp);
-        snprintf(d->msg, sizeof d->msg, "%s", snmp_api_errstring(type));
-        pthread_mutex_unlock(&lib_mu);
-        snmp_free_pdu(d->resp);
-        d->resp = NULL;
-        return type == SNMPERR_AUTHENTICATION_FAILURE || type == SNMPERR_UNKNOWN_USER_NAME ||
-                       type == SNMPERR_UNSUPPORTED_SEC_LEVEL || type == SNMPERR_DECRYPTION_ERR
-                   ? -EKEYREJECTED
-                   : -EPROTO;
     }
     *resp = d->resp;
     d->resp = NULL;
