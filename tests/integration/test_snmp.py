@@ -155,6 +155,18 @@ class SnmpTest(h.TestCase):
         assert z["requests"] - a["requests"] == z["polls"] - a["polls"], ms
         g.stop()
 
+    def test_v1_bad_oid_fails_only_its_tag(self):
+        # SNMPv1 fails a whole GET for one unknown OID (noSuchName, with its index): the driver
+        # drops that OID and asks again, so the other tags still arrive.
+        s = self.snmpd()
+        tags = [tag("neg", "1.0", "int32"), tag("missing", "99.0", "int32"),
+                tag("text", "6.0", "string")]
+        _, sub, g = self.start([device("ups-01", s.port, tags, version="1")])
+        d = sub.wait_json("simpul/gw-test/ups-01/data", lambda j: "neg" in j["values"], 20)
+        assert d["values"] == {"neg": -5, "text": "hello"}, d
+        assert d["errors"] == {"missing": "noSuchName"}, d
+        g.stop()
+
     def test_set_confirmed_by_snmpget(self):
         s = self.snmpd()
         _, sub, g = self.start([device("ups-01", s.port, TAGS, write_community="private")])
