@@ -637,8 +637,11 @@ static int send_pdu(sn_device_t *d, netsnmp_pdu *pdu)
 static void wait_reply(sn_device_t *d, int sock)
 {
     while (!d->done) {
+        /* block = 1 on input: "no upper bound of mine"; the library lowers it to 0 and sets tv
+         * to the next retry's due time when a request is pending. With 0 on input it would
+         * take tv (0) as a bound and make this loop spin. */
         struct timeval tv = {0, 0};
-        int nfds = 0, block = 0;
+        int nfds = 0, block = 1;
         netsnmp_large_fd_set fds;
         pthread_mutex_lock(&lib_mu);
         netsnmp_large_fd_set_init(&fds, sock + 1);
