@@ -860,12 +860,25 @@ static void decode_var(sn_device_t *d, sn_tag_t *t, const netsnmp_variable_list 
     }
     bool fits = false;
     switch (vb->type) {
-    case ASN_INTEGER:
+    case ASN_INTEGER: {
+        int32_t x = (int32_t)*vb->val.integer;
         fits = t->type == SMP_TYPE_INT32 || t->type == SMP_TYPE_INT64;
         if (fits) {
-            out->value.v.i = (int32_t)*vb->val.integer;
+            out->value.v.i = x;
+        } else if (t->type == SMP_TYPE_UINT32 || t->type == SMP_TYPE_UINT64) {
+            /* MIBs declare many unsigned quantities as INTEGER (0..2147483647), e.g. UPS-MIB's
+             * NonNegativeInteger: an unsigned tag takes them, a negative one is its error. */
+            if (x < 0) {
+                fail_reading(out, -ERANGE,
+                             "the agent returned a negative INTEGER for an "
+                             "unsigned tag");
+                return;
+            }
+            out->value.v.u = (uint64_t)x;
+            fits = true;
         }
         break;
+    }
     case ASN_COUNTER:
     case ASN_GAUGE:
     case ASN_TIMETICKS:
@@ -1052,13 +1065,15 @@ static int add_set_var(netsnmp_pdu *pdu, const sn_tag_t *t, const smp_value_t *i
     const void *val = &l;
     size_t len = sizeof l;
     switch (t->asn_type) {
-    case ASN_INTEGER:
-        if (in->v.i < INT32_MIN || in->v.i > INT32_MAX) {
+    case ASN_INTEGER: {
+        bool is_unsigned = t->type == SMP_TYPE_UINT32 || t->type == SMP_TYPE_UINT64;
+        if (is_unsigned ? in->v.u > INT32_MAX : in->v.i < INT32_MIN || in->v.i > INT32_MAX) {
             *message = "value does not fit an SNMP INTEGER (32 bits)";
             return -ERANGE;
         }
-        l = (long)in->v.i;
+        l = is_unsigned ? (long)in->v.u : (long)in->v.i;
         break;
+    }
     case ASN_GAUGE:
     case ASN_COUNTER:
     case ASN_TIMETICKS:

@@ -108,6 +108,8 @@ TAGS = [
     {"name": "hc", "oid": "." + IF_HC_IN_OCTETS_LO, "type": "uint64"},
     tag("wrongtype", "3.0", "int32"),
     tag("missing", "99.0", "int32"),
+    tag("nonneg", "2.0", "uint32", writable=True),  # a non-negative INTEGER fits unsigned
+    tag("negative", "1.0", "uint32"),
 ]
 
 
@@ -145,7 +147,8 @@ class SnmpTest(h.TestCase):
         # A type the tag cannot hold is an error of that tag, never a converted value.
         assert "wrongtype" not in v and "Gauge32" in e["wrongtype"], d
         assert e["missing"] == "noSuchObject", d
-        # 12 tags, max_varbinds_per_request 32: every poll is one GET.
+        assert v["nonneg"] == 100 and "negative INTEGER" in e["negative"], d
+        # 14 tags, max_varbinds_per_request 32: every poll is one GET.
         ms = []
         h.wait_for(lambda: len([m for m in sub.json("simpul/gw-test/metrics")
                                 if m["polls"] > 0]) >= 3, 20, "three metrics messages")
@@ -185,6 +188,11 @@ class SnmpTest(h.TestCase):
                                          "value": 4000})
         assert r["ok"] is False and r["error"]["code"] == "out_of_range", r
         assert s.get(BASE + "2.0") == "1200"
+        # An unsigned tag on an INTEGER object is written as an INTEGER.
+        r = self.command(sub, "ups-01", {"id": "w-5", "op": "write", "tag": "nonneg",
+                                         "value": 55})
+        assert r["ok"] is True and r["value"] == 55, r
+        assert s.get(BASE + "2.0") == "55"
         # Not writable in the config: never sent.
         r = self.command(sub, "ups-01", {"id": "w-4", "op": "write", "tag": "neg", "value": 1})
         assert r["ok"] is False and r["error"]["code"] == "not_writable", r
