@@ -50,7 +50,10 @@ class Snmpd:
         self.workdir = workdir
         self.conf = os.path.join(workdir, "%s-%d.conf" % (name, self.port))
         self.name = name
-        lines = ["rocommunity public 127.0.0.1", "rwcommunity private 127.0.0.1"]
+        # persistentDir: snmpd keeps its state (v3 users, boot counter) in the test's directory,
+        # never in /var/lib/snmp.
+        lines = ["[snmp] persistentDir " + workdir, "rocommunity public 127.0.0.1",
+                 "rwcommunity private 127.0.0.1"]
         for suffix, typ, val, rw in OBJECTS:
             lines.append("override %s%s%s %s %s" % ("-rw " if rw else "", BASE, suffix, typ, val))
         lines += list(extra)
@@ -261,8 +264,7 @@ class SnmpTest(h.TestCase):
                       priv_password_file="priv-%s.pw" % name)
 
     def test_v3_auth_priv_and_wrong_password(self):
-        s = self.snmpd(["[snmp] persistentDir " + self.workdir,
-                        "createUser simpul SHA authpass123 AES privpass123",
+        s = self.snmpd(["createUser simpul SHA authpass123 AES privpass123",
                         "createUser other SHA otherpass1 AES otherpass2",
                         "rwuser simpul priv", "rouser other priv"])
         good = self.v3_device("ups-01", s.port, "authpass123")
