@@ -839,101 +839,102 @@ static int decode_string(sn_tag_t *t, const u_char *s, size_t n, smp_value_t *ou
     return 0;
 }
 
-/* Turns one varbind into the tag's raw value. A type the tag cannot hold is a per-tag error
- * naming both types, never a converted value. */
-static void decode_var(sn_device_t *d, sn_tag_t *t, const netsnmp_variable_list *vb,
-                       smp_reading_t *out)
+/* Decodes vb into out->value when the tag's type can hold it. Returns 1 when it does, 0 for a
+ * type mismatch, or -1 with out failed (a negative INTEGER for an unsigned tag, no memory). */
+static int decode_value(sn_tag_t *t, const netsnmp_variable_list *vb, smp_reading_t *out)
 {
-    memset(out, 0, sizeof *out);
-    switch (vb->type) {
-    case SNMP_NOSUCHOBJECT:
-        fail_reading(out, SMP_EDEVICE, "noSuchObject");
-        return;
-    case SNMP_NOSUCHINSTANCE:
-        fail_reading(out, SMP_EDEVICE, "noSuchInstance");
-        return;
-    case SNMP_ENDOFMIBVIEW:
-        fail_reading(out, SMP_EDEVICE, "endOfMibView");
-        return;
-    default:
-        break;
-    }
-    bool fits = false;
+    bool is_unsigned = t->type == SMP_TYPE_UINT32 || t->type == SMP_TYPE_UINT64;
     switch (vb->type) {
     case ASN_INTEGER: {
         int32_t x = (int32_t)*vb->val.integer;
-        fits = t->type == SMP_TYPE_INT32 || t->type == SMP_TYPE_INT64;
-        if (fits) {
+        if (t->type == SMP_TYPE_INT32 || t->type == SMP_TYPE_INT64) {
             out->value.v.i = x;
-        } else if (t->type == SMP_TYPE_UINT32 || t->type == SMP_TYPE_UINT64) {
-            /* MIBs declare many unsigned quantities as INTEGER (0..2147483647), e.g. UPS-MIB's
-             * NonNegativeInteger: an unsigned tag takes them, a negative one is its error. */
-            if (x < 0) {
-                fail_reading(out, -ERANGE,
-                             "the agent returned a negative INTEGER for an "
-                             "unsigned tag");
-                return;
-            }
-            out->value.v.u = (uint64_t)x;
-            fits = true;
+            return 1;
         }
-        break;
+        /* MIBs declare many unsigned quantities as INTEGER (0..2147483647), e.g. UPS-MIB's
+         * NonNegativeInteger: an unsigned tag takes them, a negative one is its error. */
+        if (is_unsigned && x < 0) {
+            fail_reading(out, -ERANGE, "the agent returned a negative INTEGER for an unsigned tag");
+            return -1;
+        }
+        out->value.v.u = (uint64_t)x;
+        return is_unsigned;
     }
     case ASN_COUNTER:
     case ASN_GAUGE:
     case ASN_TIMETICKS:
-        fits = t->type == SMP_TYPE_UINT32 || t->type == SMP_TYPE_UINT64;
-        if (fits) {
-            out->value.v.u = (uint32_t)*vb->val.integer;
-        }
-        break;
+        out->value.v.u = (uint32_t)*vb->val.integer;
+        return is_unsigned;
     case ASN_COUNTER64:
-        fits = t->type == SMP_TYPE_UINT64;
-        if (fits) {
-            out->value.v.u = ((uint64_t)(uint32_t)vb->val.counter64->high << 32) |
-                             (uint32_t)vb->val.counter64->low;
-        }
-        break;
+        out->value.v.u =
+            ((uint64_t)(uint32_t)vb->val.counter64->high << 32) | (uint32_t)vb->val.counter64->low;
+        return t->type == SMP_TYPE_UINT64;
     case ASN_OCTET_STR:
-        fits = t->type == SMP_TYPE_STRING;
-        if (fits && decode_string(t, vb->val.string, vb->val_len, &out->value) < 0) {
-            fail_reading(out, -ENOMEM, "out of memory");
-            return;
+    case ASN_IPADDRESS: {
+        if (t->type != SMP_TYPE_STRING || (vb->type == ASN_IPADDRESS && vb->val_len != 4)) {
+            return 0;
         }
-        break;
-    case ASN_IPADDRESS:
-        fits = t->type == SMP_TYPE_STRING && vb->val_len == 4;
-        if (fits) {
-            char ip[INET_ADDRSTRLEN];
+        char ip[INET_ADDRSTRLEN];
+        const u_char *p = vb->val.string;
+        size_t n = vb->val_len;
+        if (vb->type == ASN_IPADDRESS) {
             inet_ntop(AF_INET, vb->val.string, ip, sizeof ip);
-            if (decode_string(t, (const u_char *)ip, strlen(ip), &out->value) < 0) {
-                fail_reading(out, -ENOMEM, "out of memory");
-                return;
-            }
+            p = (const u_char *)ip;
+            n = strlen(ip);
         }
-        break;
-    default:
-        break;
+        if (decode_string(t, p, n, &out->value) < 0) {
+            fail_reading(out, -ENOMEM, "out of memory");
+            return -1;
+        }
+        return 1;
     }
-    if (!fits) {
-        /* d->msg would be overwritten by the next tag: the text lives in the tag's buffer. */
-        char m[128];
-        snprintf(m, sizeof m, "type mismatch: the agent returned %s, the tag is %s",
-                 asn_name(vb->type),
-                 t->type == SMP_TYPE_INT32    ? "int32"
-                 : t->type == SMP_TYPE_INT64  ? "int64"
-                 : t->type == SMP_TYPE_UINT32 ? "uint32"
-                 : t->type == SMP_TYPE_UINT64 ? "uint64"
-                                              : "string");
-        smp_value_t tmp;
-        if (decode_string(t, (const u_char *)m, strlen(m), &tmp) < 0) {
-            fail_reading(out, -EINVAL, "type mismatch");
-        } else {
-            fail_reading(out, -EINVAL, tmp.s);
-        }
+    default:
+        return 0;
+    }
+}
+
+static const char *tag_type_name(smp_type_t type)
+{
+    switch (type) {
+    case SMP_TYPE_INT32:
+        return "int32";
+    case SMP_TYPE_INT64:
+        return "int64";
+    case SMP_TYPE_UINT32:
+        return "uint32";
+    case SMP_TYPE_UINT64:
+        return "uint64";
+    default:
+        return "string";
+    }
+}
+
+/* Turns one varbind into the tag's raw value. A type the tag cannot hold is a per-tag error
+ * naming both types, never a converted value. */
+static void decode_var(sn_tag_t *t, const netsnmp_variable_list *vb, smp_reading_t *out)
+{
+    memset(out, 0, sizeof *out);
+    const char *exception = vb->type == SNMP_NOSUCHOBJECT     ? "noSuchObject"
+                            : vb->type == SNMP_NOSUCHINSTANCE ? "noSuchInstance"
+                            : vb->type == SNMP_ENDOFMIBVIEW   ? "endOfMibView"
+                                                              : NULL;
+    if (exception != NULL) {
+        fail_reading(out, SMP_EDEVICE, exception);
         return;
     }
-    t->asn_type = vb->type;
+    int fits = decode_value(t, vb, out);
+    if (fits > 0) {
+        t->asn_type = vb->type;
+    } else if (fits == 0) {
+        /* The device's msg would be overwritten by the next tag: the text lives in the tag's
+         * own buffer, valid until the next call like a string value. */
+        char m[128];
+        smp_value_t tmp;
+        snprintf(m, sizeof m, "type mismatch: the agent returned %s, the tag is %s",
+                 asn_name(vb->type), tag_type_name(t->type));
+        bool ok = decode_string(t, (const u_char *)m, strlen(m), &tmp) == 0;
+        fail_reading(out, -EINVAL, ok ? tmp.s : "type mismatch");
+    }
 }
 
 /* Fails every tag of a call with link error `code` and returns it. */
@@ -976,7 +977,7 @@ static int get_batch(sn_device_t *d, const uint32_t *idx, uint32_t *ks, size_t m
                     snmp_oid_compare(vb->name, vb->name_length, t->oid, t->oid_len) != 0) {
                     fail_reading(&out[ks[j]], -EPROTO, "the agent answered another OID");
                 } else {
-                    decode_var(d, t, vb, &out[ks[j]]);
+                    decode_var(t, vb, &out[ks[j]]);
                 }
             }
             snmp_free_pdu(resp);
@@ -1129,6 +1130,42 @@ static int get_one(sn_device_t *d, uint32_t ti, smp_reading_t *out)
     return rc < 0 ? rc : 0;
 }
 
+/* Sends the SET of `in` to tag t with the write community and waits for the answer. Returns
+ * 0, SMP_EDEVICE with the agent's error-status name, or a negative code; sets *message. */
+static int send_set(sn_device_t *d, const sn_tag_t *t, const smp_value_t *in, const char **message)
+{
+    netsnmp_pdu *pdu = snmp_pdu_create(SNMP_MSG_SET);
+    if (pdu == NULL) {
+        *message = "out of memory";
+        return -ENOMEM;
+    }
+    int rc = add_set_var(pdu, t, in, message);
+    const char *wc = param_str(&d->params[CK_WRITE_COMMUNITY]);
+    if (rc == 0 && wc != NULL) {
+        /* net-snmp sends a PDU's own community when it has one; the PDU frees it. */
+        pdu->community = (u_char *)strdup(wc);
+        pdu->community_len = strlen(wc);
+        rc = pdu->community == NULL ? -ENOMEM : 0;
+    }
+    if (rc < 0) {
+        snmp_free_pdu(pdu);
+        return rc;
+    }
+    netsnmp_pdu *resp;
+    rc = transact(d, pdu, &resp);
+    if (rc < 0) {
+        *message = d->msg;
+        return rc;
+    }
+    long status = resp->errstat;
+    snmp_free_pdu(resp);
+    if (status != SNMP_ERR_NOERROR) {
+        *message = error_name(status);
+        return SMP_EDEVICE;
+    }
+    return 0;
+}
+
 static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_reading_t *readback,
                         const char **message)
 {
@@ -1165,34 +1202,9 @@ static int device_write(void *dp, uint32_t ti, const smp_value_t *in, smp_readin
             return readback->status == SMP_EDEVICE ? SMP_EDEVICE : -EINVAL;
         }
     }
-    netsnmp_pdu *pdu = snmp_pdu_create(SNMP_MSG_SET);
-    if (pdu == NULL) {
-        *message = "out of memory";
-        return -ENOMEM;
-    }
-    int rc = add_set_var(pdu, t, in, message);
-    const char *wc = param_str(&d->params[CK_WRITE_COMMUNITY]);
-    if (rc == 0 && wc != NULL) {
-        /* net-snmp sends a PDU's own community when it has one; the PDU frees it. */
-        pdu->community = (u_char *)strdup(wc);
-        pdu->community_len = strlen(wc);
-        rc = pdu->community == NULL ? -ENOMEM : 0;
-    }
-    if (rc < 0) {
-        snmp_free_pdu(pdu);
+    int rc = send_set(d, t, in, message);
+    if (rc != 0) {
         return rc;
-    }
-    netsnmp_pdu *resp;
-    rc = transact(d, pdu, &resp);
-    if (rc < 0) {
-        *message = d->msg;
-        return rc;
-    }
-    long status = resp->errstat;
-    snmp_free_pdu(resp);
-    if (status != SNMP_ERR_NOERROR) {
-        *message = error_name(status);
-        return SMP_EDEVICE;
     }
     rc = get_one(d, ti, readback);
     if (rc < 0) {
