@@ -376,6 +376,8 @@ typedef struct sn_device {
     netsnmp_pdu *resp;
     char msg[192];
     char auth_logged[192]; /* the last authentication failure logged, to log each once */
+    bool answered;         /* the agent has answered this device at least once */
+    bool silence_logged;
 } sn_device_t;
 
 struct sn_conn {
@@ -715,6 +717,7 @@ static int transact(sn_device_t *d, netsnmp_pdu *pdu, netsnmp_pdu **resp)
         (d->resp != NULL && d->resp->command == SNMP_MSG_REPORT)) {
         return security_failure(d);
     }
+    d->answered = true;
     if (d->resp == NULL) {
         snprintf(d->msg, sizeof d->msg, "no usable answer from the agent");
         return -EIO;
@@ -1038,6 +1041,14 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
         int rc = get_batch(d, idx, ks, m, out);
         if (rc < 0) {
             free(ks);
+            if (rc == -ETIMEDOUT && !d->answered && !d->silence_logged) {
+                /* v1/v2c agents drop a request with a community they do not know: from here a
+                 * wrong community and a dead agent look the same. */
+                SN_LOG(d->log_ctx, SMP_LOG_WARN,
+                       "no answer from %s yet: check host, port, version and community",
+                       d->conn->peer);
+                d->silence_logged = true;
+            }
             if (rc == -EKEYREJECTED && strcmp(d->auth_logged, d->msg) != 0) {
                 SN_LOG(d->log_ctx, SMP_LOG_WARN, "the agent refused us: %s", d->msg);
                 snprintf(d->auth_logged, sizeof d->auth_logged, "%s", d->msg);

@@ -210,6 +210,8 @@ class SnmpTest(h.TestCase):
         off = sub.wait_json("simpul/gw-test/ups-01/status", lambda j: j["state"] == "offline",
                             20, "offline")
         assert "timeout" in off["error"], off
+        h.wait_for(lambda: "check host, port, version and community" in g.proc.output(), 10,
+                   "the hint in the log")
         g.stop()
 
     def test_agent_stops_answering_then_comes_back(self):
