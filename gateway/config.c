@@ -1197,7 +1197,7 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
     char gb[128], sb[SHOW_MAX + 8];
     static const want_t wants[] = {
         [SMP_KEY_STRING] = W_STRING, [SMP_KEY_INT] = W_INT,     [SMP_KEY_NUMBER] = W_NUMBER,
-        [SMP_KEY_BOOL] = W_BOOL,     [SMP_KEY_ENUM] = W_STRING,
+        [SMP_KEY_BOOL] = W_BOOL,     [SMP_KEY_ENUM] = W_STRING, [SMP_KEY_SECRET_FILE] = W_STRING,
     };
     want_t w = wants[k->type];
     if (!type_ok(j, w)) {
@@ -1225,6 +1225,16 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
     case SMP_KEY_NUMBER:
         p->d = json_number_value(j);
         break;
+    case SMP_KEY_SECRET_FILE: {
+        /* The same path rules and checks as mqtt.password_file; the plugin sees the secret. */
+        char *path = resolve(v, json_string_value(j));
+        p->s = path != NULL ? read_password(v, k->name, path) : NULL;
+        free(path);
+        if (p->s == NULL) {
+            return false;
+        }
+        break;
+    }
     case SMP_KEY_BOOL:
         p->i = json_is_true(j);
         p->d = (double)p->i;
@@ -1513,7 +1523,9 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, cons
         char perr[1024];
         dev->plugin = smp_plugin_set_get(cfg->plugins, proto, perr, sizeof perr);
         if (dev->plugin == NULL) {
-            err_key(v, "protocol", AT_VALUE, "%s", perr[0] ? perr : "cannot load the plugin");
+            /* The reason names the file; the device's name says who cannot start. */
+            err_key(v, "protocol", AT_VALUE, "%s (device %s)",
+                    perr[0] ? perr : "cannot load the plugin", name != NULL ? name : "?");
         }
     }
 

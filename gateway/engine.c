@@ -74,6 +74,8 @@ static const char *err_text(int code, const char *message)
         return "connection reset";
     case -EHOSTUNREACH:
         return "host unreachable";
+    case -EKEYREJECTED:
+        return "authentication failure";
     case -ENOMEM:
         return "out of memory";
     default:

@@ -15,6 +15,7 @@
 #include "engine.h"
 #include "log.h"
 #include "probe.h"
+#include "plugin_info.h"
 
 /* SIGTERM/SIGINT must end the process within 5 s (the contract); leave a margin. */
 #define STOP_TIMEOUT_MS 4000u
@@ -25,6 +26,7 @@ static void usage(FILE *f)
         f,
         "Usage: simpul -c FILE [--check] [--log-level LEVEL] [--plugin-dir DIR]\n"
         "       simpul -c FILE --probe DEVICE\n"
+        "       simpul --plugins | --plugin-help NAME | --plugin-schema NAME\n"
         "       simpul --version | --help\n"
         "\n"
         "Edge gateway: polls field devices (Modbus TCP/RTU) and bridges them to MQTT.\n"
@@ -38,6 +40,9 @@ static void usage(FILE *f)
         "                         all read, 3 some tags failed, 1 unreachable\n"
         "  -l, --log-level LEVEL  error | warn | info | debug (overrides gateway.log_level)\n"
         "      --plugin-dir DIR   where protocol plugins (NAME.so) are found\n"
+        "      --plugins          list the plugins found, with their versions and ABI\n"
+        "      --plugin-help NAME print protocol NAME's connection and tag keys\n"
+        "      --plugin-schema NAME  the same keys as JSON Schema (config/simpul.schema.json)\n"
         "  -V, --version          print the version and exit\n"
         "  -h, --help             print this help and exit\n"
         "\n"
@@ -158,9 +163,12 @@ int main(int argc, char **argv)
         {"check", no_argument, NULL, 'k'},
         {"log-level", required_argument, NULL, 'l'},
         {"plugin-dir", required_argument, NULL, 'p'},
-        {"probe", required_argument, NULL, 'P'},
+        {"probe", required_argument, NULL, 'B'},
         {"version", no_argument, NULL, 'V'},
         {"help", no_argument, NULL, 'h'},
+        {"plugins", no_argument, NULL, 'P'},
+        {"plugin-help", required_argument, NULL, 'H'},
+        {"plugin-schema", required_argument, NULL, 'S'},
         {NULL, 0, NULL, 0},
     };
     struct app a;
@@ -168,7 +176,8 @@ int main(int argc, char **argv)
     a.cli_log_level = -1;
     bool check = false;
     const char *probe = NULL;
-    int c;
+    int c, info = 0;
+    const char *info_name = NULL;
     while ((c = getopt_long(argc, argv, "c:l:Vh", opts, NULL)) != -1) {
         switch (c) {
         case 'c':
@@ -190,7 +199,7 @@ int main(int argc, char **argv)
         case 'p':
             a.plugin_dir = optarg;
             break;
-        case 'P':
+        case 'B':
             probe = optarg;
             break;
         case 'V':
@@ -199,10 +208,23 @@ int main(int argc, char **argv)
         case 'h':
             usage(stdout);
             return 0;
+        case 'P':
+        case 'H':
+        case 'S':
+            info = c;
+            info_name = optarg;
+            break;
         default:
             usage(stderr);
             return 2;
         }
+    }
+    if (info != 0 && optind == argc) {
+        /* After the loop, so that --plugin-dir counts wherever it stands. */
+        int rc = info == 'P'   ? smp_plugin_list(stdout, a.plugin_dir)
+                 : info == 'H' ? smp_plugin_help(stdout, a.plugin_dir, info_name, stderr)
+                               : smp_plugin_schema(stdout, a.plugin_dir, info_name, stderr);
+        return rc == 0 ? 0 : 1;
     }
     if (optind < argc || a.config_path == NULL) {
         if (optind < argc) {

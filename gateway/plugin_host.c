@@ -202,6 +202,10 @@ static bool default_ok(const smp_config_key_t *k, const char **why)
             *why = "is out of the key's range";
         }
         break;
+    case SMP_KEY_SECRET_FILE:
+        ok = false;
+        *why = "is not allowed: a secret file has no default";
+        break;
     case SMP_KEY_ENUM:
         ok = false;
         if (json_is_string(j)) {
@@ -252,7 +256,7 @@ static int check_keys(const smp_config_key_t *t, const char *which, bool tag, co
                 return -1;
             }
         }
-        if (k->type < SMP_KEY_STRING || k->type > SMP_KEY_ENUM) {
+        if (k->type < SMP_KEY_STRING || k->type > SMP_KEY_SECRET_FILE) {
             set_err(err, errlen, "%s: %s key \"%s\" has unknown type %d", what, which, k->name,
                     (int)k->type);
             return -1;
@@ -488,6 +492,58 @@ static const smp_plugin_host_t *load(smp_plugin_set_t *set, const char *protocol
     return p;
 }
 
+/* Appends each ':'-separated part of `list` that is not yet in *d. */
+static int dirs_add(smp_plugin_dirs_t *d, const char *list)
+{
+    while (list != NULL && *list != '\0') {
+        const char *end = strchr(list, ':');
+        size_t len = end != NULL ? (size_t)(end - list) : strlen(list);
+        bool seen = len == 0;
+        for (size_t j = 0; j < d->n && !seen; j++) {
+            seen = strlen(d->v[j]) == len && memcmp(d->v[j], list, len) == 0;
+        }
+        if (!seen) {
+            char **nv = realloc(d->v, (d->n + 1) * sizeof *nv);
+            if (nv == NULL) {
+                return -ENOMEM;
+            }
+            d->v = nv;
+            d->v[d->n] = strndup(list, len);
+            if (d->v[d->n] == NULL) {
+                return -ENOMEM;
+            }
+            d->n++;
+        }
+        list = end != NULL ? end + 1 : NULL;
+    }
+    return 0;
+}
+
+int smp_plugin_dirs(const smp_plugin_set_t *set, smp_plugin_dirs_t *out)
+{
+    const char *lists[] = {set != NULL ? set->dir : NULL, getenv("SIMPUL_PLUGIN_DIR"),
+                           SMP_PLUGIN_INSTALL_DIR, SMP_PLUGIN_BUILD_DIR};
+    out->v = NULL;
+    out->n = 0;
+    for (size_t i = 0; i < sizeof lists / sizeof lists[0]; i++) {
+        if (dirs_add(out, lists[i]) != 0) {
+            smp_plugin_dirs_free(out);
+            return -ENOMEM;
+        }
+    }
+    return 0;
+}
+
+void smp_plugin_dirs_free(smp_plugin_dirs_t *d)
+{
+    for (size_t i = 0; i < d->n; i++) {
+        free(d->v[i]);
+    }
+    free(d->v);
+    d->v = NULL;
+    d->n = 0;
+}
+
 const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *protocol, char *err,
                                             size_t errlen)
 {
@@ -507,25 +563,22 @@ const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *p
     if (p != NULL) {
         return p;
     }
-    const char *dirs[] = {set->dir, getenv("SIMPUL_PLUGIN_DIR"), SMP_PLUGIN_INSTALL_DIR,
-                          SMP_PLUGIN_BUILD_DIR};
     char file[MAX_NAME + 8];
     snprintf(file, sizeof file, "%s.so", protocol);
     char searched[1024] = "";
     size_t slen = 0;
-    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
-        const char *d = dirs[i];
-        bool seen = false;
-        for (size_t j = 0; j < i; j++) {
-            seen = seen || (dirs[j] != NULL && d != NULL && strcmp(dirs[j], d) == 0);
-        }
-        if (d == NULL || d[0] == '\0' || seen) {
-            continue;
-        }
+    smp_plugin_dirs_t dirs;
+    if (smp_plugin_dirs(set, &dirs) != 0) {
+        set_err(err, errlen, "%s: out of memory", file);
+        return NULL;
+    }
+    for (size_t i = 0; i < dirs.n; i++) {
+        const char *d = dirs.v[i];
         size_t n = strlen(d) + 1 + strlen(file) + 1;
         char *path = malloc(n);
         if (path == NULL) {
             set_err(err, errlen, "%s: out of memory", file);
+            smp_plugin_dirs_free(&dirs);
             return NULL;
         }
         snprintf(path, n, "%s/%s", d, file);
@@ -535,6 +588,7 @@ const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *p
              * error, not a reason to quietly pick another build from further down. */
             p = load(set, protocol, path, file, err, errlen);
             free(path);
+            smp_plugin_dirs_free(&dirs);
             return p;
         }
         free(path);
@@ -543,6 +597,7 @@ const smp_plugin_host_t *smp_plugin_set_get(smp_plugin_set_t *set, const char *p
             slen += k > 0 ? (size_t)k : 0;
         }
     }
+    smp_plugin_dirs_free(&dirs);
     set_err(err, errlen, "no plugin for protocol \"%s\": %s not found in %s", protocol, file,
             slen ? searched : "any plugin directory (none configured)");
     return NULL;

@@ -2,7 +2,8 @@
  *
  * A plugin for protocol P is the file "P.so" in the plugin directory. The search order is the
  * config's gateway.plugin_dir (or --plugin-dir), then $SIMPUL_PLUGIN_DIR, then the installed
- * directory, then the build tree's (so an uninstalled build runs from a checkout). */
+ * directory, then the build tree's (so an uninstalled build runs from a checkout). Each of
+ * these may be a ':'-separated list of directories, searched in order. */
 #ifndef SMP_PLUGIN_HOST_H
 #define SMP_PLUGIN_HOST_H
 
@@ -37,6 +38,16 @@ int smp_plugin_set_add_static(smp_plugin_set_t *set, const smp_plugin_t *desc, c
  * all other functions are required; reserved[] is ignored. */
 int smp_plugin_check(const smp_plugin_t *desc, const char *what, char *err, size_t errlen);
 void smp_plugin_set_free(smp_plugin_set_t *set);
+
+/* The search order above as a list of directories, duplicates removed. */
+typedef struct smp_plugin_dirs {
+    char **v;
+    size_t n;
+} smp_plugin_dirs_t;
+/* Fills *out (free it with smp_plugin_dirs_free). `set` may be NULL (no explicit directory).
+ * Returns 0 or -ENOMEM. */
+int smp_plugin_dirs(const smp_plugin_set_t *set, smp_plugin_dirs_t *out);
+void smp_plugin_dirs_free(smp_plugin_dirs_t *d);
 
 /* The host API table given to every plugin. Its log() takes as log_ctx a `const char *` scope
  * string such as "modbus:pump-01" (printed as "[modbus:pump-01] "), or NULL; whoever hands a

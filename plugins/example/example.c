@@ -38,6 +38,10 @@
 #ifndef EXAMPLE_PROTOCOL
 #define EXAMPLE_PROTOCOL "example"
 #endif
+/* badsize.so claims a descriptor smaller than ABI 1's; badinit.so refuses to start. */
+#ifndef EXAMPLE_STRUCT_SIZE
+#define EXAMPLE_STRUCT_SIZE sizeof(smp_plugin_t)
+#endif
 
 #define COUNTER_WRAP 10000 /* a counter runs 0..9999, so it fits every integer type */
 #define EXAMPLE_PI   3.14159265358979323846
@@ -352,7 +356,7 @@ static int device_write(void *dv, uint32_t idx, const smp_value_t *in, smp_readi
 
 static const smp_plugin_t descriptor = {
     .abi_version = EXAMPLE_ABI_VERSION,
-    .struct_size = sizeof(smp_plugin_t),
+    .struct_size = EXAMPLE_STRUCT_SIZE,
     .name = EXAMPLE_PROTOCOL,
     .version = "1.0.0",
     .conn_keys = conn_keys,
@@ -380,5 +384,10 @@ SMP_PLUGIN_EXPORT const smp_plugin_t *smp_plugin_entry(const smp_host_api_t *h)
         return NULL;
     }
     host = h;
+#ifdef EXAMPLE_REFUSE
+    (void)descriptor;
+    return NULL;
+#else
     return &descriptor;
+#endif
 }

@@ -1053,9 +1053,9 @@ static void test_missing_or_bad_plugin(void **state)
     expect_prefix(&r, "t.json:3:42: devices[0].protocol: no plugin for protocol \"nosuch\": "
                       "nosuch.so not found in " SMP_TEST_EXAMPLE_PLUGIN_DIR);
     expect_line(&r, "t.json:4:42: devices[1].protocol: invalid protocol name \"Bad/Name\": use "
-                    "1-64 of a-z, 0-9 and _");
+                    "1-64 of a-z, 0-9 and _ (device d2)");
     expect_line(&r, "t.json:5:42: devices[2].protocol: badabi.so: plugin ABI version 2, this "
-                    "simpul supports ABI version 1");
+                    "simpul supports ABI version 1 (device d3)");
     res_free(&r);
 }
 

@@ -482,6 +482,12 @@ static void test_descriptor_checks(void **state)
     const smp_config_key_t def_choice[] = {
         {.name = "k", .type = SMP_KEY_ENUM, .choices = st_choices, .default_value = "\"z\""}, {0}};
     expect_keys_refused(def_choice, NULL, "key \"k\": default is not one of the key's choices");
+    const smp_config_key_t def_secret[] = {
+        {.name = "k", .type = SMP_KEY_SECRET_FILE, .default_value = "\"pw\""}, {0}};
+    expect_keys_refused(def_secret, NULL,
+                        "key \"k\": default is not allowed: a secret file has no default");
+    const smp_config_key_t type7[] = {{.name = "k", .type = (smp_key_type_t)7}, {0}};
+    expect_keys_refused(type7, NULL, "connection key \"k\" has unknown type 7");
     const smp_config_key_t twice[] = {
         {.name = "k", .type = SMP_KEY_BOOL}, {.name = "k", .type = SMP_KEY_BOOL}, {0}};
     expect_keys_refused(NULL, twice, "tag key \"k\" is declared twice");
