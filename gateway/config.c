@@ -854,10 +854,26 @@ static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
     pop(v, old);
 }
 
+/* An optional string key with two values: sets *out to false for `no`, true for `yes`. */
+static void get_choice(vctx_t *v, json_t *obj, const char *key, const char *no, const char *yes,
+                       bool *out)
+{
+    const char *s = get_str(v, obj, key, false);
+    if (s == NULL) {
+        return;
+    }
+    if (strcmp(s, no) == 0 || strcmp(s, yes) == 0) {
+        *out = strcmp(s, yes) == 0;
+    } else {
+        char sb[96];
+        err_key(v, key, AT_VALUE, "%s is not \"%s\" or \"%s\"", show(s, sb, sizeof sb), no, yes);
+    }
+}
+
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
-    static const char *const keys[] = {"path", "history_retention_h", "outbox_max_mb",
-                                       "synchronous", NULL};
+    static const char *const keys[] = {
+        "path", "history_retention_h", "outbox_max_mb", "synchronous", "on_error", NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -873,16 +889,8 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
     if (get_int(v, st, "history_retention_h", 0, 87600, false, &x)) {
         cfg->store.history_retention_h = (int)x;
     }
-    const char *sync = get_str(v, st, "synchronous", false);
-    if (sync != NULL) {
-        if (strcmp(sync, "full") == 0 || strcmp(sync, "normal") == 0) {
-            cfg->store.sync_normal = strcmp(sync, "normal") == 0;
-        } else {
-            char sb[96];
-            err_key(v, "synchronous", AT_VALUE, "%s is not \"full\" or \"normal\"",
-                    show(sync, sb, sizeof sb));
-        }
-    }
+    get_choice(v, st, "synchronous", "full", "normal", &cfg->store.sync_normal);
+    get_choice(v, st, "on_error", "degraded", "refuse", &cfg->store.on_error_refuse);
     double mb;
     if (get_num(v, st, "outbox_max_mb", false, &mb)) {
         /* A number, not only an integer: a small site (or a test) may want less than 1 MB. */

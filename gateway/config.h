@@ -73,6 +73,7 @@ typedef struct smp_config {
         int history_retention_h; /* default 168 */
         double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
         bool sync_normal;        /* "synchronous": "normal" (true) or "full" (false, default) */
+        bool on_error_refuse;    /* "on_error": "refuse" (true) or "degraded" (false, default) */
     } store;
     smp_device_cfg_t *devices;
     size_t ndevices;

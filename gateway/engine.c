@@ -1103,6 +1103,25 @@ static void restore_last(void *arg, const char *device, const char *tag, const c
     }
 }
 
+/* The store could not use its file and runs in memory: store.on_error decides. Degraded keeps
+ * polling and publishing, but refuses write commands, because nothing would remember after a
+ * restart that a command id was already executed (at-most-once), nor the outbox and seq. */
+static int store_on_error(smp_engine_t *e)
+{
+    if (e->cfg->store.on_error_refuse) {
+        LOG_ERR("engine", "store.on_error is \"refuse\": not starting without the database %s",
+                e->cfg->store.path);
+        return -EIO;
+    }
+    LOG_ERR("engine",
+            "DEGRADED (store.on_error \"degraded\"): no durable store at %s; polling and "
+            "publishing go on, write commands are refused until simpul restarts with a usable "
+            "database",
+            e->cfg->store.path);
+    e->store_degraded = true;
+    return 0;
+}
+
 int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
 {
     *out = NULL;
@@ -1120,8 +1139,12 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .sync_normal = cfg->store.sync_normal,
     };
     int rc = smp_store_open(loop, &so, &e->store);
+    if (rc == 0 && smp_store_degraded(e->store)) {
+        rc = store_on_error(e);
+    }
     if (rc < 0) {
         LOG_ERR("engine", "cannot open the store %s: %s", cfg->store.path, strerror(-rc));
+        smp_store_close(e->store);
         uv_mutex_destroy(&e->done_mu);
         free(e);
         return rc;

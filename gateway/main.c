@@ -14,6 +14,7 @@
 #include "config.h"
 #include "engine.h"
 #include "log.h"
+#include "paths.h"
 
 /* SIGTERM/SIGINT must end the process within 5 s (the contract); leave a margin. */
 #define STOP_TIMEOUT_MS 4000u
@@ -28,8 +29,9 @@ static void usage(FILE *f)
         "Edge gateway: polls field devices (Modbus TCP/RTU) and bridges them to MQTT.\n"
         "\n"
         "  -c, --config FILE      the JSON config file (see docs/config.md)\n"
-        "      --check            validate FILE and every plugin's part of it; print each\n"
-        "                         problem as FILE:LINE:COL: path.to.key: message;\n"
+        "      --check            validate FILE and every plugin's part of it, and check that\n"
+        "                         this user can write gateway.data_dir and store.path; print\n"
+        "                         each problem as FILE:LINE:COL: path.to.key: message;\n"
         "                         exit 0 when valid, 1 when not\n"
         "  -l, --log-level LEVEL  error | warn | info | debug (overrides gateway.log_level)\n"
         "      --plugin-dir DIR   where protocol plugins (NAME.so) are found\n"
@@ -135,6 +137,14 @@ static int run_check(const char *path, const char *plugin_dir)
     int n = smp_config_load(path, plugin_dir, stderr, &cfg);
     if (n != 0) {
         fprintf(stderr, "%s: %d problem%s\n", path, n, n == 1 ? "" : "s");
+        return 1;
+    }
+    /* Valid is not enough: the user running the check (the service's, under systemd's
+     * ExecStartPre) must be able to keep the store where the config says. */
+    n = smp_paths_check(cfg, stderr);
+    if (n != 0) {
+        fprintf(stderr, "%s: %d problem%s\n", path, n, n == 1 ? "" : "s");
+        smp_config_free(cfg);
         return 1;
     }
     size_t ntags = 0;
