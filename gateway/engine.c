@@ -870,6 +870,20 @@ static void metrics_publish(smp_engine_t *e)
     smp_buf_free(&b);
 }
 
+void smp_engine_health(smp_engine_t *e, smp_engine_health_t *out)
+{
+    smp_store_stats_t ss;
+    smp_store_stats(e->store, &ss);
+    *out = (smp_engine_health_t){.devices = e->ndevs,
+                                 .outbox_depth = ss.outbox_rows,
+                                 .mqtt_connected = smp_bridge_connected(e->bridge),
+                                 .store_degraded = e->store_degraded};
+    for (size_t k = 0; k < e->ndevs; k++) {
+        out->online += e->devs[k].online == 1;
+        out->tried += e->devs[k].online >= 0;
+    }
+}
+
 static void on_metrics_timer(uv_timer_t *t)
 {
     metrics_publish(t->data);

@@ -4,7 +4,7 @@
 #      check that every file the integrator needs is in the right package, the config a conffile;
 #   2. dpkg -i both; the system user exists and is in dialout, /var/lib/simpul is its own, and
 #      `simpul --check` passes on the installed config as that user (what ExecStartPre runs);
-#   3. systemd-analyze verify on the installed unit;
+#   3. systemd-analyze verify on the installed unit, and its sandbox exposure at most 2.0;
 #   4. an upgrade (dpkg -i again) keeps an edited conffile and the store, and its postinst
 #      restarts the service;
 #   5. the packages are purged again if they were not installed before.
@@ -62,7 +62,11 @@ echo "=== deb: installed; as user simpul: $check"
 verify=$(systemd-analyze verify /lib/systemd/system/simpul.service 2>&1) ||
   fail "systemd-analyze verify: $verify"
 [ -z "$verify" ] || fail "systemd-analyze verify: $verify"
-echo "=== deb: systemd-analyze verify OK"
+exposure=$(systemd-analyze security --offline=yes /lib/systemd/system/simpul.service 2>&1 |
+  sed -n 's/.*Overall exposure level for simpul.service: \([0-9.]*\).*/\1/p')
+awk -v x="${exposure:-99}" 'BEGIN { exit !(x <= 2.0) }' ||
+  fail "systemd-analyze security: exposure ${exposure:-unknown} > 2.0"
+echo "=== deb: systemd-analyze verify OK, security exposure $exposure"
 
 # Upgrade: the integrator's edit of the conffile and the store survive.
 $SUDO sed -i 's/"site-gw-01"/"upgrade-gw"/' /etc/simpul/simpul.json
