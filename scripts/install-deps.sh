@@ -10,7 +10,7 @@ PKGS=(
   mosquitto mosquitto-clients sqlite3
   python3 python3-pymodbus python3-serial python3-serial-asyncio python3-paho-mqtt python3-jsonschema
   socat mbpoll valgrind procps openssl util-linux
-  debhelper dpkg-dev lintian systemd  # issue 12: the Debian package, systemd-analyze
+  debhelper dpkg-dev lintian systemd libssl-dev  # issue 12: Debian package, systemd-analyze, TLS
 )
 
 missing=()

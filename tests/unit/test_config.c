@@ -391,6 +391,9 @@ static void test_valid_full(void **state)
     assert_int_equal(mkdir(sub, 0700), 0);
     write_file(cert, "cert");
     write_file(key, "key");
+    /* Secrets must not be accessible to other users. */
+    assert_int_equal(chmod(pw, 0600), 0);
+    assert_int_equal(chmod(key, 0640), 0);
     const char *text =
         "{\n"
         "  \"gateway\": {\"id\": \"dumai-gw-01\", \"data_dir\": \"state\", \"log_level\": "
