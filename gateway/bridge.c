@@ -35,6 +35,7 @@
 #include <mqtt_protocol.h>
 
 #include "log.h"
+#include "tls.h"
 
 #define SCOPE            "mqtt"
 
@@ -89,8 +90,9 @@ struct smp_bridge {
     int version;
     int inflight_max;
     bool tls;
-    char *client_id;    /* owned */
-    char *status_topic; /* owned: P/G/status */
+    smp_tls_diag_t tls_diag; /* why the current instance's TLS handshake failed */
+    char *client_id;         /* owned */
+    char *status_topic;      /* owned: P/G/status */
 
     enum bridge_state state;
     bool stopping;
@@ -379,6 +381,14 @@ static void poll_update(smp_bridge_t *b)
 
 /* ---- libmosquitto callbacks: record, or deliver what cannot wait ---------------------------- */
 
+/* A failed TLS handshake says why (tls.h), where libmosquitto has only "TLS error". */
+static void tls_reason(const smp_bridge_t *b, char *buf, size_t n)
+{
+    if (b->tls && b->tls_diag.refusal[0] != '\0') {
+        copy_reason(buf, n, b->tls_diag.refusal);
+    }
+}
+
 static void mark_lost(smp_bridge_t *b, int rc, int saved_errno)
 {
     if (b->ev_lost) {
@@ -386,6 +396,7 @@ static void mark_lost(smp_bridge_t *b, int rc, int saved_errno)
     }
     b->ev_lost = true;
     describe_mosq_err(b->lost_reason, sizeof b->lost_reason, rc, saved_errno);
+    tls_reason(b, b->lost_reason, sizeof b->lost_reason);
 }
 
 static void on_mosq_connect(struct mosquitto *m, void *obj, int rc, int flags,
@@ -748,10 +759,7 @@ static int configure(smp_bridge_t *b, struct mosquitto *m)
         }
     }
     if (b->tls) {
-        /* Without a CA file, trust the system's store (Debian keeps it in /etc/ssl/certs). */
-        const char *ca = b->cfg->mqtt.tls_ca_file;
-        rc = mosquitto_tls_set(m, ca, ca == NULL ? "/etc/ssl/certs" : NULL,
-                               b->cfg->mqtt.tls_cert_file, b->cfg->mqtt.tls_key_file, NULL);
+        rc = smp__tls_configure(m, b->cfg, b->host, &b->tls_diag);
         if (rc != MOSQ_ERR_SUCCESS) {
             return rc;
         }
@@ -786,8 +794,8 @@ static int try_connect(smp_bridge_t *b, const char *host, char *reason, size_t r
         char why[96]; /* library messages are short; this keeps the line within REASON_LEN */
         int saved_errno = errno;
         describe_mosq_err(why, sizeof why, rc, saved_errno);
-        snprintf(reason, reason_len, "cannot configure the client (credentials, TLS files): %s",
-                 why);
+        snprintf(reason, reason_len, "cannot configure the client (credentials, TLS files): %.100s",
+                 b->tls && b->tls_diag.refusal[0] != '\0' ? b->tls_diag.refusal : why);
         mosquitto_destroy(m);
         return mosq_to_errno(rc, saved_errno);
     }
@@ -796,6 +804,7 @@ static int try_connect(smp_bridge_t *b, const char *host, char *reason, size_t r
     int saved_errno = errno;
     if (rc != MOSQ_ERR_SUCCESS) {
         describe_mosq_err(reason, reason_len, rc, saved_errno);
+        tls_reason(b, reason, reason_len);
         mosquitto_destroy(m);
         return mosq_to_errno(rc, saved_errno);
     }
@@ -956,6 +965,12 @@ static void on_connected(smp_bridge_t *b)
                  b->failed_attempts);
     } else {
         LOG_INFO(SCOPE, "connected to %s:%d (%s)", b->host, b->port, addr);
+    }
+    if (b->tls && b->cfg->mqtt.tls_no_verify) {
+        LOG_WARN(SCOPE,
+                 "TLS without verification (mqtt.tls.verify is false): the broker's "
+                 "certificate was not checked; anyone on the path can pose as %s",
+                 b->host);
     }
     b->in_outage = false;
     b->ever_connected = true;

@@ -652,8 +652,23 @@ static char *resolve(vctx_t *v, const char *p)
     return r;
 }
 
-/* A file we must be able to read (TLS material). Reports at obj.key. */
-static void check_readable(vctx_t *v, const char *key, const char *path)
+/* A secret (password, private key) that other users can read is refused: on a shared PC it
+ * would already be leaked. Group access stays allowed (root:simpul 0640 is the usual way). */
+static void check_private(vctx_t *v, const char *key, const char *path, int fd)
+{
+    char sb[PATH_SHOW];
+    struct stat st;
+    if (fstat(fd, &st) == 0 && (st.st_mode & S_IRWXO) != 0) {
+        err_key(v, key, AT_VALUE,
+                "%s is accessible to other users (mode %04o): chmod o-rwx it (0600, or 0640 "
+                "with group simpul)",
+                show(path, sb, sizeof sb), (unsigned)(st.st_mode & 07777));
+    }
+}
+
+/* A file we must be able to read (TLS material). Reports at obj.key. A secret must not be
+ * accessible to other users. */
+static void check_readable(vctx_t *v, const char *key, const char *path, bool secret)
 {
     char sb[PATH_SHOW];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -664,6 +679,8 @@ static void check_readable(vctx_t *v, const char *key, const char *path)
     struct stat st;
     if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode)) {
         err_key(v, key, AT_VALUE, "%s is not a regular file", show(path, sb, sizeof sb));
+    } else if (secret) {
+        check_private(v, key, path, fd);
     }
     close(fd);
 }
@@ -677,6 +694,7 @@ static char *read_password(vctx_t *v, const char *key, const char *path)
         err_key(v, key, AT_VALUE, "cannot read %s: %s", show(path, sb, sizeof sb), strerror(errno));
         return NULL;
     }
+    check_private(v, key, path, fileno(f));
     char *buf = xmalloc(v, PASSWORD_MAX_BYTES + 2);
     if (buf == NULL) {
         fclose(f);
@@ -763,7 +781,7 @@ static bool topic_prefix_ok(const char *s)
 
 static void parse_tls(vctx_t *v, smp_config_t *cfg, json_t *mqtt)
 {
-    static const char *const keys[] = {"ca_file", "cert_file", "key_file", NULL};
+    static const char *const keys[] = {"ca_file", "cert_file", "key_file", "verify", NULL};
     json_t *t = get(v, mqtt, "tls", W_OBJECT, false);
     if (t == NULL) {
         return;
@@ -777,7 +795,7 @@ static void parse_tls(vctx_t *v, smp_config_t *cfg, json_t *mqtt)
         if (s != NULL) {
             *dst[i] = resolve(v, s);
             if (*dst[i] != NULL) {
-                check_readable(v, keys[i], *dst[i]);
+                check_readable(v, keys[i], *dst[i], /* secret = */ i == 2);
             }
         }
     }
@@ -786,6 +804,9 @@ static void parse_tls(vctx_t *v, smp_config_t *cfg, json_t *mqtt)
     if (has_cert != has_key) {
         err(v, AT_VALUE, "cert_file and key_file must be given together");
     }
+    bool verify = true;
+    get_bool(v, t, "verify", &verify);
+    cfg->mqtt.tls_no_verify = !verify;
     pop(v, old);
 }
 
@@ -855,10 +876,26 @@ static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
     pop(v, old);
 }
 
+/* An optional string key with two values: sets *out to false for `no`, true for `yes`. */
+static void get_choice(vctx_t *v, json_t *obj, const char *key, const char *no, const char *yes,
+                       bool *out)
+{
+    const char *s = get_str(v, obj, key, false);
+    if (s == NULL) {
+        return;
+    }
+    if (strcmp(s, no) == 0 || strcmp(s, yes) == 0) {
+        *out = strcmp(s, yes) == 0;
+    } else {
+        char sb[96];
+        err_key(v, key, AT_VALUE, "%s is not \"%s\" or \"%s\"", show(s, sb, sizeof sb), no, yes);
+    }
+}
+
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
-    static const char *const keys[] = {"path", "history_retention_h", "outbox_max_mb",
-                                       "synchronous", NULL};
+    static const char *const keys[] = {
+        "path", "history_retention_h", "outbox_max_mb", "synchronous", "on_error", NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -874,16 +911,8 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
     if (get_int(v, st, "history_retention_h", 0, 87600, false, &x)) {
         cfg->store.history_retention_h = (int)x;
     }
-    const char *sync = get_str(v, st, "synchronous", false);
-    if (sync != NULL) {
-        if (strcmp(sync, "full") == 0 || strcmp(sync, "normal") == 0) {
-            cfg->store.sync_normal = strcmp(sync, "normal") == 0;
-        } else {
-            char sb[96];
-            err_key(v, "synchronous", AT_VALUE, "%s is not \"full\" or \"normal\"",
-                    show(sync, sb, sizeof sb));
-        }
-    }
+    get_choice(v, st, "synchronous", "full", "normal", &cfg->store.sync_normal);
+    get_choice(v, st, "on_error", "degraded", "refuse", &cfg->store.on_error_refuse);
     double mb;
     if (get_num(v, st, "outbox_max_mb", false, &mb)) {
         /* A number, not only an integer: a small site (or a test) may want less than 1 MB. */

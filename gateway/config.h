@@ -69,6 +69,7 @@ typedef struct smp_config {
         char *password; /* read from password_file at load time; NULL when absent */
         char *password_file;
         char *tls_ca_file, *tls_cert_file, *tls_key_file;
+        bool tls_no_verify; /* tls.verify false: the broker's certificate is not checked */
         int inflight_max; /* QoS 1 messages awaiting PUBACK, default 256 */
     } mqtt;
     struct {
@@ -76,6 +77,7 @@ typedef struct smp_config {
         int history_retention_h; /* default 168 */
         double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
         bool sync_normal;        /* "synchronous": "normal" (true) or "full" (false, default) */
+        bool on_error_refuse;    /* "on_error": "refuse" (true) or "degraded" (false, default) */
     } store;
     struct {
         /* Commands and their limits (docs/config.md, "commands"). */

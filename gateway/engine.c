@@ -948,6 +948,20 @@ static void metrics_publish(smp_engine_t *e)
     smp_buf_free(&b);
 }
 
+void smp_engine_health(smp_engine_t *e, smp_engine_health_t *out)
+{
+    smp_store_stats_t ss;
+    smp_store_stats(e->store, &ss);
+    *out = (smp_engine_health_t){.devices = e->ndevs,
+                                 .outbox_depth = ss.outbox_rows,
+                                 .mqtt_connected = smp_bridge_connected(e->bridge),
+                                 .store_degraded = e->store_degraded};
+    for (size_t k = 0; k < e->ndevs; k++) {
+        out->online += e->devs[k].online == 1;
+        out->tried += e->devs[k].online >= 0;
+    }
+}
+
 static void on_metrics_timer(uv_timer_t *t)
 {
     metrics_publish(t->data);
@@ -1186,6 +1200,25 @@ static void restore_last(void *arg, const char *device, const char *tag, const c
     }
 }
 
+/* The store could not use its file and runs in memory: store.on_error decides. Degraded keeps
+ * polling and publishing, but refuses write commands, because nothing would remember after a
+ * restart that a command id was already executed (at-most-once), nor the outbox and seq. */
+static int store_on_error(smp_engine_t *e)
+{
+    if (e->cfg->store.on_error_refuse) {
+        LOG_ERR("engine", "store.on_error is \"refuse\": not starting without the database %s",
+                e->cfg->store.path);
+        return -EIO;
+    }
+    LOG_ERR("engine",
+            "DEGRADED (store.on_error \"degraded\"): no durable store at %s; polling and "
+            "publishing go on, write commands are refused until simpul restarts with a usable "
+            "database",
+            e->cfg->store.path);
+    e->store_degraded = true;
+    return 0;
+}
+
 int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
 {
     *out = NULL;
@@ -1207,8 +1240,12 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .audit_max_rows = cfg->commands.audit_max_rows,
     };
     int rc = smp_store_open(loop, &so, &e->store);
+    if (rc == 0 && smp_store_degraded(e->store)) {
+        rc = store_on_error(e);
+    }
     if (rc < 0) {
         LOG_ERR("engine", "cannot open the store %s: %s", cfg->store.path, strerror(-rc));
+        smp_store_close(e->store);
         uv_mutex_destroy(&e->done_mu);
         free(e);
         return rc;

@@ -8,6 +8,8 @@
 #ifndef SMP_ENGINE_H
 #define SMP_ENGINE_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include <uv.h>
@@ -30,5 +32,17 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
  * store is then closed (everything queued is committed) but nothing else is freed, and the
  * caller must end the process (_exit) rather than go on. */
 int smp_engine_free(smp_engine_t *e);
+
+/* What the service manager is told (systemd's readiness and STATUS= line). */
+typedef struct smp_engine_health {
+    size_t devices;        /* configured */
+    size_t online;         /* online now */
+    size_t tried;          /* devices whose first poll has completed, online or not */
+    uint64_t outbox_depth; /* messages waiting for the broker's acknowledgement */
+    bool mqtt_connected;
+    bool store_degraded; /* store.on_error "degraded" in effect */
+} smp_engine_health_t;
+/* Fills *out. Loop thread, after smp_engine_new succeeded. */
+void smp_engine_health(smp_engine_t *e, smp_engine_health_t *out);
 
 #endif

@@ -175,6 +175,7 @@ struct smp_engine {
     void (*stop_cb)(void *arg);
     void *stop_arg;
     struct smp_command_state *cmds;
+    bool store_degraded; /* store.on_error "degraded" in effect: write commands are refused */
 };
 
 uint64_t smp__wall_ms(void);

@@ -1,6 +1,7 @@
 /* simpul: the edge gateway daemon. CLI, signals, and the loop. */
 #include <errno.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -16,9 +17,15 @@
 #include "log.h"
 #include "probe.h"
 #include "plugin_info.h"
+#include "paths.h"
+#include "sdnotify.h"
 
 /* SIGTERM/SIGINT must end the process within 5 s (the contract); leave a margin. */
 #define STOP_TIMEOUT_MS 4000u
+/* READY=1 waits for every device's first poll, but no longer than this: a bus of dead devices
+ * must not hold up the start (systemd's TimeoutStartSec). */
+#define READY_MAX_WAIT_MS 10000u
+#define SD_TICK_MS        500u
 
 static void usage(FILE *f)
 {
@@ -32,8 +39,9 @@ static void usage(FILE *f)
         "Edge gateway: polls field devices (Modbus TCP/RTU) and bridges them to MQTT.\n"
         "\n"
         "  -c, --config FILE      the JSON config file (see docs/config.md)\n"
-        "      --check            validate FILE and every plugin's part of it; print each\n"
-        "                         problem as FILE:LINE:COL: path.to.key: message;\n"
+        "      --check            validate FILE and every plugin's part of it, and check that\n"
+        "                         this user can write gateway.data_dir and store.path; print\n"
+        "                         each problem as FILE:LINE:COL: path.to.key: message;\n"
         "                         exit 0 when valid, 1 when not\n"
         "      --probe DEVICE     read every tag of DEVICE once, print tag, address, raw\n"
         "                         data, decoded value, unit, error; never writes; exit 0\n"
@@ -62,6 +70,13 @@ struct app {
     bool reloading;
     smp_config_t *next_cfg; /* validated config waiting for the engine to stop */
     int exit_code;
+    /* systemd notifications (sdnotify.h); all no-ops without $NOTIFY_SOCKET */
+    bool sd_on;
+    uv_timer_t sd_timer; /* readiness, then STATUS= updates */
+    uv_timer_t wd_timer; /* WATCHDOG=1, on the loop thread so a stuck loop stops the pings */
+    bool sd_ready;       /* READY=1 sent for the running engine */
+    uint64_t sd_since;   /* loop time the running engine started */
+    char sd_status[160]; /* the last STATUS= sent */
 };
 
 static void apply_log_level(struct app *a, const smp_config_t *cfg)
@@ -71,6 +86,74 @@ static void apply_log_level(struct app *a, const smp_config_t *cfg)
         level = smp_log_level_parse(cfg->gateway.log_level);
     }
     smp_log_set_level(level >= 0 ? level : SMP_LOG_INFO);
+}
+
+static void sd_status_text(const smp_engine_health_t *h, char *buf, size_t n)
+{
+    snprintf(buf, n, "%zu/%zu devices online, outbox %" PRIu64 ", mqtt %s%s", h->online, h->devices,
+             h->outbox_depth, h->mqtt_connected ? "connected" : "disconnected",
+             h->store_degraded ? ", store DEGRADED (in memory, writes refused)" : "");
+}
+
+/* READY=1 once the store is open, the plugins are loaded (both before the engine exists) and
+ * every device has been polled once (or READY_MAX_WAIT_MS passed); then STATUS= on change. */
+static void on_sd_timer(uv_timer_t *t)
+{
+    struct app *a = t->data;
+    if (a->engine == NULL || a->stopping || a->reloading) {
+        return;
+    }
+    smp_engine_health_t h;
+    smp_engine_health(a->engine, &h);
+    char st[sizeof a->sd_status];
+    sd_status_text(&h, st, sizeof st);
+    if (!a->sd_ready) {
+        if (h.tried < h.devices && uv_now(a->loop) - a->sd_since < READY_MAX_WAIT_MS) {
+            return;
+        }
+        a->sd_ready = true;
+        LOG_DEBUG("main", "ready: %zu of %zu devices polled once", h.tried, h.devices);
+        smp_sd_notifyf("READY=1\nSTATUS=%s", st);
+    } else if (strcmp(st, a->sd_status) != 0) {
+        smp_sd_notifyf("STATUS=%s", st);
+    }
+    snprintf(a->sd_status, sizeof a->sd_status, "%s", st);
+}
+
+static void on_wd_timer(uv_timer_t *t)
+{
+    (void)t;
+    smp_sd_notify("WATCHDOG=1");
+}
+
+static void sd_start(struct app *a)
+{
+    a->sd_on = getenv("NOTIFY_SOCKET") != NULL;
+    uv_timer_init(a->loop, &a->sd_timer);
+    uv_timer_init(a->loop, &a->wd_timer);
+    a->sd_timer.data = a->wd_timer.data = a;
+    uv_unref((uv_handle_t *)&a->sd_timer);
+    uv_unref((uv_handle_t *)&a->wd_timer);
+    if (!a->sd_on) {
+        return;
+    }
+    uv_timer_start(&a->sd_timer, on_sd_timer, SD_TICK_MS, SD_TICK_MS);
+    uint64_t wd = smp_sd_watchdog_usec();
+    if (wd > 0) {
+        /* Half the period, as sd_watchdog_enabled(3) advises: one late tick is not fatal. */
+        uint64_t ms = wd / 2000u > 0 ? wd / 2000u : 1;
+        uv_timer_start(&a->wd_timer, on_wd_timer, ms, ms);
+        LOG_INFO("main", "systemd watchdog: %" PRIu64 " ms, pinged every %" PRIu64 " ms",
+                 wd / 1000u, ms);
+    }
+}
+
+/* The engine (re)started: readiness is judged again from now. */
+static void sd_engine_started(struct app *a)
+{
+    a->sd_ready = false;
+    a->sd_since = uv_now(a->loop);
+    a->sd_status[0] = '\0';
 }
 
 static void on_engine_stopped(void *arg)
@@ -87,6 +170,7 @@ static void on_stop_signal(uv_signal_t *s, int signum)
     }
     LOG_INFO("main", "%s received, stopping", signum == SIGTERM ? "SIGTERM" : "SIGINT");
     a->stopping = true;
+    smp_sd_notify("STOPPING=1");
     smp_engine_stop(a->engine, STOP_TIMEOUT_MS, on_engine_stopped, a);
 }
 
@@ -98,6 +182,8 @@ static void on_hup(uv_signal_t *s, int signum)
         return;
     }
     LOG_INFO("main", "SIGHUP: reloading %s", a->config_path);
+    /* MONOTONIC_USEC lets systemd (Type=notify-reload, 253+) match this to its reload. */
+    smp_sd_notifyf("RELOADING=1\nMONOTONIC_USEC=%" PRIu64, smp_sd_monotonic_usec());
     char *buf = NULL;
     size_t len = 0;
     FILE *errs = open_memstream(&buf, &len);
@@ -116,6 +202,9 @@ static void on_hup(uv_signal_t *s, int signum)
             }
         }
         free(buf);
+        smp_sd_notifyf("READY=1\nSTATUS=reload rejected (%d problems): the running config stays",
+                       n);
+        a->sd_status[0] = '\0';
         return;
     }
     free(buf);
@@ -145,6 +234,14 @@ static int run_check(const char *path, const char *plugin_dir)
     int n = smp_config_load(path, plugin_dir, stderr, &cfg);
     if (n != 0) {
         fprintf(stderr, "%s: %d problem%s\n", path, n, n == 1 ? "" : "s");
+        return 1;
+    }
+    /* Valid is not enough: the user running the check (the service's, under systemd's
+     * ExecStartPre) must be able to keep the store where the config says. */
+    n = smp_paths_check(cfg, stderr);
+    if (n != 0) {
+        fprintf(stderr, "%s: %d problem%s\n", path, n, n == 1 ? "" : "s");
+        smp_config_free(cfg);
         return 1;
     }
     size_t ntags = 0;
@@ -267,11 +364,13 @@ int main(int argc, char **argv)
     uv_signal_start(&a.sigterm, on_stop_signal, SIGTERM);
     uv_signal_start(&a.sigint, on_stop_signal, SIGINT);
     uv_signal_start(&a.sighup, on_hup, SIGHUP);
+    sd_start(&a);
 
     for (;;) {
         int rc = smp_engine_new(a.loop, a.cfg, &a.engine);
         if (rc == 0) {
             rc = smp_engine_start(a.engine);
+            sd_engine_started(&a);
         }
         if (rc < 0) {
             a.exit_code = 1;
@@ -297,6 +396,8 @@ int main(int argc, char **argv)
         break;
     }
     smp_config_free(a.next_cfg);
+    uv_close((uv_handle_t *)&a.sd_timer, NULL);
+    uv_close((uv_handle_t *)&a.wd_timer, NULL);
     uv_close((uv_handle_t *)&a.sigterm, NULL);
     uv_close((uv_handle_t *)&a.sigint, NULL);
     uv_close((uv_handle_t *)&a.sighup, NULL);

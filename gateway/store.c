@@ -2014,3 +2014,8 @@ void smp_store_audit(smp_store_t *st, const smp_audit_row_t *row)
     o->to_ms = row->latency_us;
     enqueue(st, o);
 }
+
+bool smp_store_degraded(const smp_store_t *st)
+{
+    return st != NULL && st->in_memory && strcmp(st->path, ":memory:") != 0;
+}

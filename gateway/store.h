@@ -47,6 +47,9 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
  * after the loop has stopped running handles of the store's own (it closes its uv_async with
  * uv_close and runs the loop until closed). smp_store_close(NULL) is a no-op. */
 void smp_store_close(smp_store_t *st);
+/* True when the configured database could not be used at open and the store runs on the
+ * in-memory fallback (never for a configured ":memory:"). Any thread after open. */
+bool smp_store_degraded(const smp_store_t *st);
 
 /* --- start-up reads (main thread, before the loop runs) --- */
 /* Calls cb for every stored last value. value_json is the JSON text of the value. */

@@ -11,6 +11,7 @@ PKGS=(
   python3 python3-pymodbus python3-serial python3-serial-asyncio python3-paho-mqtt python3-jsonschema
   socat mbpoll valgrind procps openssl util-linux
   libsnmp-dev snmpd snmp  # SNMP driver (#11)
+  debhelper dpkg-dev lintian systemd libssl-dev  # issue 12: Debian package, systemd-analyze, TLS
 )
 
 missing=()

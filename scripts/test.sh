@@ -4,6 +4,7 @@
 #   2. an ASan+UBSan build with -Werror: unit tests + integration tests (leaks fail the run);
 #   3. a clang build with -Werror: compile only (catches what gcc lets through);
 #   4. every libFuzzer harness for 5 s (clang builds only).
+#   5. the Debian packages: built, installed and checked (scripts/test-deb.sh; needs root/sudo).
 # Prints one closing line "N passed, N failed" and exits non-zero when anything failed.
 # Usage: scripts/test.sh [--quick]   (--quick: the sanitizer build only)
 set -uo pipefail
@@ -106,6 +107,16 @@ if [ $quick -eq 0 ] && command -v clang >/dev/null &&
   fi
 else
   echo "=== fuzz: skipped (no clang with libFuzzer, or --quick)"
+fi
+
+# The Debian packages: built (lintian clean), installed with dpkg -i, --check on the installed
+# config as the service user, upgrade keeps conffile and store. Bounded: ~1 min on 2 cores.
+if [ $quick -eq 0 ]; then
+  if timeout 600 scripts/test-deb.sh; then
+    total_pass=$((total_pass + 1))
+  else
+    failed_suites+=("debian package"); total_fail=$((total_fail + 1))
+  fi
 fi
 
 # Format (style.md): every C file as clang-format (Debian 12's, 14) would write it.

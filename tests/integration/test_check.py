@@ -17,6 +17,7 @@ from harness import HERE, PLUGIN_DIR, SIMPUL, SOURCE_ROOT, Failure, TestCase  # 
 
 CONFIGS = os.path.join(HERE, "configs")
 DEMO = os.path.join(SOURCE_ROOT, "config", "dumai-demo.json")
+SITE = os.path.join(SOURCE_ROOT, "config", "site.json")
 SCHEMA = os.path.join(SOURCE_ROOT, "config", "simpul.schema.json")
 
 EXPECT = {
@@ -167,7 +168,7 @@ class CheckTest(TestCase):
             schema = json.load(f)
         jsonschema.Draft202012Validator.check_schema(schema)
         v = jsonschema.Draft202012Validator(schema)
-        for path in [DEMO, os.path.join(CONFIGS, "good-modbus.json")]:
+        for path in [DEMO, SITE, os.path.join(CONFIGS, "good-modbus.json")]:
             with open(path) as f:
                 errs = list(v.iter_errors(json.load(f)))
             if errs:

@@ -85,7 +85,8 @@ class ReloadTest(h.TestCase):
             f.write('{"gateway": {"id": "gw-test", "bogus": 1}}')
         g.proc.signal(signal.SIGHUP)
         h.wait_for(lambda: "reload rejected" in g.proc.output(), 10, "reload rejected")
-        assert "gateway.bogus: unknown key" in g.proc.output()
+        # The problems are logged one line each, after the "rejected" line.
+        h.wait_for(lambda: "gateway.bogus: unknown key" in g.proc.output(), 5, "the problem")
         n = len(sub.json("simpul/gw-test/pump-01/data"))
         h.wait_for(lambda: len(sub.json("simpul/gw-test/pump-01/data")) >= n + 5, 10,
                    "data after the rejected reload")

@@ -391,6 +391,9 @@ static void test_valid_full(void **state)
     assert_int_equal(mkdir(sub, 0700), 0);
     write_file(cert, "cert");
     write_file(key, "key");
+    /* Secrets must not be accessible to other users. */
+    assert_int_equal(chmod(pw, 0600), 0);
+    assert_int_equal(chmod(key, 0640), 0);
     const char *text =
         "{\n"
         "  \"gateway\": {\"id\": \"dumai-gw-01\", \"data_dir\": \"state\", \"log_level\": "
@@ -828,22 +831,25 @@ static void test_duplicate_json_keys(void **state)
     res_free(&r);
 }
 
-static void test_store_synchronous(void **state)
+static void test_store_choices(void **state)
 {
     (void)state;
     res_t r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": "
-                   "{\"synchronous\": \"normal\"}}");
+                   "{\"synchronous\": \"normal\", \"on_error\": \"refuse\"}}");
     assert_int_equal(r.n, 0);
     assert_true(r.cfg->store.sync_normal);
+    assert_true(r.cfg->store.on_error_refuse);
     res_free(&r);
     r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": []}");
     assert_int_equal(r.n, 0);
-    assert_false(r.cfg->store.sync_normal); /* full is the default: power cuts lose nothing */
+    assert_false(r.cfg->store.sync_normal);     /* full is the default: power cuts lose nothing */
+    assert_false(r.cfg->store.on_error_refuse); /* degraded is the default: keep polling */
     res_free(&r);
     r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": {\"synchronous\": "
-             "\"off\"}}");
-    expect_errors(&r, 1);
+             "\"off\", \"on_error\": \"exit\"}}");
+    expect_errors(&r, 2);
     expect_line(&r, "t.json:1:69: store.synchronous: \"off\" is not \"full\" or \"normal\"");
+    expect_line(&r, "t.json:1:88: store.on_error: \"exit\" is not \"degraded\" or \"refuse\"");
     res_free(&r);
 }
 
@@ -1463,8 +1469,8 @@ int main(void)
         cmocka_unit_test(test_duplicate_tag),
         cmocka_unit_test(test_duplicate_json_keys),
         cmocka_unit_test(test_out_of_range),
-        cmocka_unit_test(test_store_synchronous),
         cmocka_unit_test(test_commands_section),
+        cmocka_unit_test(test_store_choices),
         cmocka_unit_test(test_missing_required),
         cmocka_unit_test(test_bad_plugin_keys),
         cmocka_unit_test(test_type_restrictions),
