@@ -253,10 +253,17 @@ def analyse_collectd(sub, t0, t1):
     return msgs, msgs, lags, [], first_ts
 
 
-def measure(who, argv, env, sub, warmup, window, workdir):
+def measure(who, argv, env, sub, warmup, window, workdir, perf=None):
     """Starts argv, waits for its first data, warms up, measures over the window, stops it."""
     spawn = time.time()
     proc = h.Proc(who, argv, workdir, env=env)
+    try:
+        return measure_proc(proc, who, sub, spawn, warmup, window, perf)
+    finally:
+        proc.stop()  # a no-op after a clean stop; otherwise no process outlives the bench
+
+
+def measure_proc(proc, who, sub, spawn, warmup, window, perf):
     pid = proc.pid
     rss_first = 0
     deadline = time.monotonic() + 60
@@ -266,6 +273,10 @@ def measure(who, argv, env, sub, warmup, window, workdir):
         rss_first = int(proc_status(pid)["VmRSS"][0])
         time.sleep(0.005)
     time.sleep(warmup)
+    rec = None
+    if perf:
+        rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-g", "-p", str(pid),
+                                "-o", perf, "--", "sleep", str(window)])
     cpu0, wb0, w0 = proc_cpu_s(pid), proc_write_bytes(pid), time.time()
     pss_peak = threads = 0
     while time.time() < w0 + window:
@@ -273,18 +284,19 @@ def measure(who, argv, env, sub, warmup, window, workdir):
         threads = max(threads, int(proc_status(pid)["Threads"][0]))
         time.sleep(min(1.0, max(0.0, w0 + window - time.time())))
     cpu1, wb1, w1 = proc_cpu_s(pid), proc_write_bytes(pid), time.time()
+    if rec:
+        rec.wait(30)
     st = proc_status(pid)
     rc = proc.stop(timeout=15)
     if who == "simpul" and rc != 0:
         raise h.Failure("simpul exited %s after SIGTERM:\n%s" % (rc, proc.output()[-3000:]))
-    r = {"who": who, "cpu_pct": (cpu1 - cpu0) / (w1 - w0) * 100.0,
-         "rss_mb": int(st["VmHWM"][0]) / 1024.0, "pss_mb": pss_peak / 1024.0,
-         "rss_first_mb": rss_first / 1024.0, "threads": threads,
-         "disk_mb_s": (wb1 - wb0) / (w1 - w0) / 1e6, "window": (w0, w1), "spawn": spawn}
-    return r
+    return {"who": who, "cpu_pct": (cpu1 - cpu0) / (w1 - w0) * 100.0,
+            "rss_mb": int(st["VmHWM"][0]) / 1024.0, "pss_mb": pss_peak / 1024.0,
+            "rss_first_mb": rss_first / 1024.0, "threads": threads,
+            "disk_mb_s": (wb1 - wb0) / (w1 - w0) / 1e6, "window": (w0, w1), "spawn": spawn}
 
 
-def run_one(who, workdir, broker, ndev, k, warmup, window):
+def run_one(who, workdir, broker, ndev, k, warmup, window, args):
     devs, units, regs = layout(ndev, k)
     load = Load(workdir, k, units, regs)
     sub = None
@@ -297,9 +309,9 @@ def run_one(who, workdir, broker, ndev, k, warmup, window):
                 if os.path.exists(db + suffix):
                     os.remove(db + suffix)
             g = h.Gateway(workdir, cfg, name="simpul-city", log_level="warn")
-            argv = [h.SIMPUL, "-c", g.config_path, "--log-level", "warn"]
+            argv = args.wrap.split() + [h.SIMPUL, "-c", g.config_path, "--log-level", "warn"]
             r = measure("simpul", argv, {"SIMPUL_PLUGIN_DIR": h.PLUGIN_DIR}, sub, warmup,
-                        window, workdir)
+                        window, workdir, perf=args.perf)
             sub.stop()
             msgs, values, lags, jitter, first_ts = analyse_simpul(sub, *r["window"])
         else:
@@ -387,6 +399,11 @@ def main():
     ap.add_argument("--ceiling-s", type=float, default=5.0)
     ap.add_argument("--no-collectd", action="store_true")
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--perf", metavar="FILE",
+                    help="perf record -e cpu-clock -g simpul over the window into FILE")
+    ap.add_argument("--wrap", default="", metavar="CMD",
+                    help='run simpul under CMD, e.g. "valgrind --tool=callgrind'
+                         ' --callgrind-out-file=FILE"')
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="simpul-city-")
     broker = h.Broker(workdir).start()
@@ -402,7 +419,8 @@ def main():
                 for rnd in range(args.rounds):
                     pair = {}
                     for who in who_list:
-                        r = run_one(who, workdir, broker, ndev, k, args.warmup, args.window)
+                        r = run_one(who, workdir, broker, ndev, k, args.warmup, args.window,
+                                    args)
                         r["round"] = rnd
                         pair[who] = r
                         results.append(r)
