@@ -732,6 +732,37 @@ void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
     smp_buf_free(&errs);
 }
 
+/* The interned copy of an error text. Tag errors come from a small set (errno texts, Modbus
+ * exceptions, link failures), so each tag keeps a pointer instead of its own copy; past
+ * ERR_TEXTS_MAX distinct texts, new ones share one generic text rather than grow the set. */
+#define ERR_TEXTS_MAX 512
+static const char *intern_err(smp_engine_t *e, const char *msg)
+{
+    for (size_t k = 0; k < e->err_texts_n; k++) {
+        if (strcmp(e->err_texts[k], msg) == 0) {
+            return e->err_texts[k];
+        }
+    }
+    if (e->err_texts_n == ERR_TEXTS_MAX) {
+        return "read failed (the gateway keeps no more distinct error texts)";
+    }
+    if (e->err_texts_n == e->err_texts_cap) {
+        size_t cap = e->err_texts_cap ? e->err_texts_cap * 2 : 16;
+        char **p = realloc(e->err_texts, cap * sizeof *p);
+        if (p == NULL) {
+            return "out of memory";
+        }
+        e->err_texts = p;
+        e->err_texts_cap = cap;
+    }
+    char *copy = strndup(msg, ERRMSG_LEN - 1);
+    if (copy == NULL) {
+        return "out of memory";
+    }
+    e->err_texts[e->err_texts_n++] = copy;
+    return copy;
+}
+
 /* Applies one tag reading (from a poll or a command's read-back) to the tag's state. */
 void smp__engine_apply_reading(smp_engine_t *e, struct device *d, uint32_t t,
                                const smp_reading_t *r, const char *errmsg, uint64_t ts)
@@ -742,9 +773,9 @@ void smp__engine_apply_reading(smp_engine_t *e, struct device *d, uint32_t t,
         const char *msg = errmsg != NULL && errmsg[0] ? errmsg : err_text(r->status, NULL);
         if (tr->err == 0 || strcmp(tr->errmsg, msg) != 0) {
             tr->err_dirty = true;
+            tr->errmsg = intern_err(e, msg);
         }
         tr->err = r->status;
-        snprintf(tr->errmsg, sizeof tr->errmsg, "%s", msg);
         /* The value is unknown now; when it comes back it is reported again. */
         smp_eval_clear(&tr->current);
         smp_eval_clear(&tr->reported);
@@ -1095,7 +1126,6 @@ static void restore_last(void *arg, const char *device, const char *tag, const c
                 if (smp_eval_from_json(&d->cfg->tags[t], value_json, &v) == 0) {
                     smp_eval_clear(&d->tags[t].reported);
                     d->tags[t].reported = v;
-                    d->tags[t].restored_ts = (uint64_t)ts_ms;
                 }
                 return;
             }
@@ -1454,6 +1484,10 @@ int smp_engine_free(smp_engine_t *e)
     free(e->conns);
     free(e->devs);
     free(e->live_ids);
+    for (size_t k = 0; k < e->err_texts_n; k++) {
+        free(e->err_texts[k]);
+    }
+    free(e->err_texts);
     free(e->topic_metrics);
     free(e->topic_cmd_sub);
     uv_mutex_destroy(&e->done_mu);

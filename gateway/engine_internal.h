@@ -63,15 +63,15 @@ struct group {
     bool in_flight;
 };
 
+/* A tag's state, 56 bytes: a gateway holds one per tag, 100k of them at city scale. */
 struct tag_rt {
     smp_eval_t current;  /* last value read (NONE when unknown or in error) */
     smp_eval_t reported; /* last value published: the deadband baseline */
     uint64_t current_ts;
-    uint64_t restored_ts; /* ts of `reported` when restored from the store */
-    bool dirty;           /* current differs from reported beyond the deadband */
+    const char *errmsg; /* while err != 0: the error's text, interned (engine's err_texts) */
     int err;
+    bool dirty; /* current differs from reported beyond the deadband */
     bool err_dirty;
-    char errmsg[ERRMSG_LEN];
 };
 
 struct device {
@@ -166,6 +166,9 @@ struct smp_engine {
     void (*stop_cb)(void *arg);
     void *stop_arg;
     struct smp_command_state *cmds;
+    /* Distinct texts of tag errors, owned: tags in error point into this small set. */
+    char **err_texts;
+    size_t err_texts_n, err_texts_cap;
 };
 
 uint64_t smp__wall_ms(void);

@@ -27,13 +27,16 @@ typedef enum smp_eval_kind {
     SMP_EV_STRING,  /* s (owned, NUL-terminated, valid UTF-8) */
 } smp_eval_kind_t;
 
+/* One value of the kind named by `kind` (16 bytes: a gateway keeps two per tag). */
 typedef struct smp_eval {
     smp_eval_kind_t kind;
-    bool b;
-    int64_t i;
-    uint64_t u;
-    double d;
-    char *s;
+    union {
+        bool b;
+        int64_t i;
+        uint64_t u;
+        double d;
+        char *s;
+    };
 } smp_eval_t;
 
 /* Converts a raw reading of `tag` into an engineering value. Returns 0, or -EDOM when the
