@@ -61,6 +61,7 @@ struct group {
     uv_timer_t timer;
     bool timer_init;
     bool in_flight;
+    struct job *spare; /* the last poll's job, reused by the next */
 };
 
 /* A tag's state, 56 bytes: a gateway holds one per tag, 100k of them at city scale. */
@@ -79,7 +80,8 @@ struct device {
     const smp_device_cfg_t *cfg;
     struct conn *conn;
     char scope[160];
-    smp_tag_t *ptags; /* the driver's view of the tags */
+    smp_tag_t *ptags;  /* the driver's view of the tags */
+    bool ptags_shared; /* ptags belong to an earlier device with the same definitions */
     struct tag_rt *tags;
     struct group *groups;
     size_t ngroups;
@@ -169,6 +171,8 @@ struct smp_engine {
     /* Distinct texts of tag errors, owned: tags in error point into this small set. */
     char **err_texts;
     size_t err_texts_n, err_texts_cap;
+    /* smp__engine_emit's buffers, reused from message to message */
+    smp_buf_t emit_vals, emit_errs, emit_msg;
 };
 
 uint64_t smp__wall_ms(void);

@@ -72,6 +72,8 @@ typedef struct smp_buf {
 } smp_buf_t;
 void smp_buf_init(smp_buf_t *b);
 void smp_buf_free(smp_buf_t *b);
+/* Empties b for reuse, keeping its memory (and clearing an out-of-memory mark). */
+void smp_buf_reset(smp_buf_t *b);
 void smp_buf_add(smp_buf_t *b, const char *s, size_t n);
 void smp_buf_puts(smp_buf_t *b, const char *s);
 void smp_buf_printf(smp_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

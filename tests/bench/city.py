@@ -273,6 +273,10 @@ def measure_proc(proc, who, sub, spawn, warmup, window, perf):
         rss_first = int(proc_status(pid)["VmRSS"][0])
         time.sleep(0.005)
     time.sleep(warmup)
+    callgrind = "callgrind" in " ".join(proc.argv[:3])
+    if callgrind:
+        # Count instructions over the window only: zero now, dump at its end.
+        subprocess.run(["callgrind_control", "-z", str(pid)], stdout=subprocess.DEVNULL)
     rec = None
     if perf:
         rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-g", "-p", str(pid),
@@ -286,6 +290,8 @@ def measure_proc(proc, who, sub, spawn, warmup, window, perf):
     cpu1, wb1, w1 = proc_cpu_s(pid), proc_write_bytes(pid), time.time()
     if rec:
         rec.wait(30)
+    if callgrind:
+        subprocess.run(["callgrind_control", "-d", str(pid)], stdout=subprocess.DEVNULL)
     st = proc_status(pid)
     rc = proc.stop(timeout=15)
     if who == "simpul" and rc != 0:
