@@ -27,6 +27,10 @@
 #define BACKOFF_MAX_MS     30000u
 /* Consecutive timeouts on one connection, across its devices, before it is reopened. */
 #define TIMEOUTS_BEFORE_REOPEN 2
+/* A worker's stack. glibc's default is RLIMIT_STACK (8 MB): 500 workers would reserve 4 GB of
+ * address space. A driver's blocking calls (libmodbus, getaddrinfo, net-snmp, formatting) need
+ * far less; only the pages a worker touches count in RSS either way. */
+#define WORKER_STACK_BYTES (512u * 1024u)
 /* Finished jobs a worker hands to the loop at once, at most, while more are queued. */
 #define DONE_BATCH_MAX 16
 /* Outbox rows fetched per round trip while replaying. */
@@ -1338,7 +1342,9 @@ int smp_engine_start(smp_engine_t *e)
     e->started_ms = uv_now(e->loop);
     for (size_t m = 0; m < e->nconns; m++) {
         struct conn *c = e->conns[m];
-        if (uv_thread_create(&c->thread, worker_main, c) != 0) {
+        uv_thread_options_t topt = {.flags = UV_THREAD_HAS_STACK_SIZE,
+                                    .stack_size = WORKER_STACK_BYTES};
+        if (uv_thread_create_ex(&c->thread, &topt, worker_main, c) != 0) {
             LOG_ERR(c->scope, "cannot start the worker thread");
             return -EAGAIN;
         }
