@@ -310,6 +310,8 @@ def run_one(who, workdir, broker, ndev, k, warmup, window, args):
         if who == "simpul":
             sub = Subscriber(workdir, broker.port, "simpul/bench/+/data", "sub-simpul")
             cfg = simpul_config(workdir, broker.port, devs, load.ports)
+            if args.sync:
+                cfg["store"]["synchronous"] = args.sync
             db = cfg["store"]["path"]
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(db + suffix):
@@ -405,6 +407,8 @@ def main():
     ap.add_argument("--ceiling-s", type=float, default=5.0)
     ap.add_argument("--no-collectd", action="store_true")
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--sync", choices=["full", "normal"],
+                    help="simpul's store.synchronous (default: simpul's own default, full)")
     ap.add_argument("--perf", metavar="FILE",
                     help="perf record -e cpu-clock -g simpul over the window into FILE")
     ap.add_argument("--wrap", default="", metavar="CMD",
