@@ -51,6 +51,7 @@ SCALES = {
     "1k": [(20, 20)],
     "10k": [(200, 200)],
     "100k": [(2000, 1), (2000, 500)],
+    "100k1": [(2000, 1)],  # one of the two, for profiles
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
