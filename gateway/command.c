@@ -1286,10 +1286,6 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
         fail(e, m, "expired", msg);
         return;
     }
-    if (m->c.op == SMP_CMD_WRITE && e->store_degraded) {
-        fail(e, m, "busy", "no durable store (store.on_error \"degraded\"): writes are refused");
-        return;
-    }
     if (m->c.op == SMP_CMD_HISTORY) {
         if (find_tag(m->d, m->c.tag) < 0) {
             fail(e, m, "unknown_tag", "no such tag on this device");

@@ -1139,6 +1139,9 @@ typedef struct profile {
     size_t n;
     tag_src_t *srcs;
     smp_tag_cfg_t *cfgs; /* host fields; devices copy them */
+    /* The first valid device whose tags are all this profile's: later such devices with the
+     * same protocol share its tag definitions instead of holding a copy each. */
+    const smp_device_cfg_t *owner;
 } profile_t;
 
 typedef struct profiles {
@@ -1481,6 +1484,9 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
         pop(v, old);
     }
     json_decref(empty);
+    if (srcs == NULL) {
+        return; /* the device shares tags checked already */
+    }
 
     /* Tags: each is checked where it is written, which for a profile's tag is the profile. */
     char *saved = xstrdup(v, cur_path(v));
@@ -1516,7 +1522,7 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
     }
 }
 
-static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, const profiles_t *ps,
+static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, profiles_t *ps,
                          json_t *names)
 {
     static const char *const keys[] = {"name",        "protocol",  "profile",    "tags",
@@ -1571,7 +1577,7 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, cons
     }
 
     /* The profile's tags first, then the device's own. */
-    const profile_t *prof = NULL;
+    profile_t *prof = NULL;
     bool profile_given = json_object_get(d, "profile") != NULL;
     const char *pname = get_str(v, d, "profile", false);
     if (pname != NULL) {
@@ -1599,11 +1605,21 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, cons
             prof = &ps->list[json_integer_value(idx)];
         }
     }
+    bool tags_given = json_object_get(d, "tags") != NULL;
+    if (prof != NULL && !tags_given && prof->owner != NULL && prof->owner->plugin == dev->plugin) {
+        /* At city scale this is most devices: one copy of the definitions per profile, not one
+         * per device (about 250 bytes per tag). */
+        dev->tags = prof->owner->tags;
+        dev->ntags = prof->owner->ntags;
+        dev->tags_shared = true;
+        check_device_plugin(v, dev, d, NULL);
+        return;
+    }
+    size_t ndiags_before = v->ndiags;
     tag_src_t *own = NULL;
     smp_tag_cfg_t *own_cfgs = NULL;
     size_t nown = 0;
     json_t *tags = get(v, d, "tags", W_ARRAY, false);
-    bool tags_given = json_object_get(d, "tags") != NULL;
     if (tags != NULL) {
         size_t old = push_key(v, "tags");
         parse_tag_list(v, tags, &own, &own_cfgs, &nown);
@@ -1657,6 +1673,10 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, cons
         if (dev->plugin != NULL) {
             check_device_plugin(v, dev, d, srcs);
         }
+        if (prof != NULL && !tags_given && prof->owner == NULL && dev->plugin != NULL &&
+            v->ndiags == ndiags_before && !v->oom) {
+            prof->owner = dev;
+        }
     }
     free(srcs);
     for (size_t k = 0; own_cfgs != NULL && k < nown; k++) {
@@ -1666,7 +1686,7 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, cons
     free_srcs(own, nown);
 }
 
-static void parse_devices(vctx_t *v, smp_config_t *cfg, json_t *root, const profiles_t *ps)
+static void parse_devices(vctx_t *v, smp_config_t *cfg, json_t *root, profiles_t *ps)
 {
     json_t *arr = get(v, root, "devices", W_ARRAY, true);
     if (arr == NULL) {
@@ -1930,10 +1950,12 @@ void smp_config_free(smp_config_t *cfg)
     for (size_t i = 0; cfg->devices != NULL && i < cfg->ndevices; i++) {
         smp_device_cfg_t *d = &cfg->devices[i];
         size_t ntag_keys = d->plugin != NULL ? d->plugin->ntag_keys : 0;
-        for (size_t k = 0; d->tags != NULL && k < d->ntags; k++) {
+        for (size_t k = 0; !d->tags_shared && d->tags != NULL && k < d->ntags; k++) {
             free_tag(&d->tags[k], ntag_keys);
         }
-        free(d->tags);
+        if (!d->tags_shared) {
+            free(d->tags);
+        }
         free_params(d->conn_params, d->plugin != NULL ? d->plugin->nconn_keys : 0);
         free(d->name);
         free(d->protocol);

@@ -46,6 +46,7 @@ typedef struct smp_device_cfg {
     char conn_key[256];              /* from plugin conn_key(): equal => shared connection */
     smp_tag_cfg_t *tags;             /* profile's tags first, then the device's own */
     size_t ntags;
+    bool tags_shared; /* tags belong to an earlier device with the same profile and protocol */
 } smp_device_cfg_t;
 
 typedef struct smp_config {

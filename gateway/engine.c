@@ -28,6 +28,17 @@
 #define BACKOFF_MAX_MS     30000u
 /* Consecutive timeouts on one connection, across its devices, before it is reopened. */
 #define TIMEOUTS_BEFORE_REOPEN 2
+/* A worker's stack. glibc's default is RLIMIT_STACK (8 MB): 500 workers would reserve 4 GB of
+ * address space. A driver's blocking calls (libmodbus, getaddrinfo, net-snmp, formatting) need
+ * far less; only the pages a worker touches count in RSS either way. */
+#define WORKER_STACK_BYTES (512u * 1024u)
+/* Finished jobs a worker hands to the loop at once, at most, while more are queued. */
+#define DONE_BATCH_MAX 16
+/* ... and only while requests are quick (a fast TCP line): after a request that took longer
+ * than this (RTU at 9600 baud, a 60 ms reply) the finished job goes to the loop at once, or
+ * its group would still count as in flight at its next tick (an overrun, an idle line) and its
+ * data would wait for the next request. A batch is never older than the same bound. */
+#define DONE_BATCH_MAX_NS (1000u * 1000u)
 /* Outbox rows fetched per round trip while replaying. */
 #define REPLAY_BATCH 500u
 
@@ -104,16 +115,17 @@ void smp__job_free(struct job *j)
     free(j);
 }
 
-static void done_push(smp_engine_t *e, struct job *j)
+/* Hands finished jobs head..tail (linked, in order) to the loop: one wake-up for all. */
+static void done_push(smp_engine_t *e, struct job *head, struct job *tail)
 {
     uv_mutex_lock(&e->done_mu);
-    j->next = NULL;
+    tail->next = NULL;
     if (e->done_tail != NULL) {
-        e->done_tail->next = j;
+        e->done_tail->next = head;
     } else {
-        e->done_head = j;
+        e->done_head = head;
     }
-    e->done_tail = j;
+    e->done_tail = tail;
     uv_mutex_unlock(&e->done_mu);
     uv_async_send(&e->done_async);
 }
@@ -195,6 +207,45 @@ static bool deadline_passed(const struct job *j)
     return j->deadline_mono_ms != 0 && mono_ms() >= j->deadline_mono_ms;
 }
 
+/* Copies tag k's string value into the job. The copies' table is made on the first string
+ * only: a poll without string tags allocates nothing. Worker thread. */
+static int keep_string(struct job *j, size_t k)
+{
+    smp_reading_t *r = &j->readings[k];
+    if (j->strs == NULL && (j->strs = calloc(j->n, sizeof *j->strs)) == NULL) {
+        return -ENOMEM;
+    }
+    size_t len = r->value.len > SMP_STRING_MAX ? SMP_STRING_MAX : r->value.len;
+    j->strs[k] = malloc(len + 1);
+    if (j->strs[k] == NULL) {
+        return -ENOMEM;
+    }
+    if (len > 0 && r->value.s != NULL) {
+        memcpy(j->strs[k], r->value.s, len);
+    } else {
+        len = 0;
+    }
+    j->strs[k][len] = '\0';
+    r->value.s = j->strs[k];
+    r->value.len = len;
+    return 0;
+}
+
+/* Copies the text of tag k's error into the job, where the loop reads it. The texts' table is
+ * made on the first error only: a healthy poll allocates nothing. Without memory for it the
+ * loop falls back to the error code's own text. Worker thread. */
+static void keep_error(struct job *j, size_t k)
+{
+    smp_reading_t *r = &j->readings[k];
+    if (j->errs == NULL) {
+        j->errs = calloc(j->n, ERRMSG_LEN);
+    }
+    if (j->errs != NULL) {
+        snprintf(JOB_ERR(j, k), ERRMSG_LEN, "%s", err_text(r->status, r->message));
+    }
+    r->message = NULL;
+}
+
 static void run_read(struct conn *c, struct job *j)
 {
     struct device *d = j->dev;
@@ -227,29 +278,17 @@ static void run_read(struct conn *c, struct job *j)
     d->w_next_try_ms = 0;
     c->timeouts = 0;
     j->status = rc;
-    /* Driver strings are valid only until the next call on the device: copy them now. */
+    /* Driver strings and messages are valid only until the next call on the device: copy
+     * them now. */
     for (size_t k = 0; k < j->n; k++) {
         smp_reading_t *r = &j->readings[k];
-        const smp_tag_cfg_t *t = &d->cfg->tags[j->idx[k]];
+        if (r->status == 0 && d->cfg->tags[j->idx[k]].type == SMP_TYPE_STRING &&
+            keep_string(j, k) < 0) {
+            r->status = -ENOMEM;
+            r->message = "out of memory";
+        }
         if (r->status != 0) {
-            snprintf(JOB_ERR(j, k), ERRMSG_LEN, "%s", err_text(r->status, r->message));
-            r->message = NULL;
-        } else if (t->type == SMP_TYPE_STRING) {
-            size_t len = r->value.len > SMP_STRING_MAX ? SMP_STRING_MAX : r->value.len;
-            j->strs[k] = malloc(len + 1);
-            if (j->strs[k] == NULL) {
-                r->status = -ENOMEM;
-                snprintf(JOB_ERR(j, k), ERRMSG_LEN, "out of memory");
-                continue;
-            }
-            if (len > 0 && r->value.s != NULL) {
-                memcpy(j->strs[k], r->value.s, len);
-            } else {
-                len = 0;
-            }
-            j->strs[k][len] = '\0';
-            r->value.s = j->strs[k];
-            r->value.len = len;
+            keep_error(j, k);
         }
     }
 }
@@ -347,8 +386,22 @@ static void worker_main(void *arg)
             }
         }
     }
+    /* Finished jobs go to the loop in batches while more are queued (a busy shared line),
+     * at most DONE_BATCH_MAX at a time, and always in the order they ran. */
+    struct job *batch = NULL, *batch_tail = NULL;
+    size_t nbatch = 0;
+    uint64_t batch_ns = 0;
     for (;;) {
         uv_mutex_lock(&c->mu);
+        bool more = c->cmd_head != NULL || (c->poll_head != NULL && !c->stop);
+        if (nbatch > 0 &&
+            (!more || nbatch >= DONE_BATCH_MAX || uv_hrtime() - batch_ns >= DONE_BATCH_MAX_NS)) {
+            uv_mutex_unlock(&c->mu);
+            done_push(c->eng, batch, batch_tail);
+            batch = batch_tail = NULL;
+            nbatch = 0;
+            continue;
+        }
         while (c->cmd_head == NULL && c->poll_head == NULL && !c->stop) {
             uv_cond_wait(&c->cv, &c->mu);
         }
@@ -379,7 +432,22 @@ static void worker_main(void *arg)
             run_write(c, j);
         }
         sample_job(c, j, start_ns);
-        done_push(c->eng, j);
+        j->next = NULL;
+        if (batch_tail != NULL) {
+            batch_tail->next = j;
+        } else {
+            batch = j;
+        }
+        batch_tail = j;
+        if (nbatch == 0) {
+            batch_ns = uv_hrtime();
+        }
+        /* A command's answer does not wait for the batch (nor overtakes the polls before it). */
+        bool slow = uv_hrtime() - start_ns >= DONE_BATCH_MAX_NS;
+        nbatch = j->cmd != NULL || slow ? DONE_BATCH_MAX : nbatch + 1;
+    }
+    if (nbatch > 0) {
+        done_push(c->eng, batch, batch_tail);
     }
     for (size_t k = 0; k < c->ndevs; k++) {
         if (c->devs[k]->pdev != NULL) {
@@ -396,7 +464,7 @@ static void worker_main(void *arg)
     if (bye != NULL) {
         bye->type = JOB_EXIT;
         bye->conn = c;
-        done_push(c->eng, bye);
+        done_push(c->eng, bye, bye);
     } else {
         /* Without memory for the notice the loop learns of the exit from the stop timeout. */
         LOG_ERR(c->scope, "out of memory at worker exit");
@@ -409,6 +477,7 @@ void smp__engine_enqueue(struct conn *c, struct job *j)
     j->next = NULL;
     j->conn = c;
     uv_mutex_lock(&c->mu);
+    bool idle = c->cmd_head == NULL && c->poll_head == NULL;
     if (j->cmd != NULL) {
         if (c->cmd_tail != NULL) {
             c->cmd_tail->next = j;
@@ -424,7 +493,10 @@ void smp__engine_enqueue(struct conn *c, struct job *j)
         }
         c->poll_tail = j;
     }
-    uv_cond_signal(&c->cv);
+    /* The worker waits only when both queues are empty: a busy one finds this job itself. */
+    if (idle) {
+        uv_cond_signal(&c->cv);
+    }
     uv_mutex_unlock(&c->mu);
 }
 
@@ -647,11 +719,12 @@ static void pump(smp_engine_t *e)
     smp_store_outbox_fetch(e->store, e->cursor, e->fetch_max, on_fetch, e);
 }
 
+/* A data message waiting for its outbox row; one allocation, the payload inside. */
 struct pending {
     smp_engine_t *e;
-    char *topic;
-    char *payload;
+    const char *topic; /* the device's: devices outlive the store and its callbacks */
     size_t len;
+    char payload[];
 };
 
 static void on_outbox_added(void *arg, int status, int64_t id)
@@ -680,8 +753,6 @@ static void on_outbox_added(void *arg, int status, int64_t id)
     } else {
         e->backlog = true; /* it waits in the outbox; the pump sends it */
     }
-    free(m->topic);
-    free(m->payload);
     free(m);
     pump(e);
     if (e->stopping) {
@@ -689,37 +760,32 @@ static void on_outbox_added(void *arg, int status, int64_t id)
     }
 }
 
-static void queue_data(smp_engine_t *e, struct device *d, smp_buf_t *b)
+static void queue_data(smp_engine_t *e, struct device *d, const smp_buf_t *b)
 {
-    struct pending *m = calloc(1, sizeof *m);
-    if (m == NULL || b->oom) {
-        free(m);
+    struct pending *m = b->oom ? NULL : malloc(sizeof *m + b->len);
+    if (m == NULL) {
         e->stats.lost++;
         return;
     }
     m->e = e;
-    m->topic = strdup(d->topic_data);
-    m->payload = b->p; /* ownership moves to the pending message */
+    m->topic = d->topic_data;
     m->len = b->len;
-    b->p = NULL;
-    if (m->topic == NULL) {
-        free(m->payload);
-        free(m);
-        e->stats.lost++;
-        return;
-    }
+    memcpy(m->payload, b->p, b->len);
     e->pending_adds++;
     smp_store_outbox_add(e->store, d->cfg->name, d->seq, m->topic, m->payload, m->len,
                          on_outbox_added, m);
 }
 
-static void add_value(smp_buf_t *b, bool *first, const char *name, const smp_eval_t *v)
+/* Appends "name":value; returns where the value's text starts in b. */
+static size_t add_value(smp_buf_t *b, bool *first, const char *name, const smp_eval_t *v)
 {
     smp_buf_puts(b, *first ? "\"" : ",\"");
     smp_buf_puts(b, name); /* names are [A-Za-z0-9_-]+: no escaping needed */
-    smp_buf_puts(b, "\":");
+    smp_buf_add(b, "\":", 2);
+    size_t at = b->len;
     smp_buf_eval(b, v);
     *first = false;
+    return at;
 }
 
 static void add_error(smp_buf_t *b, bool *first, const char *name, const char *msg)
@@ -731,13 +797,21 @@ static void add_error(smp_buf_t *b, bool *first, const char *name, const char *m
     *first = false;
 }
 
-static void record_value(smp_engine_t *e, struct device *d, size_t t, uint64_t ts)
+/* Stores a changed value, given as the JSON text just written into the message. */
+static void record_value(smp_engine_t *e, struct device *d, size_t t, uint64_t ts, const char *json,
+                         size_t len)
 {
-    struct tag_rt *tr = &d->tags[t];
-    char text[SMP_STRING_MAX * 6 + 64];
-    size_t len = smp_eval_to_json(&tr->current, text, sizeof text);
-    if (len < sizeof text) {
-        smp_store_put_value(e->store, d->cfg->name, d->cfg->tags[t].name, text, (int64_t)ts);
+    char text[64];
+    char *s = len < sizeof text ? text : malloc(len + 1); /* only long strings need the heap */
+    if (s == NULL) {
+        LOG_ERR(d->scope, "%s: out of memory for its history row", d->cfg->tags[t].name);
+        return;
+    }
+    memcpy(s, json, len);
+    s[len] = '\0';
+    smp_store_put_value(e->store, d->cfg->name, d->cfg->tags[t].name, s, (int64_t)ts);
+    if (s != text) {
+        free(s);
     }
 }
 
@@ -745,15 +819,16 @@ static void record_value(smp_engine_t *e, struct device *d, size_t t, uint64_t t
  * lists the tags this poll read (all tags are candidates on a full refresh). */
 void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
 {
-    smp_buf_t vals, errs;
-    smp_buf_init(&vals);
-    smp_buf_init(&errs);
+    /* The engine's buffers, reused: a message costs no allocation but its outbox copy. */
+    smp_buf_t *vals = &e->emit_vals, *errs = &e->emit_errs;
+    smp_buf_reset(vals);
+    smp_buf_reset(errs);
     bool vfirst = true, efirst = true;
     for (size_t t = 0; t < d->cfg->ntags; t++) {
         struct tag_rt *tr = &d->tags[t];
         if (tr->err != 0) {
             if (tr->err_dirty || full) {
-                add_error(&errs, &efirst, d->cfg->tags[t].name, tr->errmsg);
+                add_error(errs, &efirst, d->cfg->tags[t].name, tr->errmsg);
             }
             tr->err_dirty = false;
             continue;
@@ -762,9 +837,10 @@ void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
             continue;
         }
         if (tr->dirty || full) {
-            add_value(&vals, &vfirst, d->cfg->tags[t].name, &tr->current);
-            if (tr->dirty) {
-                record_value(e, d, t, tr->current_ts ? tr->current_ts : ts);
+            size_t at = add_value(vals, &vfirst, d->cfg->tags[t].name, &tr->current);
+            if (tr->dirty && !vals->oom) {
+                record_value(e, d, t, tr->current_ts ? tr->current_ts : ts, vals->p + at,
+                             vals->len - at);
             }
             smp_eval_clear(&tr->reported);
             smp_eval_copy(&tr->reported, &tr->current);
@@ -773,25 +849,53 @@ void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
         }
     }
     if (!vfirst || !efirst) {
-        smp_buf_t b;
-        smp_buf_init(&b);
+        smp_buf_t *b = &e->emit_msg;
+        smp_buf_reset(b);
         d->seq++;
-        smp_buf_printf(&b, "{\"ts\":%" PRIu64 ",\"seq\":%" PRIu64 ",\"values\":{", ts, d->seq);
-        if (vals.len > 0) {
-            smp_buf_add(&b, vals.p, vals.len);
+        smp_buf_printf(b, "{\"ts\":%" PRIu64 ",\"seq\":%" PRIu64 ",\"values\":{", ts, d->seq);
+        if (vals->len > 0) {
+            smp_buf_add(b, vals->p, vals->len);
         }
-        smp_buf_puts(&b, "}");
+        smp_buf_add(b, "}", 1);
         if (!efirst) {
-            smp_buf_puts(&b, ",\"errors\":{");
-            smp_buf_add(&b, errs.p, errs.len);
-            smp_buf_puts(&b, "}");
+            smp_buf_puts(b, ",\"errors\":{");
+            smp_buf_add(b, errs->p, errs->len);
+            smp_buf_add(b, "}", 1);
         }
-        smp_buf_puts(&b, "}");
-        queue_data(e, d, &b);
-        smp_buf_free(&b);
+        smp_buf_add(b, "}", 1);
+        queue_data(e, d, b);
     }
-    smp_buf_free(&vals);
-    smp_buf_free(&errs);
+}
+
+/* The interned copy of an error text. Tag errors come from a small set (errno texts, Modbus
+ * exceptions, link failures), so each tag keeps a pointer instead of its own copy; past
+ * ERR_TEXTS_MAX distinct texts, new ones share one generic text rather than grow the set. */
+#define ERR_TEXTS_MAX 512
+static const char *intern_err(smp_engine_t *e, const char *msg)
+{
+    for (size_t k = 0; k < e->err_texts_n; k++) {
+        if (strcmp(e->err_texts[k], msg) == 0) {
+            return e->err_texts[k];
+        }
+    }
+    if (e->err_texts_n == ERR_TEXTS_MAX) {
+        return "read failed (the gateway keeps no more distinct error texts)";
+    }
+    if (e->err_texts_n == e->err_texts_cap) {
+        size_t cap = e->err_texts_cap ? e->err_texts_cap * 2 : 16;
+        char **p = realloc(e->err_texts, cap * sizeof *p);
+        if (p == NULL) {
+            return "out of memory";
+        }
+        e->err_texts = p;
+        e->err_texts_cap = cap;
+    }
+    char *copy = strndup(msg, ERRMSG_LEN - 1);
+    if (copy == NULL) {
+        return "out of memory";
+    }
+    e->err_texts[e->err_texts_n++] = copy;
+    return copy;
 }
 
 /* Applies one tag reading (from a poll or a command's read-back) to the tag's state. */
@@ -804,9 +908,9 @@ void smp__engine_apply_reading(smp_engine_t *e, struct device *d, uint32_t t,
         const char *msg = errmsg != NULL && errmsg[0] ? errmsg : err_text(r->status, NULL);
         if (tr->err == 0 || strcmp(tr->errmsg, msg) != 0) {
             tr->err_dirty = true;
+            tr->errmsg = intern_err(e, msg);
         }
         tr->err = r->status;
-        snprintf(tr->errmsg, sizeof tr->errmsg, "%s", msg);
         /* The value is unknown now; when it comes back it is reported again. */
         smp_eval_clear(&tr->current);
         smp_eval_clear(&tr->reported);
@@ -855,7 +959,8 @@ static void handle_read(smp_engine_t *e, struct job *j)
     bool full = d->need_full || now - d->last_full_ms >= (uint64_t)d->cfg->refresh_s * 1000u;
     for (size_t k = 0; k < j->n; k++) {
         smp__engine_apply_reading(e, d, j->idx[k], &j->readings[k],
-                                  j->readings[k].status ? JOB_ERR(j, k) : NULL, j->done_wall_ms);
+                                  j->readings[k].status && j->errs ? JOB_ERR(j, k) : NULL,
+                                  j->done_wall_ms);
     }
     smp__engine_emit(e, d, j->done_wall_ms, full);
     if (full) {
@@ -879,22 +984,25 @@ static void on_group_timer(uv_timer_t *t)
         smp__conn_load_overrun(&d->conn->load);
         return;
     }
-    struct job *j = calloc(1, sizeof *j);
-    if (j != NULL) {
-        j->readings = calloc(g->n, sizeof *j->readings);
-        j->strs = calloc(g->n, sizeof *j->strs);
-        j->errs = calloc(g->n, ERRMSG_LEN);
+    /* The group's previous job comes back for the next poll: a steady poll allocates nothing. */
+    struct job *j = g->spare;
+    g->spare = NULL;
+    if (j == NULL) {
+        j = calloc(1, sizeof *j);
+        if (j != NULL) {
+            j->readings = calloc(g->n, sizeof *j->readings);
+        }
+        if (j == NULL || j->readings == NULL) {
+            smp__job_free(j);
+            e->stats.poll_errors++;
+            return;
+        }
+        j->type = JOB_READ;
+        j->dev = d;
+        j->grp = g;
+        j->idx = g->idx;
+        j->n = g->n;
     }
-    if (j == NULL || j->readings == NULL || j->strs == NULL || j->errs == NULL) {
-        smp__job_free(j);
-        e->stats.poll_errors++;
-        return;
-    }
-    j->type = JOB_READ;
-    j->dev = d;
-    j->grp = g;
-    j->idx = g->idx;
-    j->n = g->n;
     g->in_flight = true;
     smp__engine_enqueue(d->conn, j);
 }
@@ -1066,6 +1174,18 @@ static void on_bridge_stopped(void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* Done queue, set-up, stop                                                                    */
 
+/* Keeps a finished poll's job (and its buffers) in its group for the next poll. */
+static void recycle_read_job(struct job *j)
+{
+    struct group *g = j->grp;
+    for (size_t k = 0; j->strs != NULL && k < j->n; k++) {
+        free(j->strs[k]);
+        j->strs[k] = NULL;
+    }
+    smp__job_free(g->spare); /* never set while a poll is in flight; kept for safety */
+    g->spare = j;
+}
+
 static void on_done(uv_async_t *a)
 {
     smp_engine_t *e = a->data;
@@ -1085,7 +1205,7 @@ static void on_done(uv_async_t *a)
                 break;
             }
             handle_read(e, j);
-            smp__job_free(j);
+            recycle_read_job(j);
             break;
         case JOB_WRITE:
             smp__engine_write_done(e, j); /* takes ownership */
@@ -1120,11 +1240,25 @@ static int setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_
     d->topic_status = xasprintf("%s/%s/%s/status", pre, gid, dc->name);
     d->topic_result = xasprintf("%s/%s/%s/cmd/result", pre, gid, dc->name);
     d->tags = calloc(dc->ntags, sizeof *d->tags);
-    d->ptags = calloc(dc->ntags, sizeof *d->ptags);
-    if (!d->topic_data || !d->topic_status || !d->topic_result || !d->tags || !d->ptags) {
+    if (!d->topic_data || !d->topic_status || !d->topic_result || !d->tags) {
         return -ENOMEM;
     }
-    for (size_t t = 0; t < dc->ntags; t++) {
+    /* Devices sharing their tag definitions (one profile) share the driver's view of them
+     * too; the nearest earlier one is usually the previous device. */
+    for (struct device *o = d; dc->tags_shared && o-- > e->devs;) {
+        if (o->cfg->tags == dc->tags) {
+            d->ptags = o->ptags;
+            d->ptags_shared = true;
+            break;
+        }
+    }
+    if (!d->ptags_shared) {
+        d->ptags = calloc(dc->ntags, sizeof *d->ptags);
+        if (d->ptags == NULL) {
+            return -ENOMEM;
+        }
+    }
+    for (size_t t = 0; !d->ptags_shared && t < dc->ntags; t++) {
         d->ptags[t].name = dc->tags[t].name;
         d->ptags[t].type = dc->tags[t].type;
         d->ptags[t].writable = dc->tags[t].writable;
@@ -1192,7 +1326,6 @@ static void restore_last(void *arg, const char *device, const char *tag, const c
                 if (smp_eval_from_json(&d->cfg->tags[t], value_json, &v) == 0) {
                     smp_eval_clear(&d->tags[t].reported);
                     d->tags[t].reported = v;
-                    d->tags[t].restored_ts = (uint64_t)ts_ms;
                 }
                 return;
             }
@@ -1288,14 +1421,18 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
             c->params = d->cfg->conn_params;
             snprintf(c->key, sizeof c->key, "%s", d->cfg->conn_key);
             snprintf(c->scope, sizeof c->scope, "%s:%s", d->cfg->protocol, d->cfg->conn_key);
-            c->devs = calloc(e->ndevs, sizeof *c->devs);
-            if (c->devs == NULL) {
-                rc = -ENOMEM;
-                goto fail;
-            }
             uv_mutex_init(&c->mu);
             uv_cond_init(&c->cv);
             c->sync_init = true;
+        }
+        /* Grown, not sized for every device: 500 connections x 2000 devices would be 8 MB. */
+        if ((c->ndevs & (c->ndevs - 1)) == 0) {
+            struct device **p = realloc(c->devs, (c->ndevs ? 2 * c->ndevs : 1) * sizeof *p);
+            if (p == NULL) {
+                rc = -ENOMEM;
+                goto fail;
+            }
+            c->devs = p;
         }
         c->devs[c->ndevs++] = d;
         d->conn = c;
@@ -1340,7 +1477,9 @@ int smp_engine_start(smp_engine_t *e)
     e->started_ms = uv_now(e->loop);
     for (size_t m = 0; m < e->nconns; m++) {
         struct conn *c = e->conns[m];
-        if (uv_thread_create(&c->thread, worker_main, c) != 0) {
+        uv_thread_options_t topt = {.flags = UV_THREAD_HAS_STACK_SIZE,
+                                    .stack_size = WORKER_STACK_BYTES};
+        if (uv_thread_create_ex(&c->thread, &topt, worker_main, c) != 0) {
             LOG_ERR(c->scope, "cannot start the worker thread");
             return -EAGAIN;
         }
@@ -1491,9 +1630,12 @@ static void free_device(struct device *d)
         }
     }
     free(d->tags);
-    free(d->ptags);
+    if (!d->ptags_shared) {
+        free(d->ptags);
+    }
     for (size_t g = 0; g < d->ngroups; g++) {
         free(d->groups[g].idx);
+        smp__job_free(d->groups[g].spare);
     }
     free(d->groups);
 }
@@ -1598,6 +1740,13 @@ int smp_engine_free(smp_engine_t *e)
     free(e->conns);
     free(e->devs);
     free(e->live_ids);
+    for (size_t k = 0; k < e->err_texts_n; k++) {
+        free(e->err_texts[k]);
+    }
+    free(e->err_texts);
+    smp_buf_free(&e->emit_vals);
+    smp_buf_free(&e->emit_errs);
+    smp_buf_free(&e->emit_msg);
     free(e->topic_metrics);
     free(e->topic_cmd_sub);
     uv_mutex_destroy(&e->done_mu);

@@ -64,17 +64,18 @@ struct group {
     uv_timer_t timer;
     bool timer_init;
     bool in_flight;
+    struct job *spare; /* the last poll's job, reused by the next */
 };
 
+/* A tag's state, 56 bytes: a gateway holds one per tag, 100k of them at city scale. */
 struct tag_rt {
     smp_eval_t current;  /* last value read (NONE when unknown or in error) */
     smp_eval_t reported; /* last value published: the deadband baseline */
     uint64_t current_ts;
-    uint64_t restored_ts; /* ts of `reported` when restored from the store */
-    bool dirty;           /* current differs from reported beyond the deadband */
+    const char *errmsg; /* while err != 0: the error's text, interned (engine's err_texts) */
     int err;
+    bool dirty; /* current differs from reported beyond the deadband */
     bool err_dirty;
-    char errmsg[ERRMSG_LEN];
 };
 
 struct device {
@@ -82,7 +83,8 @@ struct device {
     const smp_device_cfg_t *cfg;
     struct conn *conn;
     char scope[160];
-    smp_tag_t *ptags; /* the driver's view of the tags */
+    smp_tag_t *ptags;  /* the driver's view of the tags */
+    bool ptags_shared; /* ptags belong to an earlier device with the same definitions */
     struct tag_rt *tags;
     struct group *groups;
     size_t ngroups;
@@ -176,6 +178,11 @@ struct smp_engine {
     void *stop_arg;
     struct smp_command_state *cmds;
     bool store_degraded; /* store.on_error "degraded" in effect: write commands are refused */
+    /* Distinct texts of tag errors, owned: tags in error point into this small set. */
+    char **err_texts;
+    size_t err_texts_n, err_texts_cap;
+    /* smp__engine_emit's buffers, reused from message to message */
+    smp_buf_t emit_vals, emit_errs, emit_msg;
 };
 
 uint64_t smp__wall_ms(void);

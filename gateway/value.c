@@ -361,6 +361,15 @@ void smp_buf_free(smp_buf_t *b)
     memset(b, 0, sizeof *b);
 }
 
+void smp_buf_reset(smp_buf_t *b)
+{
+    b->len = 0;
+    b->oom = false;
+    if (b->p != NULL) {
+        b->p[0] = '\0';
+    }
+}
+
 static bool reserve(smp_buf_t *b, size_t extra)
 {
     if (b->oom) {

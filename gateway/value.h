@@ -27,13 +27,16 @@ typedef enum smp_eval_kind {
     SMP_EV_STRING,  /* s (owned, NUL-terminated, valid UTF-8) */
 } smp_eval_kind_t;
 
+/* One value of the kind named by `kind` (16 bytes: a gateway keeps two per tag). */
 typedef struct smp_eval {
     smp_eval_kind_t kind;
-    bool b;
-    int64_t i;
-    uint64_t u;
-    double d;
-    char *s;
+    union {
+        bool b;
+        int64_t i;
+        uint64_t u;
+        double d;
+        char *s;
+    };
 } smp_eval_t;
 
 /* Converts a raw reading of `tag` into an engineering value. Returns 0, or -EDOM when the
@@ -69,6 +72,8 @@ typedef struct smp_buf {
 } smp_buf_t;
 void smp_buf_init(smp_buf_t *b);
 void smp_buf_free(smp_buf_t *b);
+/* Empties b for reuse, keeping its memory (and clearing an out-of-memory mark). */
+void smp_buf_reset(smp_buf_t *b);
 void smp_buf_add(smp_buf_t *b, const char *s, size_t n);
 void smp_buf_puts(smp_buf_t *b, const char *s);
 void smp_buf_printf(smp_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -425,6 +425,7 @@ class CommandSafetyTest(h.TestCase):
         pw = os.path.join(self.workdir, "gw.pw")
         with open(pw, "w") as f:
             f.write("gwpass\n")
+        os.chmod(pw, 0o600)  # a secret: refused when others may read it
         pm = self.pymodbus(dict(PEER_SPEC))
         cfg = h.base_config(self.workdir, port, [device("pump-01", pm.port)],
                             mqtt_extra={"username": "gw", "password_file": pw})

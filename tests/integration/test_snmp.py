@@ -260,6 +260,7 @@ class SnmpTest(h.TestCase):
         for fn, pw in (("auth-%s.pw" % name, auth_pw), ("priv-%s.pw" % name, priv_pw)):
             with open(os.path.join(self.workdir, fn), "w") as f:
                 f.write(pw + "\n")
+            os.chmod(os.path.join(self.workdir, fn), 0o600)  # secrets: no access for others
         return device(name, port, TAGS[:3], version="3", community=None, user=user,
                       security_level="authPriv", auth_protocol="SHA",
                       auth_password_file="auth-%s.pw" % name, priv_protocol="AES",
@@ -291,6 +292,7 @@ class SnmpTest(h.TestCase):
         pw = os.path.join(self.workdir, "short.pw")
         with open(pw, "w") as f:
             f.write("short\n")
+        os.chmod(pw, 0o600)
         devs = [
             device("a", 161, [tag("t", "1.0", "float32"), {"name": "u", "oid": "1.3.x",
                                                            "type": "int32"}], user="u"),

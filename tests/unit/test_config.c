@@ -763,6 +763,42 @@ static void test_unknown_profile(void **state)
     res_free(&r);
 }
 
+/* Devices built from one profile alone share its tag definitions (one copy per profile, not
+ * per device); a device with tags of its own gets its own array; each keeps its connection. */
+static void test_profile_tags_shared(void **state)
+{
+    (void)state;
+    res_t r = load("{\n"
+                   "  \"gateway\": {\"id\": \"gw-1\"},\n"
+                   "  \"profiles\": {\"p\": {\"tags\": [{\"name\": \"t\", \"type\": \"bool\", "
+                   "\"reg\": 1}, {\"name\": \"u\", \"type\": \"bool\", \"reg\": 2}]}},\n"
+                   "  \"devices\": [\n"
+                   "    {\"name\": \"d1\", \"protocol\": \"fix\", \"profile\": \"p\", "
+                   "\"connection\": {\"addr\": \"a\"}},\n"
+                   "    {\"name\": \"d2\", \"protocol\": \"fix\", \"profile\": \"p\", "
+                   "\"connection\": {\"addr\": \"b\"}},\n"
+                   "    {\"name\": \"d3\", \"protocol\": \"fix\", \"profile\": \"p\", "
+                   "\"connection\": {\"addr\": \"c\"}, \"tags\": [{\"name\": \"v\", "
+                   "\"type\": \"bool\", \"reg\": 3}]}\n"
+                   "  ]\n"
+                   "}\n");
+    assert_int_equal(r.n, 0);
+    const smp_device_cfg_t *d1 = &r.cfg->devices[0], *d2 = &r.cfg->devices[1],
+                           *d3 = &r.cfg->devices[2];
+    assert_false(d1->tags_shared);
+    assert_true(d2->tags_shared);
+    assert_ptr_equal(d2->tags, d1->tags);
+    assert_int_equal(d2->ntags, 2);
+    assert_string_equal(d2->tags[1].name, "u");
+    assert_int_equal(d2->tags[1].params[FT_REG].i, 2);
+    assert_string_equal(d2->conn_params[FC_ADDR].s, "b");
+    assert_false(d3->tags_shared);
+    assert_int_equal(d3->ntags, 3);
+    assert_string_equal(d3->tags[2].name, "v");
+    assert_int_equal(d3->tags[0].params[FT_REG].i, 1);
+    res_free(&r);
+}
+
 static void test_duplicate_device(void **state)
 {
     (void)state;
@@ -1465,6 +1501,7 @@ int main(void)
         cmocka_unit_test(test_wrong_types),
         cmocka_unit_test(test_invalid_names),
         cmocka_unit_test(test_unknown_profile),
+        cmocka_unit_test(test_profile_tags_shared),
         cmocka_unit_test(test_duplicate_device),
         cmocka_unit_test(test_duplicate_tag),
         cmocka_unit_test(test_duplicate_json_keys),
