@@ -216,6 +216,23 @@ static void test_rtu_two_units_time_out(void **state)
     assert_int_equal(regs[0], 5);
 }
 
+static void test_rtu_frame_gap_kept(void **state)
+{
+    pair_t *p = *state;
+    p->l.gap_ns = 80 * 1000000L; /* frame_gap_ms 80 */
+    uint16_t regs[1];
+    answerer_t a;
+    answer_next(&a, p->dev, 1, 1);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, regs, NULL, NULL), 0);
+    pthread_join(a.th, NULL);
+    int64_t t0 = now_ms();
+    answer_next(&a, p->dev, 1, 2);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 500, regs, NULL, NULL), 0);
+    pthread_join(a.th, NULL);
+    assert_true(now_ms() - t0 >= 75);
+    assert_int_equal(regs[0], 2);
+}
+
 static void test_rtu_wrong_unit_is_framing_error(void **state)
 {
     pair_t *p = *state;
@@ -321,6 +338,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_rtu_timeout_costs_other_units_nothing, setup_rtu,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_rtu_two_units_time_out, setup_rtu, teardown),
+        cmocka_unit_test_setup_teardown(test_rtu_frame_gap_kept, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_wrong_unit_is_framing_error, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_exception, setup_rtu, teardown),
         cmocka_unit_test_setup_teardown(test_rtu_peer_closed, setup_rtu, teardown),
