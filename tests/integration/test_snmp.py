@@ -287,6 +287,23 @@ class SnmpTest(h.TestCase):
         assert off["error"] == "authentication failure", off
         g.stop()
 
+    def test_reload_keeps_polling(self):
+        # SIGHUP unloads and reloads the plugins: net-snmp, initialised once per process, must
+        # serve the new config's sessions as it did the old one's.
+        s = self.snmpd()
+        b, sub, g = self.start([device("ups-01", s.port, TAGS[:2])])
+        topic = "simpul/gw-test/ups-01/data"
+        first = sub.wait_json(topic, lambda j: "neg" in j["values"], 20)
+        g.config["devices"].append(device("ups-02", s.port, TAGS[2:4]))
+        g.write_config()
+        g.proc.signal(signal.SIGHUP)
+        h.wait_for(lambda: "config reloaded" in g.proc.output(), 20, "reload")
+        d2 = sub.wait_json("simpul/gw-test/ups-02/data", lambda j: "setpoint" in j["values"], 20)
+        assert d2["values"]["setpoint"] == 100, d2
+        later = sub.wait_json(topic, lambda j: j["seq"] > first["seq"], 20, "ups-01 after reload")
+        assert later["values"]["neg"] == -5, later
+        g.stop()
+
     def test_config_errors(self):
         pw = os.path.join(self.workdir, "short.pw")
         with open(pw, "w") as f:
