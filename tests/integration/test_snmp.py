@@ -161,6 +161,21 @@ class SnmpTest(h.TestCase):
         assert z["requests"] - a["requests"] == z["polls"] - a["polls"], ms
         g.stop()
 
+    def test_max_varbinds_per_request(self):
+        # 14 tags, at most 5 OIDs per GET: 3 GETs per poll.
+        s = self.snmpd()
+        _, sub, g = self.start([device("ups-01", s.port, TAGS, max_varbinds_per_request=5)],
+                               metrics=True)
+        d = sub.wait_json("simpul/gw-test/ups-01/data", lambda j: "neg" in j["values"], 20)
+        assert d["values"]["text"] == "hello", d
+        h.wait_for(lambda: len([m for m in sub.json("simpul/gw-test/metrics")
+                                if m["polls"] > 0]) >= 2, 20, "two metrics messages")
+        ms = [m for m in sub.json("simpul/gw-test/metrics") if m["polls"] > 0]
+        a, z = ms[0], ms[-1]
+        assert z["polls"] > a["polls"], ms
+        assert z["requests"] - a["requests"] == 3 * (z["polls"] - a["polls"]), ms
+        g.stop()
+
     def test_v1_bad_oid_fails_only_its_tag(self):
         # SNMPv1 fails a whole GET for one unknown OID (noSuchName, with its index): the driver
         # drops that OID and asks again, so the other tags still arrive.
