@@ -1393,6 +1393,19 @@ static void free_params(smp_param_t *params, size_t n)
     free(params);
 }
 
+/* Secrets read from SMP_KEY_SECRET_FILE keys do not stay in freed heap memory. */
+static void wipe_secrets(smp_param_t *params, const smp_config_key_t *keys, size_t n)
+{
+    for (size_t i = 0; params != NULL && i < n; i++) {
+        if (keys[i].type == SMP_KEY_SECRET_FILE && params[i].s != NULL) {
+            volatile char *p = (volatile char *)params[i].s;
+            while (*p != '\0') {
+                *p++ = '\0';
+            }
+        }
+    }
+}
+
 static void copy_tag(vctx_t *v, smp_tag_cfg_t *dst, const smp_tag_cfg_t *src)
 {
     *dst = *src;
@@ -1955,6 +1968,9 @@ void smp_config_free(smp_config_t *cfg)
         }
         if (!d->tags_shared) {
             free(d->tags);
+        }
+        if (d->plugin != NULL) {
+            wipe_secrets(d->conn_params, d->plugin->desc->conn_keys, d->plugin->nconn_keys);
         }
         free_params(d->conn_params, d->plugin != NULL ? d->plugin->nconn_keys : 0);
         free(d->name);

@@ -36,7 +36,7 @@ static void usage(FILE *f)
         "       simpul --plugins | --plugin-help NAME | --plugin-schema NAME\n"
         "       simpul --version | --help\n"
         "\n"
-        "Edge gateway: polls field devices (Modbus TCP/RTU) and bridges them to MQTT.\n"
+        "Edge gateway: polls field devices (Modbus TCP/RTU, SNMP) and bridges them to MQTT.\n"
         "\n"
         "  -c, --config FILE      the JSON config file (see docs/config.md)\n"
         "      --check            validate FILE and every plugin's part of it, and check that\n"
