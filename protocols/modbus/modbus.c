@@ -561,6 +561,11 @@ typedef struct mb_device {
     smp_mb_span_t *spans; /* index-aligned with tags; `isolated` is learned at run time */
     size_t ntags;
     smp_mb_plan_t plan;
+    /* The subset `plan` was made for. A poll group reads the same tags every time: the plan
+     * (a sort of its tags) is made again only when the subset or a tag's isolation changes. */
+    uint32_t *plan_idx;
+    size_t plan_n, plan_cap;
+    bool plan_ok;
     char msg[160]; /* the current call's dynamic message (link errors, write refusals) */
 } mb_device_t;
 
@@ -576,6 +581,7 @@ static void device_destroy(void *dp)
     free(d->tags);
     free(d->spans);
     smp_mb_plan_free(&d->plan);
+    free(d->plan_idx);
     free(d);
 }
 
@@ -761,6 +767,32 @@ static int fail_all(mb_device_t *d, smp_reading_t *out, size_t n, int code)
     return code;
 }
 
+/* Makes d->plan the plan for idx[0..n), reusing the last one when it was made for the same
+ * subset. */
+static int plan_for(mb_device_t *d, const uint32_t *idx, size_t n)
+{
+    if (d->plan_ok && d->plan_n == n && memcmp(d->plan_idx, idx, n * sizeof *idx) == 0) {
+        return 0;
+    }
+    d->plan_ok = false;
+    int rc = smp_mb_plan_build(&d->plan, d->spans, d->ntags, idx, n, &d->lim);
+    if (rc < 0) {
+        return rc;
+    }
+    if (n > d->plan_cap) {
+        uint32_t *p = realloc(d->plan_idx, n * sizeof *p);
+        if (p == NULL) {
+            return 0; /* the plan is good; it is just not remembered */
+        }
+        d->plan_idx = p;
+        d->plan_cap = n;
+    }
+    memcpy(d->plan_idx, idx, n * sizeof *idx);
+    d->plan_n = n;
+    d->plan_ok = true;
+    return 0;
+}
+
 static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *out)
 {
     mb_device_t *d = dp;
@@ -772,7 +804,7 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
     }
     int rc = select_device(d);
     if (rc == 0) {
-        rc = smp_mb_plan_build(&d->plan, d->spans, d->ntags, idx, n, &d->lim);
+        rc = plan_for(d, idx, n);
     }
     if (rc < 0) {
         return fail_all(d, out, n, rc);
@@ -808,6 +840,7 @@ static int device_read(void *dp, const uint32_t *idx, size_t n, smp_reading_t *o
                 uint32_t k = items[j].k;
                 const mb_tag_t *t = &d->tags[idx[k]];
                 d->spans[idx[k]].isolated = true;
+                d->plan_ok = false; /* the next read plans this tag on its own */
                 mb_err_t e1 = read_range(d, t->table, t->address, t->count);
                 requests++;
                 if (e1.code == 0) {
