@@ -274,10 +274,12 @@ def measure_proc(proc, who, sub, spawn, warmup, window, perf):
     pid = proc.pid
     rss_first = 0
     deadline = time.monotonic() + 60
-    while not sub.got_data():
+    while True:
         if not proc.alive() or time.monotonic() > deadline:
             raise h.Failure("%s: no data\n%s" % (who, proc.output()[-3000:]))
-        rss_first = int(proc_status(pid)["VmRSS"][0])
+        rss_first = int(proc_status(pid)["VmRSS"][0])  # the last sample before the data
+        if sub.got_data():
+            break
         time.sleep(0.005)
     time.sleep(warmup)
     callgrind = "callgrind" in " ".join(proc.argv[:3])
