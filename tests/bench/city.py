@@ -87,6 +87,7 @@ class Load:
         self.proc = h.Proc("city-load", [CITY_LOAD, "--endpoints", str(k), "--units", str(units),
                                          "--regs", str(regs), "--port-file", pf], workdir)
         h.wait_for(lambda: os.path.exists(pf) or not self.proc.alive(), 30, "city-load ports")
+        self.t0 = time.monotonic()
         with open(pf) as f:
             self.ports = [int(x) for x in f.read().split()]
         if len(self.ports) != k:
@@ -199,7 +200,12 @@ class Subscriber:
 
     def stop(self):
         self.p.send_signal(signal.SIGTERM)
-        self.p.wait(10)
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            # Still busy with a broker backlog (collectd behind): what it has written is kept.
+            self.p.kill()
+            self.p.wait()
         self.f.close()
 
     def lines(self):
@@ -268,10 +274,12 @@ def measure_proc(proc, who, sub, spawn, warmup, window, perf):
     pid = proc.pid
     rss_first = 0
     deadline = time.monotonic() + 60
-    while not sub.got_data():
+    while True:
         if not proc.alive() or time.monotonic() > deadline:
             raise h.Failure("%s: no data\n%s" % (who, proc.output()[-3000:]))
-        rss_first = int(proc_status(pid)["VmRSS"][0])
+        rss_first = int(proc_status(pid)["VmRSS"][0])  # the last sample before the data
+        if sub.got_data():
+            break
         time.sleep(0.005)
     time.sleep(warmup)
     callgrind = "callgrind" in " ".join(proc.argv[:3])
@@ -331,13 +339,16 @@ def run_one(who, workdir, broker, ndev, k, warmup, window, args):
             sub.stop()
             msgs, values, lags, jitter, first_ts = analyse_collectd(sub, *r["window"])
         sub = None
+        load_cpu = proc_cpu_s(load.proc.pid) / (time.monotonic() - load.t0) * 100.0
     finally:
-        if sub:
-            sub.stop()
-        load.stop()
+        try:
+            if sub:
+                sub.stop()
+        finally:
+            load.stop()
     span = r["window"][1] - r["window"][0]
     r.update({"devices": ndev, "endpoints": k, "tags": ndev * TAGS_PER_DEVICE,
-              "msgs_s": msgs / span, "values_s": values / span,
+              "msgs_s": msgs / span, "values_s": values / span, "load_cpu_pct": load_cpu,
               "lag_p50": pct(lags, 50), "lag_p99": pct(lags, 99), "jitter_p99": pct(jitter, 99),
               "startup_s": (first_ts - r["spawn"]) if first_ts else float("nan")})
     return r
@@ -436,9 +447,9 @@ def main():
                         pair[who] = r
                         results.append(r)
                         print("%s %d tags (%d/%d) round %d: %.1f %% CPU, %.1f MB, %.0f msgs/s, "
-                              "lag p99 %.1f ms" % (who, r["tags"], ndev, k, rnd, r["cpu_pct"],
-                                                   r["rss_mb"], r["msgs_s"], r["lag_p99"]),
-                              flush=True)
+                              "lag p99 %.1f ms (city-load %.1f %% CPU)" % (
+                                  who, r["tags"], ndev, k, rnd, r["cpu_pct"], r["rss_mb"],
+                                  r["msgs_s"], r["lag_p99"], r["load_cpu_pct"]), flush=True)
                     if "collectd" in pair:
                         pair["simpul"]["ratio"] = pair["simpul"]["cpu_pct"] / max(
                             pair["collectd"]["cpu_pct"], 1e-9)

@@ -168,6 +168,31 @@ class PollingTest(h.TestCase):
         assert abs(slow - (int(span_s) + 1)) <= 1, (slow, span_s)
         assert fast >= 3 * slow, (fast, slow)
 
+    def test_refused_merged_read_is_split_once(self):
+        # Holding registers 10-12 are read in one request until the device refuses it (11 is
+        # "illegal"); then the three tags are read one by one on every later poll. The driver
+        # keeps its read plan between polls: the refusal must drop that plan, or the merged
+        # read would be refused again on every poll.
+        b = self.broker()
+        sim = self.sim(["--pumps", "1", "--lights", "0", "-v",
+                        "--exception", "1:holding_register:11:2"])
+        dev = {"name": "pump-a", "protocol": "modbus", "interval_ms": 100,
+               "connection": {"transport": "tcp", "host": "127.0.0.1", "port": sim.port,
+                              "unit_id": 1, "timeout_ms": 500},
+               "tags": [{"name": "r%d" % a, "table": "holding_register", "address": a,
+                         "type": "uint16"} for a in (10, 11, 12)]}
+        cfg = h.base_config(self.workdir, b.port, [dev])
+        topic = "simpul/gw-test/pump-a/data"
+        sub = self.subscriber(b.port, [topic])
+        g = self.gateway(cfg)
+        h.wait_for(lambda: sim.proc.output().count("fc 3 read 12+1") >= 10, 20,
+                   "10 polls reading register 12 on its own")
+        assert sim.proc.output().count("fc 3 read 10+3") == 1, sim.proc.output()[-2000:]
+        assert g.proc.output().count("one by one") == 1, g.proc.output()[-2000:]
+        msg = sub.wait_json(topic, lambda j: "errors" in j, 10)
+        assert set(msg["values"]) == {"r10", "r12"}, msg
+        assert "illegal data address" in msg["errors"]["r11"], msg
+
 
 # simpul-sim's free-running tick register (docs/simulator.md).
 SIM_TICK_ADDR = int(os.environ.get("SIM_TICK_ADDR", "30"))
