@@ -67,7 +67,7 @@ typedef struct smp_config {
         char *password_file;
         char *tls_ca_file, *tls_cert_file, *tls_key_file;
         bool tls_no_verify; /* tls.verify false: the broker's certificate is not checked */
-        int inflight_max; /* QoS 1 messages awaiting PUBACK, default 256 */
+        int inflight_max;   /* QoS 1 messages awaiting PUBACK, default 256 */
     } mqtt;
     struct {
         char *path;              /* default data_dir + "/simpul.db" */

@@ -425,13 +425,19 @@ static void publish_device_status(smp_engine_t *e, struct device *d)
 
 static void set_device_state(smp_engine_t *e, struct device *d, bool online, const char *err)
 {
+    if (!online) {
+        smp_episode_fail(&d->offline, uv_now(e->loop));
+    }
     if (d->online == (int)online &&
         (online || strcmp(d->status_err, err != NULL ? err : "") == 0)) {
         return;
     }
     if (online) {
+        uint64_t ms;
+        uint64_t n = smp_episode_end(&d->offline, uv_now(e->loop), &ms);
         if (d->online == 0) {
-            LOG_INFO(d->scope, "online again");
+            LOG_INFO(d->scope, "online again after %" PRIu64 " failed poll(s) in %.1f s", n,
+                     (double)ms / 1000.0);
         } else {
             LOG_INFO(d->scope, "online");
         }
@@ -518,9 +524,18 @@ static void on_fetch(void *arg, int status, const smp_outbox_row_t *rows, size_t
     smp_engine_t *e = arg;
     e->fetch_in_flight = false;
     if (status < 0) {
-        LOG_WARN("engine", "outbox read failed: %s", strerror(-status));
+        if (smp_episode_fail(&e->fetch_errors, uv_now(e->loop))) {
+            LOG_WARN("engine", "outbox read failed: %s (further failures are counted)",
+                     strerror(-status));
+        }
         e->backlog = true;
         return;
+    }
+    uint64_t ms;
+    uint64_t failed = smp_episode_end(&e->fetch_errors, uv_now(e->loop), &ms);
+    if (failed > 0) {
+        LOG_INFO("engine", "outbox reads work again after %" PRIu64 " failure(s) in %.1f s", failed,
+                 (double)ms / 1000.0);
     }
     if (e->stopping || !smp_bridge_connected(e->bridge)) {
         return;
@@ -836,6 +851,14 @@ static void on_group_timer(uv_timer_t *t)
     smp__engine_enqueue(d->conn, j);
 }
 
+/* "log": lines logged and lines dropped because stderr did not keep up (log.h). */
+static void metrics_log(smp_buf_t *b)
+{
+    uint64_t lines, dropped;
+    smp_log_counters(&lines, &dropped);
+    smp_buf_printf(b, ",\"log\":{\"lines\":%" PRIu64 ",\"dropped\":%" PRIu64 "}", lines, dropped);
+}
+
 static void metrics_publish(smp_engine_t *e)
 {
     smp_store_stats_t ss;
@@ -863,9 +886,11 @@ static void metrics_publish(smp_engine_t *e)
     smp_buf_printf(&b,
                    ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64
                    ",\"outbox_bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64
-                   ",\"rss_kb\":%ld}",
+                   ",\"rss_kb\":%ld",
                    e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
+    metrics_log(&b);
+    smp_buf_printf(&b, "}");
     publish_direct(e, e->topic_metrics, &b, false);
     smp_buf_free(&b);
 }

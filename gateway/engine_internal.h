@@ -11,6 +11,7 @@
 #include "bridge.h"
 #include "config.h"
 #include "engine.h"
+#include "log.h"
 #include "store.h"
 #include "value.h"
 
@@ -87,6 +88,7 @@ struct device {
     /* loop thread */
     int online; /* -1 not polled yet, 0 offline, 1 online */
     char status_err[ERRMSG_LEN];
+    smp_episode_t offline; /* failed polls since the device went offline (log.h) */
     uint64_t status_ts;
     uint64_t seq;
     bool need_full;
@@ -167,6 +169,7 @@ struct smp_engine {
     void *stop_arg;
     struct smp_command_state *cmds;
     bool store_degraded; /* store.on_error "degraded" in effect: write commands are refused */
+    smp_episode_t fetch_errors; /* failed outbox reads (log.h) */
 };
 
 uint64_t smp__wall_ms(void);

@@ -24,6 +24,8 @@
  * must not hold up the start (systemd's TimeoutStartSec). */
 #define READY_MAX_WAIT_MS 10000u
 #define SD_TICK_MS        500u
+/* At exit, buffered log lines get this long to reach a slow stderr (inside the 5 s stop). */
+#define LOG_FLUSH_MS 500u
 
 static void usage(FILE *f)
 {
@@ -213,6 +215,7 @@ static void engine_free_or_exit(struct app *a)
 {
     if (smp_engine_free(a->engine) == -EBUSY) {
         LOG_ERR("main", "exiting without freeing: a device call did not return in time");
+        smp_log_stop(LOG_FLUSH_MS);
         _exit(a->reloading && !a->stopping ? 1 : a->exit_code);
     }
     a->engine = NULL;
@@ -318,6 +321,10 @@ int main(int argc, char **argv)
         return 1;
     }
     apply_log_level(&a, a.cfg);
+    /* From here on the loop runs: log lines go through the writer thread, never blocking. */
+    if (smp_log_start() < 0) {
+        LOG_WARN("main", "no log writer thread: a stalled stderr can stall the gateway");
+    }
     a.loop = uv_default_loop();
     LOG_INFO("main", "simpul %s starting, gateway %s", SMP_VERSION, a.cfg->gateway.id);
 
@@ -369,5 +376,6 @@ int main(int argc, char **argv)
     uv_loop_close(a.loop);
     smp_config_free(a.cfg);
     LOG_INFO("main", "stopped");
+    smp_log_stop(LOG_FLUSH_MS);
     return a.exit_code;
 }

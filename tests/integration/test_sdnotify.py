@@ -71,13 +71,8 @@ class NotifySocket:
 
 
 def devices(port):
-    def dev(name, unit):
-        return {"name": name, "protocol": "modbus", "interval_ms": 200,
-                "connection": {"transport": "tcp", "host": "127.0.0.1", "port": port,
-                               "unit_id": unit, "timeout_ms": 300},
-                "tags": [{"name": "speed_rpm", "table": "holding_register", "address": 10,
-                          "type": "uint16"}]}
-    return [dev("pump-01", 1), dev("pump-02", 2)]
+    return [h.tcp_device("pump-01", port, unit=1, timeout_ms=300),
+            h.tcp_device("pump-02", port, unit=2, timeout_ms=300)]
 
 
 class SdNotifyTest(h.TestCase):
