@@ -201,7 +201,9 @@ static void run_read(struct conn *c, struct job *j)
         return;
     }
     memset(j->readings, 0, j->n * sizeof *j->readings);
+    uint64_t t0 = uv_hrtime();
     int rc = p->device_read(d->pdev, j->idx, j->n, j->readings);
+    j->read_us = (uv_hrtime() - t0) / 1000u;
     j->done_wall_ms = smp__wall_ms();
     if (rc < 0) {
         set_worker_error(j, rc, NULL);
@@ -337,6 +339,9 @@ static void worker_main(void *arg)
             set_worker_error(j, -ETIME, "expired while waiting in the device's queue");
         } else if (j->type == JOB_READ) {
             run_read(c, j);
+            j->backoff_ms = j->dev->w_backoff_ms ? j->dev->w_backoff_ms
+                            : c->open            ? 0
+                                                 : c->backoff_ms;
         } else {
             run_write(c, j);
         }
@@ -796,6 +801,7 @@ static void handle_read(smp_engine_t *e, struct job *j)
     if (e->stopping) {
         return;
     }
+    smp_devstats_poll(&d->health, j->status >= 0, j->read_us, j->done_wall_ms, j->backoff_ms);
     if (j->status < 0) {
         e->stats.poll_errors++;
         set_device_state(e, d, false, j->errmsg);
@@ -851,6 +857,19 @@ static void on_group_timer(uv_timer_t *t)
     smp__engine_enqueue(d->conn, j);
 }
 
+/* "devices": each device's health (devstats.h). */
+static void metrics_devices(const smp_engine_t *e, smp_buf_t *b)
+{
+    smp_buf_printf(b, ",\"devices\":{");
+    for (size_t k = 0; k < e->ndevs; k++) {
+        if (k > 0) {
+            smp_buf_printf(b, ",");
+        }
+        smp_devstats_json(&e->devs[k].health, e->devs[k].cfg->name, b);
+    }
+    smp_buf_printf(b, "}");
+}
+
 /* "log": lines logged and lines dropped because stderr did not keep up (log.h). */
 static void metrics_log(smp_buf_t *b)
 {
@@ -890,6 +909,7 @@ static void metrics_publish(smp_engine_t *e)
                    e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
     metrics_log(&b);
+    metrics_devices(e, &b);
     smp_buf_printf(&b, "}");
     publish_direct(e, e->topic_metrics, &b, false);
     smp_buf_free(&b);

@@ -10,6 +10,7 @@
 
 #include "bridge.h"
 #include "config.h"
+#include "devstats.h"
 #include "engine.h"
 #include "log.h"
 #include "store.h"
@@ -51,6 +52,8 @@ struct job {
     int status;
     char errmsg[ERRMSG_LEN];
     uint64_t done_wall_ms;
+    uint64_t read_us;    /* the driver's read call, for the device's health (devstats.h) */
+    uint32_t backoff_ms; /* the device's backoff after this job (worker's view) */
 };
 #define JOB_ERR(j, k) ((j)->errs + (size_t)(k)*ERRMSG_LEN)
 
@@ -93,7 +96,8 @@ struct device {
     uint64_t seq;
     bool need_full;
     uint64_t last_full_ms;
-    unsigned cmd_queued; /* commands accepted and not yet answered */
+    unsigned cmd_queued;   /* commands accepted and not yet answered */
+    smp_devstats_t health; /* P/G/metrics "devices" */
     /* worker */
     void *pdev;
     uint32_t w_backoff_ms;
