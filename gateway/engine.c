@@ -267,7 +267,9 @@ static void run_read(struct conn *c, struct job *j)
         return;
     }
     memset(j->readings, 0, j->n * sizeof *j->readings);
+    uint64_t t0 = uv_hrtime();
     int rc = p->device_read(d->pdev, j->idx, j->n, j->readings);
+    j->read_us = (uv_hrtime() - t0) / 1000u;
     j->done_wall_ms = smp__wall_ms();
     if (rc < 0) {
         set_worker_error(j, rc, NULL);
@@ -428,6 +430,9 @@ static void worker_main(void *arg)
             set_worker_error(j, -ETIME, "expired while waiting in the device's queue");
         } else if (j->type == JOB_READ) {
             run_read(c, j);
+            j->backoff_ms = j->dev->w_backoff_ms ? j->dev->w_backoff_ms
+                            : c->open            ? 0
+                                                 : c->backoff_ms;
         } else {
             run_write(c, j);
         }
@@ -559,13 +564,19 @@ static void flush_reserved(smp_engine_t *e)
 
 static void set_device_state(smp_engine_t *e, struct device *d, bool online, const char *err)
 {
+    if (!online) {
+        smp_episode_fail(&d->offline, uv_now(e->loop));
+    }
     if (d->online == (int)online &&
         (online || strcmp(d->status_err, err != NULL ? err : "") == 0)) {
         return;
     }
     if (online) {
+        uint64_t ms;
+        uint64_t n = smp_episode_end(&d->offline, uv_now(e->loop), &ms);
         if (d->online == 0) {
-            LOG_INFO(d->scope, "online again");
+            LOG_INFO(d->scope, "online again after %" PRIu64 " failed poll(s) in %.1f s", n,
+                     (double)ms / 1000.0);
         } else {
             LOG_INFO(d->scope, "online");
         }
@@ -652,9 +663,18 @@ static void on_fetch(void *arg, int status, const smp_outbox_row_t *rows, size_t
     smp_engine_t *e = arg;
     e->fetch_in_flight = false;
     if (status < 0) {
-        LOG_WARN("engine", "outbox read failed: %s", strerror(-status));
+        if (smp_episode_fail(&e->fetch_errors, uv_now(e->loop))) {
+            LOG_WARN("engine", "outbox read failed: %s (further failures are counted)",
+                     strerror(-status));
+        }
         e->backlog = true;
         return;
+    }
+    uint64_t ms;
+    uint64_t failed = smp_episode_end(&e->fetch_errors, uv_now(e->loop), &ms);
+    if (failed > 0) {
+        LOG_INFO("engine", "outbox reads work again after %" PRIu64 " failure(s) in %.1f s", failed,
+                 (double)ms / 1000.0);
     }
     if (e->stopping || !smp_bridge_connected(e->bridge)) {
         return;
@@ -947,6 +967,7 @@ static void handle_read(smp_engine_t *e, struct job *j)
     if (e->stopping) {
         return;
     }
+    smp_devstats_poll(&d->health, j->status >= 0, j->read_us, j->done_wall_ms, j->backoff_ms);
     if (j->status < 0) {
         e->stats.poll_errors++;
         set_device_state(e, d, false, j->errmsg);
@@ -1020,6 +1041,27 @@ static void metrics_connections(smp_engine_t *e, smp_buf_t *b)
     smp_buf_puts(b, "}");
 }
 
+/* "devices": each device's health (devstats.h). */
+static void metrics_devices(const smp_engine_t *e, smp_buf_t *b)
+{
+    smp_buf_printf(b, ",\"devices\":{");
+    for (size_t k = 0; k < e->ndevs; k++) {
+        if (k > 0) {
+            smp_buf_printf(b, ",");
+        }
+        smp_devstats_json(&e->devs[k].health, e->devs[k].cfg->name, b);
+    }
+    smp_buf_printf(b, "}");
+}
+
+/* "log": lines logged and lines dropped because stderr did not keep up (log.h). */
+static void metrics_log(smp_buf_t *b)
+{
+    uint64_t lines, dropped;
+    smp_log_counters(&lines, &dropped);
+    smp_buf_printf(b, ",\"log\":{\"lines\":%" PRIu64 ",\"dropped\":%" PRIu64 "}", lines, dropped);
+}
+
 static void metrics_publish(smp_engine_t *e)
 {
     smp_store_stats_t ss;
@@ -1051,6 +1093,8 @@ static void metrics_publish(smp_engine_t *e)
                    e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
     metrics_connections(e, &b);
+    metrics_log(&b);
+    metrics_devices(e, &b);
     smp_buf_puts(&b, "}");
     publish_direct(e, e->topic_metrics, &b, false);
     smp_buf_free(&b);

@@ -11,7 +11,9 @@
 #include "bridge.h"
 #include "config.h"
 #include "conn_load.h"
+#include "devstats.h"
 #include "engine.h"
+#include "log.h"
 #include "store.h"
 #include "value.h"
 
@@ -53,6 +55,8 @@ struct job {
     char errmsg[ERRMSG_LEN];
     uint64_t done_wall_ms;
     smp_conn_sample_t sample; /* what the job tells about its connection's load */
+    uint64_t read_us;         /* the driver's read call, for the device's health (devstats.h) */
+    uint32_t backoff_ms;      /* the device's backoff after this job (worker's view) */
 };
 #define JOB_ERR(j, k) ((j)->errs + (size_t)(k)*ERRMSG_LEN)
 
@@ -92,12 +96,14 @@ struct device {
     /* loop thread */
     int online; /* -1 not polled yet, 0 offline, 1 online */
     char status_err[ERRMSG_LEN];
+    smp_episode_t offline; /* failed polls since the device went offline (log.h) */
     uint64_t status_ts;
     uint64_t seq;
     bool need_full;
     bool status_unsent; /* the last status change could not be published yet */
     uint64_t last_full_ms;
-    unsigned cmd_queued; /* commands accepted and not yet answered */
+    unsigned cmd_queued;   /* commands accepted and not yet answered */
+    smp_devstats_t health; /* P/G/metrics "devices" */
     /* worker */
     void *pdev;
     uint32_t w_backoff_ms;
@@ -183,6 +189,7 @@ struct smp_engine {
     size_t err_texts_n, err_texts_cap;
     /* smp__engine_emit's buffers, reused from message to message */
     smp_buf_t emit_vals, emit_errs, emit_msg;
+    smp_episode_t fetch_errors; /* failed outbox reads (log.h) */
 };
 
 uint64_t smp__wall_ms(void);

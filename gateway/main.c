@@ -26,6 +26,10 @@
  * must not hold up the start (systemd's TimeoutStartSec). */
 #define READY_MAX_WAIT_MS 10000u
 #define SD_TICK_MS        500u
+/* The watchdog period while a reload reopens the store (sd_watchdog_for_reload). */
+#define RELOAD_WATCHDOG_USEC (600u * 1000000u)
+/* At exit, buffered log lines get this long to reach a slow stderr (inside the 5 s stop). */
+#define LOG_FLUSH_MS 500u
 
 static void usage(FILE *f)
 {
@@ -68,12 +72,14 @@ struct app {
     uv_signal_t sigterm, sigint, sighup;
     bool stopping;
     bool reloading;
+    bool reload_pending;    /* the new config is being read off the loop */
     smp_config_t *next_cfg; /* validated config waiting for the engine to stop */
     int exit_code;
     /* systemd notifications (sdnotify.h); all no-ops without $NOTIFY_SOCKET */
     bool sd_on;
     uv_timer_t sd_timer; /* readiness, then STATUS= updates */
     uv_timer_t wd_timer; /* WATCHDOG=1, on the loop thread so a stuck loop stops the pings */
+    uint64_t wd_usec;    /* the watchdog period systemd asked for; 0: none */
     bool sd_ready;       /* READY=1 sent for the running engine */
     uint64_t sd_since;   /* loop time the running engine started */
     char sd_status[160]; /* the last STATUS= sent */
@@ -139,12 +145,25 @@ static void sd_start(struct app *a)
     }
     uv_timer_start(&a->sd_timer, on_sd_timer, SD_TICK_MS, SD_TICK_MS);
     uint64_t wd = smp_sd_watchdog_usec();
+    a->wd_usec = wd;
     if (wd > 0) {
         /* Half the period, as sd_watchdog_enabled(3) advises: one late tick is not fatal. */
         uint64_t ms = wd / 2000u > 0 ? wd / 2000u : 1;
         uv_timer_start(&a->wd_timer, on_wd_timer, ms, ms);
         LOG_INFO("main", "systemd watchdog: %" PRIu64 " ms, pinged every %" PRIu64 " ms",
                  wd / 1000u, ms);
+    }
+}
+
+/* A reload opens the store again on this thread, with the loop not running (the store's
+ * integrity check reads every page: long on a big store and slow flash). The watchdog must not
+ * take that for a hung loop: its period is raised for the reload and restored after. */
+static void sd_watchdog_for_reload(struct app *a, bool reloading)
+{
+    if (a->wd_usec > 0) {
+        smp_sd_notifyf("WATCHDOG=1\nWATCHDOG_USEC=%" PRIu64,
+                       reloading && a->wd_usec < RELOAD_WATCHDOG_USEC ? RELOAD_WATCHDOG_USEC
+                                                                      : a->wd_usec);
     }
 }
 
@@ -174,45 +193,83 @@ static void on_stop_signal(uv_signal_t *s, int signum)
     smp_engine_stop(a->engine, STOP_TIMEOUT_MS, on_engine_stopped, a);
 }
 
-static void on_hup(uv_signal_t *s, int signum)
+/* A reload in preparation: the new config is read and its plugins loaded on libuv's thread
+ * pool, so the loop goes on polling and publishing meanwhile. */
+struct reload {
+    uv_work_t req;
+    struct app *a;
+    smp_config_t *cfg;
+    char *errs; /* the problems, one per line */
+    size_t errs_len;
+    int n;
+};
+
+static void reload_load(uv_work_t *req)
 {
-    (void)signum;
-    struct app *a = s->data;
-    if (a->stopping || a->reloading) {
-        return;
-    }
-    LOG_INFO("main", "SIGHUP: reloading %s", a->config_path);
-    /* MONOTONIC_USEC lets systemd (Type=notify-reload, 253+) match this to its reload. */
-    smp_sd_notifyf("RELOADING=1\nMONOTONIC_USEC=%" PRIu64, smp_sd_monotonic_usec());
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *errs = open_memstream(&buf, &len);
-    smp_config_t *cfg = NULL;
-    int n = smp_config_load(a->config_path, a->plugin_dir, errs ? errs : stderr, &cfg);
+    struct reload *r = req->data;
+    FILE *errs = open_memstream(&r->errs, &r->errs_len);
+    r->n = smp_config_load(r->a->config_path, r->a->plugin_dir, errs ? errs : stderr, &r->cfg);
     if (errs != NULL) {
         fclose(errs);
     }
-    if (n != 0 || cfg == NULL) {
-        LOG_ERR("main", "reload rejected, %d problem(s); the running config stays:", n);
-        if (buf != NULL) {
+}
+
+static void reload_loaded(uv_work_t *req, int status)
+{
+    struct reload *r = req->data;
+    struct app *a = r->a;
+    a->reload_pending = false;
+    if (status < 0 || a->stopping) {
+        smp_config_free(r->cfg); /* a stop came first: the running config ends as it is */
+    } else if (r->n != 0 || r->cfg == NULL) {
+        LOG_ERR("main", "reload rejected, %d problem(s); the running config stays:", r->n);
+        if (r->errs != NULL) {
             char *save = NULL;
-            for (char *line = strtok_r(buf, "\n", &save); line;
+            for (char *line = strtok_r(r->errs, "\n", &save); line;
                  line = strtok_r(NULL, "\n", &save)) {
                 LOG_ERR("main", "%s", line);
             }
         }
-        free(buf);
         smp_sd_notifyf("READY=1\nSTATUS=reload rejected (%d problems): the running config stays",
-                       n);
+                       r->n);
         a->sd_status[0] = '\0';
+    } else {
+        /* Restart the engine on the new config: polls pause for the stop, nothing queued is
+         * lost (the outbox is in the store and is replayed by the new engine). */
+        a->reloading = true;
+        a->next_cfg = r->cfg;
+        smp_engine_stop(a->engine, STOP_TIMEOUT_MS, on_engine_stopped, a);
+    }
+    free(r->errs);
+    free(r);
+}
+
+static void on_hup(uv_signal_t *s, int signum)
+{
+    (void)signum;
+    struct app *a = s->data;
+    if (a->stopping || a->reloading || a->reload_pending) {
         return;
     }
-    free(buf);
-    /* Restart the engine on the new config: polls pause for the stop, nothing queued is lost
-     * (the outbox is in the store and is replayed by the new engine). */
-    a->reloading = true;
-    a->next_cfg = cfg;
-    smp_engine_stop(a->engine, STOP_TIMEOUT_MS, on_engine_stopped, a);
+    struct reload *r = calloc(1, sizeof *r);
+    if (r == NULL) {
+        LOG_ERR("main", "SIGHUP: out of memory; the running config stays");
+        return;
+    }
+    r->a = a;
+    r->req.data = r;
+    LOG_INFO("main", "SIGHUP: reloading %s", a->config_path);
+    /* MONOTONIC_USEC lets systemd (Type=notify-reload, 253+) match this to its reload. */
+    smp_sd_notifyf("RELOADING=1\nMONOTONIC_USEC=%" PRIu64, smp_sd_monotonic_usec());
+    int rc = uv_queue_work(a->loop, &r->req, reload_load, reload_loaded);
+    if (rc < 0) {
+        LOG_ERR("main", "SIGHUP: cannot prepare the reload (%s); the running config stays",
+                uv_strerror(rc));
+        smp_sd_notify("READY=1");
+        free(r);
+        return;
+    }
+    a->reload_pending = true;
 }
 
 /* Frees the stopped engine. When a worker thread is stuck in a driver call past the stop
@@ -223,6 +280,7 @@ static void engine_free_or_exit(struct app *a)
 {
     if (smp_engine_free(a->engine) == -EBUSY) {
         LOG_ERR("main", "exiting without freeing: a device call did not return in time");
+        smp_log_stop(LOG_FLUSH_MS);
         _exit(a->reloading && !a->stopping ? 1 : a->exit_code);
     }
     a->engine = NULL;
@@ -357,6 +415,10 @@ int main(int argc, char **argv)
         return 1;
     }
     apply_log_level(&a, a.cfg);
+    /* From here on the loop runs: log lines go through the writer thread, never blocking. */
+    if (smp_log_start() < 0) {
+        LOG_WARN("main", "no log writer thread: a stalled stderr can stall the gateway");
+    }
     a.loop = uv_default_loop();
     LOG_INFO("main", "simpul %s starting, gateway %s", SMP_VERSION, a.cfg->gateway.id);
 
@@ -369,11 +431,17 @@ int main(int argc, char **argv)
     uv_signal_start(&a.sighup, on_hup, SIGHUP);
     sd_start(&a);
 
-    for (;;) {
+    for (bool again = false;; again = true) {
+        if (again) {
+            sd_watchdog_for_reload(&a, true);
+        }
         int rc = smp_engine_new(a.loop, a.cfg, &a.engine);
         if (rc == 0) {
             rc = smp_engine_start(a.engine);
             sd_engine_started(&a);
+        }
+        if (again) {
+            sd_watchdog_for_reload(&a, false);
         }
         if (rc < 0) {
             a.exit_code = 1;
@@ -408,5 +476,6 @@ int main(int argc, char **argv)
     uv_loop_close(a.loop);
     smp_config_free(a.cfg);
     LOG_INFO("main", "stopped");
+    smp_log_stop(LOG_FLUSH_MS);
     return a.exit_code;
 }

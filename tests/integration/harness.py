@@ -296,6 +296,17 @@ class Gateway:
         return rc
 
 
+SPEED_TAG = {"name": "speed_rpm", "table": "holding_register", "address": 10, "type": "uint16"}
+
+
+def tcp_device(name, port, tags=(SPEED_TAG,), unit=1, interval_ms=200, timeout_ms=500):
+    """A Modbus TCP device on 127.0.0.1 with its own tags (simpul-sim's speed_rpm by default)."""
+    return {"name": name, "protocol": "modbus", "interval_ms": interval_ms,
+            "connection": {"transport": "tcp", "host": "127.0.0.1", "port": port,
+                           "unit_id": unit, "timeout_ms": timeout_ms},
+            "tags": list(tags)}
+
+
 def base_config(workdir, broker_port, devices, profiles=None, gw_id="gw-test", mqtt_extra=None):
     cfg = {
         "gateway": {"id": gw_id, "data_dir": workdir, "log_level": "debug"},

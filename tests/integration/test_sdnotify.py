@@ -5,6 +5,8 @@ bound here as systemd would), with WATCHDOG_USEC set:
   its STATUS= already counts a dead device as tried and offline ("1/2 devices online");
 - WATCHDOG=1 arrives every WATCHDOG_USEC / 2, from the loop;
 - SIGHUP sends RELOADING=1 (with MONOTONIC_USEC) and READY=1 again once the new config runs;
+  while the reload reopens the store (the loop is not running) WATCHDOG_USEC is raised, then
+  set back;
 - SIGTERM sends STOPPING=1, and simpul still exits 0;
 - an abstract socket name ("@name") works; WATCHDOG_PID naming another process turns pings off.
 Without NOTIFY_SOCKET (every other test) simpul runs the same.
@@ -71,13 +73,8 @@ class NotifySocket:
 
 
 def devices(port):
-    def dev(name, unit):
-        return {"name": name, "protocol": "modbus", "interval_ms": 200,
-                "connection": {"transport": "tcp", "host": "127.0.0.1", "port": port,
-                               "unit_id": unit, "timeout_ms": 300},
-                "tags": [{"name": "speed_rpm", "table": "holding_register", "address": 10,
-                          "type": "uint16"}]}
-    return [dev("pump-01", 1), dev("pump-02", 2)]
+    return [h.tcp_device("pump-01", port, unit=1, timeout_ms=300),
+            h.tcp_device("pump-02", port, unit=2, timeout_ms=300)]
 
 
 class SdNotifyTest(h.TestCase):
@@ -126,6 +123,10 @@ class SdNotifyTest(h.TestCase):
         again = n.wait("READY", "1", count=before + 1)[-1]
         if again[0] < rel[0]:
             raise h.Failure("READY=1 came before RELOADING=1")
+        # While the reload reopens the store the watchdog period is raised, then restored.
+        periods = [m[1]["WATCHDOG_USEC"] for m in n.with_key("WATCHDOG_USEC") if m[0] > rel[0]]
+        if periods != ["600000000", "400000"]:
+            raise h.Failure("watchdog periods around the reload: %r" % periods)
         # Stop.
         g.proc.signal(signal.SIGTERM)
         rc = g.proc.wait(10)

@@ -29,11 +29,7 @@ def check(cfg_path, as_nobody=False):
 
 
 def sim_device(port):
-    return {"name": "pump-01", "protocol": "modbus", "interval_ms": 200,
-            "connection": {"transport": "tcp", "host": "127.0.0.1", "port": port,
-                           "unit_id": 1, "timeout_ms": 500},
-            "tags": [{"name": "speed_rpm", "table": "holding_register", "address": 10,
-                      "type": "uint16", "writable": True, "min": 0, "max": 3000}]}
+    return h.tcp_device("pump-01", port, [dict(h.SPEED_TAG, writable=True, min=0, max=3000)])
 
 
 def write_cfg(path, cfg):

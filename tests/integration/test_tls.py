@@ -99,12 +99,8 @@ class TlsTest(h.TestCase):
 
     def gw(self, b, tls, env=None):
         sim = self.sim()
-        dev = {"name": "pump-01", "protocol": "modbus", "interval_ms": 500,
-               "connection": {"transport": "tcp", "host": "127.0.0.1", "port": sim.port,
-                              "unit_id": 1, "timeout_ms": 500},
-               "tags": [{"name": "speed_rpm", "table": "holding_register", "address": 10,
-                         "type": "uint16"}]}
-        cfg = h.base_config(self.workdir, b.tls_port, [dev])
+        cfg = h.base_config(self.workdir, b.tls_port, [h.tcp_device("pump-01", sim.port,
+                                                                     interval_ms=500)])
         cfg["mqtt"]["tls"] = tls
         g = self.gateway(cfg, start=env is None)
         if env is not None:
