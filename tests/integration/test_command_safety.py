@@ -507,7 +507,7 @@ class CommandSafetyTest(h.TestCase):
             self.sub.c.publish(P + "/pump-01/cmd", json.dumps(
                 {"id": cid, "op": "read", "tags": ["flow"]}), qos=1)
         want = set(ids)
-        h.wait_for(lambda: want <= {j["id"] for j in self.sub.json(RESULT)}, 120,
+        h.wait_for(lambda: want <= {j["id"] for j in self.sub.json(RESULT)}, 240,
                    "an answer to each of %d commands" % n)
         return ids
 
@@ -528,7 +528,12 @@ class CommandSafetyTest(h.TestCase):
         ok = [j for j in self.sub.json(RESULT) if j["ok"]]
         assert len(ok) <= 200 + 1, len(ok)  # the de-dup table holds at most 200 ids
         print("RSS after 1500 commands: %d kB, after 4500: %d kB" % (rss1, rss2))
-        assert rss2 - rss1 < 2048, "RSS grew from %d to %d kB" % (rss1, rss2)
+        with open("/proc/%d/maps" % self.gw.proc.pid) as f:
+            asan = "libasan" in f.read()
+        # Under ASan freed memory sits in its quarantine (RSS grows by design); there the
+        # leak check at the SIGTERM stop is what proves nothing piles up.
+        if not asan:
+            assert rss2 - rss1 < 2048, "RSS grew from %d to %d kB" % (rss1, rss2)
 
         def audit_rows():
             db = sqlite3.connect(self.cfg["store"]["path"], timeout=5)
