@@ -550,8 +550,10 @@ struct unsent {
     char *text;
     void *corr;
     size_t corr_len;
+    uint64_t token; /* of its publish, once sent */
 };
 static void unsent_free(struct unsent *u);
+static struct unsent *unsent_pop(struct smp_command_state *s);
 
 struct smp_command_state {
     struct cmd_entry *buckets[CMD_BUCKETS];
@@ -560,8 +562,10 @@ struct smp_command_state {
     unsigned in_progress; /* accepted, not yet answered */
     uint64_t window_ms;   /* commands.dedup_window_s */
     bool history_lost;    /* the recorded commands could not be loaded at start */
-    struct unsent *unsent_head, *unsent_tail;
+    struct unsent *unsent_head, *unsent_tail; /* waiting for room, oldest first */
     size_t unsent_n;
+    struct unsent *sent; /* published, waiting for the PUBACK (newest first) */
+    uint64_t answer_seq;
     struct bucket global;   /* commands.rate_global */
     struct bucket *per_dev; /* commands.rate_per_device, one per device (e->devs order) */
 };
@@ -746,10 +750,9 @@ void smp__engine_commands_free(smp_engine_t *e)
     while (e->cmds->oldest != NULL) {
         entry_unlink(e->cmds, e->cmds->oldest);
     }
+    smp__engine_commands_disconnected(e);
     while (e->cmds->unsent_head != NULL) {
-        struct unsent *u = e->cmds->unsent_head;
-        e->cmds->unsent_head = u->next;
-        unsent_free(u);
+        unsent_free(unsent_pop(e->cmds));
     }
     free(e->cmds->per_dev);
     free(e->cmds);
@@ -774,14 +777,6 @@ static void cmd_free(struct cmd *m)
     free(m);
 }
 
-static int send_answer(smp_engine_t *e, const char *topic, const char *text, const void *corr,
-                       size_t corr_len)
-{
-    smp_mqtt_props_t props = {.correlation_data = corr, .correlation_len = corr_len};
-    return smp_bridge_publish_reserved(e->bridge, topic, text, strlen(text), 1, false, 0,
-                                       corr != NULL ? &props : NULL);
-}
-
 static void unsent_free(struct unsent *u)
 {
     free(u->topic);
@@ -790,18 +785,25 @@ static void unsent_free(struct unsent *u)
     free(u);
 }
 
-/* Keeps an answer the bridge could not take (window full, broker away) for later. */
+static struct unsent *unsent_pop(struct smp_command_state *s)
+{
+    struct unsent *u = s->unsent_head;
+    s->unsent_head = u->next;
+    if (s->unsent_head == NULL) {
+        s->unsent_tail = NULL;
+    }
+    s->unsent_n--;
+    u->next = NULL;
+    return u;
+}
+
+/* Queues an answer; smp__engine_commands_flush sends what the window has room for. */
 static void unsent_push(smp_engine_t *e, const char *topic, const char *text, const void *corr,
                         size_t corr_len)
 {
     struct smp_command_state *s = e->cmds;
     if (s->unsent_n >= UNSENT_MAX) {
-        struct unsent *old = s->unsent_head;
-        s->unsent_head = old->next;
-        if (s->unsent_head == NULL) {
-            s->unsent_tail = NULL;
-        }
-        s->unsent_n--;
+        struct unsent *old = unsent_pop(s);
         LOG_ERR("cmd",
                 "too many answers waiting for the broker: one to %s dropped (a retry "
                 "with its id gets the stored result)",
@@ -841,19 +843,55 @@ void smp__engine_commands_flush(smp_engine_t *e)
     struct smp_command_state *s = e->cmds;
     while (s != NULL && s->unsent_head != NULL) {
         struct unsent *u = s->unsent_head;
-        int rc = send_answer(e, u->topic, u->text, u->corr, u->corr_len);
+        u->token = SMP_CMD_ANSWER_TOKEN | ++s->answer_seq;
+        smp_mqtt_props_t props = {.correlation_data = u->corr, .correlation_len = u->corr_len};
+        int rc = smp_bridge_publish_reserved(e->bridge, u->topic, u->text, strlen(u->text), 1,
+                                             false, u->token, u->corr != NULL ? &props : NULL);
         if (rc == -EAGAIN || rc == -ENOTCONN) {
             return; /* the next PUBACK or connect calls again */
         }
+        unsent_pop(s);
         if (rc < 0) {
             LOG_WARN("cmd", "answer to %s not published: %s", u->topic, strerror(-rc));
+            unsent_free(u);
+            continue;
         }
-        s->unsent_head = u->next;
-        if (s->unsent_head == NULL) {
-            s->unsent_tail = NULL;
+        /* Kept until its PUBACK: a connection lost before it sends the answer again. */
+        u->next = s->sent;
+        s->sent = u;
+    }
+}
+
+bool smp__engine_commands_acked(smp_engine_t *e, uint64_t token)
+{
+    if ((token & SMP_CMD_ANSWER_TOKEN) == 0) {
+        return false;
+    }
+    for (struct unsent **pp = &e->cmds->sent; *pp != NULL; pp = &(*pp)->next) {
+        if ((*pp)->token == token) {
+            struct unsent *u = *pp;
+            *pp = u->next;
+            unsent_free(u);
+            break;
         }
-        s->unsent_n--;
-        unsent_free(u);
+    }
+    return true;
+}
+
+void smp__engine_commands_disconnected(smp_engine_t *e)
+{
+    /* Answers sent and not acknowledged go again, first and in their order (the list holds
+     * the newest first). QoS 1: the broker may then deliver one twice, the same text. */
+    struct smp_command_state *s = e->cmds;
+    while (s != NULL && s->sent != NULL) {
+        struct unsent *u = s->sent;
+        s->sent = u->next;
+        u->next = s->unsent_head;
+        s->unsent_head = u;
+        if (s->unsent_tail == NULL) {
+            s->unsent_tail = u;
+        }
+        s->unsent_n++;
     }
 }
 
@@ -872,15 +910,9 @@ static void publish_result(smp_engine_t *e, struct cmd *m, const char *text)
             topic = fallback;
         }
     }
-    /* Answers keep their order: behind others still waiting, this one waits too. */
-    int rc =
-        e->cmds->unsent_head != NULL ? -EAGAIN : send_answer(e, topic, text, m->corr, m->corr_len);
-    if (rc == -EAGAIN || rc == -ENOTCONN) {
-        unsent_push(e, topic, text, m->corr, m->corr_len);
-    } else if (rc < 0) {
-        /* The result is stored: a retry with the same id gets it. */
-        LOG_WARN("cmd", "result for %s not published: %s", m->c.id, strerror(-rc));
-    }
+    /* Through the queue, in order, kept until acknowledged. */
+    unsent_push(e, topic, text, m->corr, m->corr_len);
+    smp__engine_commands_flush(e);
     free(fallback);
 }
 
