@@ -550,8 +550,10 @@ struct unsent {
     char *text;
     void *corr;
     size_t corr_len;
+    uint64_t token; /* of its publish, once sent */
 };
 static void unsent_free(struct unsent *u);
+static struct unsent *unsent_pop(struct smp_command_state *s);
 
 struct smp_command_state {
     struct cmd_entry *buckets[CMD_BUCKETS];
@@ -560,8 +562,10 @@ struct smp_command_state {
     unsigned in_progress; /* accepted, not yet answered */
     uint64_t window_ms;   /* commands.dedup_window_s */
     bool history_lost;    /* the recorded commands could not be loaded at start */
-    struct unsent *unsent_head, *unsent_tail;
+    struct unsent *unsent_head, *unsent_tail; /* waiting for room, oldest first */
     size_t unsent_n;
+    struct unsent *sent; /* published, waiting for the PUBACK (newest first) */
+    uint64_t answer_seq;
     struct bucket global;   /* commands.rate_global */
     struct bucket *per_dev; /* commands.rate_per_device, one per device (e->devs order) */
 };
@@ -746,10 +750,9 @@ void smp__engine_commands_free(smp_engine_t *e)
     while (e->cmds->oldest != NULL) {
         entry_unlink(e->cmds, e->cmds->oldest);
     }
+    smp__engine_commands_disconnected(e);
     while (e->cmds->unsent_head != NULL) {
-        struct unsent *u = e->cmds->unsent_head;
-        e->cmds->unsent_head = u->next;
-        unsent_free(u);
+        unsent_free(unsent_pop(e->cmds));
     }
     free(e->cmds->per_dev);
     free(e->cmds);
@@ -774,14 +777,6 @@ static void cmd_free(struct cmd *m)
     free(m);
 }
 
-static int send_answer(smp_engine_t *e, const char *topic, const char *text, const void *corr,
-                       size_t corr_len)
-{
-    smp_mqtt_props_t props = {.correlation_data = corr, .correlation_len = corr_len};
-    return smp_bridge_publish_reserved(e->bridge, topic, text, strlen(text), 1, false, 0,
-                                       corr != NULL ? &props : NULL);
-}
-
 static void unsent_free(struct unsent *u)
 {
     free(u->topic);
@@ -790,18 +785,25 @@ static void unsent_free(struct unsent *u)
     free(u);
 }
 
-/* Keeps an answer the bridge could not take (window full, broker away) for later. */
+static struct unsent *unsent_pop(struct smp_command_state *s)
+{
+    struct unsent *u = s->unsent_head;
+    s->unsent_head = u->next;
+    if (s->unsent_head == NULL) {
+        s->unsent_tail = NULL;
+    }
+    s->unsent_n--;
+    u->next = NULL;
+    return u;
+}
+
+/* Queues an answer; smp__engine_commands_flush sends what the window has room for. */
 static void unsent_push(smp_engine_t *e, const char *topic, const char *text, const void *corr,
                         size_t corr_len)
 {
     struct smp_command_state *s = e->cmds;
     if (s->unsent_n >= UNSENT_MAX) {
-        struct unsent *old = s->unsent_head;
-        s->unsent_head = old->next;
-        if (s->unsent_head == NULL) {
-            s->unsent_tail = NULL;
-        }
-        s->unsent_n--;
+        struct unsent *old = unsent_pop(s);
         LOG_ERR("cmd",
                 "too many answers waiting for the broker: one to %s dropped (a retry "
                 "with its id gets the stored result)",
@@ -841,19 +843,55 @@ void smp__engine_commands_flush(smp_engine_t *e)
     struct smp_command_state *s = e->cmds;
     while (s != NULL && s->unsent_head != NULL) {
         struct unsent *u = s->unsent_head;
-        int rc = send_answer(e, u->topic, u->text, u->corr, u->corr_len);
+        u->token = SMP_CMD_ANSWER_TOKEN | ++s->answer_seq;
+        smp_mqtt_props_t props = {.correlation_data = u->corr, .correlation_len = u->corr_len};
+        int rc = smp_bridge_publish_reserved(e->bridge, u->topic, u->text, strlen(u->text), 1,
+                                             false, u->token, u->corr != NULL ? &props : NULL);
         if (rc == -EAGAIN || rc == -ENOTCONN) {
             return; /* the next PUBACK or connect calls again */
         }
+        unsent_pop(s);
         if (rc < 0) {
             LOG_WARN("cmd", "answer to %s not published: %s", u->topic, strerror(-rc));
+            unsent_free(u);
+            continue;
         }
-        s->unsent_head = u->next;
-        if (s->unsent_head == NULL) {
-            s->unsent_tail = NULL;
+        /* Kept until its PUBACK: a connection lost before it sends the answer again. */
+        u->next = s->sent;
+        s->sent = u;
+    }
+}
+
+bool smp__engine_commands_acked(smp_engine_t *e, uint64_t token)
+{
+    if ((token & SMP_CMD_ANSWER_TOKEN) == 0) {
+        return false;
+    }
+    for (struct unsent **pp = &e->cmds->sent; *pp != NULL; pp = &(*pp)->next) {
+        if ((*pp)->token == token) {
+            struct unsent *u = *pp;
+            *pp = u->next;
+            unsent_free(u);
+            break;
         }
-        s->unsent_n--;
-        unsent_free(u);
+    }
+    return true;
+}
+
+void smp__engine_commands_disconnected(smp_engine_t *e)
+{
+    /* Answers sent and not acknowledged go again, first and in their order (the list holds
+     * the newest first). QoS 1: the broker may then deliver one twice, the same text. */
+    struct smp_command_state *s = e->cmds;
+    while (s != NULL && s->sent != NULL) {
+        struct unsent *u = s->sent;
+        s->sent = u->next;
+        u->next = s->unsent_head;
+        s->unsent_head = u;
+        if (s->unsent_tail == NULL) {
+            s->unsent_tail = u;
+        }
+        s->unsent_n++;
     }
 }
 
@@ -872,15 +910,9 @@ static void publish_result(smp_engine_t *e, struct cmd *m, const char *text)
             topic = fallback;
         }
     }
-    /* Answers keep their order: behind others still waiting, this one waits too. */
-    int rc =
-        e->cmds->unsent_head != NULL ? -EAGAIN : send_answer(e, topic, text, m->corr, m->corr_len);
-    if (rc == -EAGAIN || rc == -ENOTCONN) {
-        unsent_push(e, topic, text, m->corr, m->corr_len);
-    } else if (rc < 0) {
-        /* The result is stored: a retry with the same id gets it. */
-        LOG_WARN("cmd", "result for %s not published: %s", m->c.id, strerror(-rc));
-    }
+    /* Through the queue, in order, kept until acknowledged. */
+    unsent_push(e, topic, text, m->corr, m->corr_len);
+    smp__engine_commands_flush(e);
     free(fallback);
 }
 
@@ -1191,27 +1223,19 @@ static void on_history(void *arg, int status, const smp_history_row_t *rows, siz
     smp_buf_free(&b);
 }
 
-void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
-                         const smp_mqtt_props_t *props)
+/* Step 1: a command record for a delivery, its payload parsed (the outcome in *prc). */
+static struct cmd *receive(smp_engine_t *e, const smp_cmd_delivery_t *dv,
+                           const smp_mqtt_props_t *props, const void *payload, size_t len, int *prc)
 {
-    if (e->cmds == NULL) {
-        return;
-    }
-    const char *pre = e->cfg->mqtt.topic_prefix;
-    const char *gid = e->cfg->gateway.id;
-    smp_cmd_delivery_t dv;
-    if (smp_cmd_delivery(topic, props, pre, gid, &dv) < 0) {
-        return; /* not a command topic of this gateway */
-    }
     struct cmd *m = calloc(1, sizeof *m);
     if (m == NULL) {
-        return;
+        return NULL;
     }
     m->e = e;
-    memcpy(m->device, dv.device, sizeof m->device);
+    memcpy(m->device, dv->device, sizeof m->device);
     m->recv_wall_ms = smp__wall_ms();
     m->recv_hr_ns = uv_hrtime();
-    if (dv.use_response_topic) {
+    if (dv->use_response_topic) {
         m->resp_topic = strdup(props->response_topic);
     }
     if (props != NULL && props->correlation_data != NULL && props->correlation_len > 0) {
@@ -1226,133 +1250,190 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
             m->d = &e->devs[k];
         }
     }
-    int prc = smp_cmd_parse(payload, len, &m->c, &m->err);
+    *prc = smp_cmd_parse(payload, len, &m->c, &m->err);
     if (m->c.value != NULL) {
         m->value_json = json_dumps(m->c.value, JSON_ENCODE_ANY | JSON_COMPACT);
     }
-    if (dv.refusal_code != NULL) {
-        /* Refused before the de-dup table: the same id sent live, or with an allowed
-         * Response Topic, still runs. */
+    return m;
+}
+
+/* Step 2: refusals that come before the de-dup table (a retained delivery, a Response Topic
+ * outside the namespace, a rate limit): the same id may run later. True when answered. */
+static bool refused_early(smp_engine_t *e, struct cmd *m, const smp_cmd_delivery_t *dv,
+                          uint64_t now)
+{
+    if (dv->refusal_code != NULL) {
         char msg[300];
-        snprintf(msg, sizeof msg, dv.refusal_fmt, pre, gid);
-        fail(e, m, dv.refusal_code, msg);
-        return;
+        snprintf(msg, sizeof msg, dv->refusal_fmt, e->cfg->mqtt.topic_prefix, e->cfg->gateway.id);
+        fail(e, m, dv->refusal_code, msg);
+        return true;
     }
-    uint64_t now = uv_now(e->loop);
     const char *limit = over_rate(e, m->d, now);
     if (limit != NULL) {
-        /* Not remembered: a later retry of this id may run. */
         fail(e, m, "busy", limit);
-        return;
+        return true;
     }
+    return false;
+}
+
+/* Step 3: the at-most-once table. A known id is answered with its first result (now, or when
+ * the first one finishes) and never run again; a new one is remembered, unless the table is
+ * full. True when answered. */
+static bool seen_before(smp_engine_t *e, struct cmd *m, uint64_t now)
+{
     entries_expire(e->cmds, now);
-    if (m->c.has_id) {
-        char *key = make_key(m->device, m->c.id);
-        struct cmd_entry *x = key ? entry_find(e->cmds, key) : NULL;
-        if (x == NULL && e->cmds->count >= (size_t)e->cfg->commands.dedup_max) {
-            free(key);
-            fail(e, m, "busy", "too many recent commands to remember (commands.dedup_max)");
-            return;
-        }
-        if (x != NULL) {
-            free(key);
-            /* Seen before: never run it again. Answer with the first result (now, or when
-             * the first one finishes). */
-            audit(e, m, "duplicate", "answered with the first result");
-            if (x->result != NULL) {
-                publish_result(e, m, x->result);
-            } else {
-                x->waiting++;
-            }
-            cmd_free(m);
-            return;
-        }
-        if (key != NULL) {
-            m->entry = entry_add(e->cmds, key, now);
-        }
+    if (!m->c.has_id) {
+        return false;
     }
+    char *key = make_key(m->device, m->c.id);
+    struct cmd_entry *x = key ? entry_find(e->cmds, key) : NULL;
+    if (x == NULL && e->cmds->count >= (size_t)e->cfg->commands.dedup_max) {
+        free(key);
+        fail(e, m, "busy", "too many recent commands to remember (commands.dedup_max)");
+        return true;
+    }
+    if (x != NULL) {
+        free(key);
+        audit(e, m, "duplicate", "answered with the first result");
+        if (x->result != NULL) {
+            publish_result(e, m, x->result);
+        } else {
+            x->waiting++;
+        }
+        cmd_free(m);
+        return true;
+    }
+    if (key != NULL) {
+        m->entry = entry_add(e->cmds, key, now);
+    }
+    return false;
+}
+
+/* Step 4: what the request itself gets wrong (payload, device, expired on arrival). True
+ * when answered. */
+static bool invalid(smp_engine_t *e, struct cmd *m, int prc)
+{
     if (prc < 0) {
         fail(e, m, m->err.code, m->err.message);
-        return;
+        return true;
     }
     if (m->d == NULL) {
         fail(e, m, "unknown_device", "no such device on this gateway");
-        return;
+        return true;
     }
     if (smp_cmd_expired(&m->c, m->recv_wall_ms)) {
         char msg[128];
         snprintf(msg, sizeof msg, "received %" PRIu64 " ms after ts + ttl_ms",
                  m->recv_wall_ms - (uint64_t)smp_cmd_deadline(&m->c));
         fail(e, m, "expired", msg);
+        return true;
+    }
+    return false;
+}
+
+/* A history query: answered from the store, counted in the device's queue limit. */
+static void run_history(smp_engine_t *e, struct cmd *m)
+{
+    if (find_tag(m->d, m->c.tag) < 0) {
+        fail(e, m, "unknown_tag", "no such tag on this device");
         return;
     }
-    if (m->c.op == SMP_CMD_HISTORY) {
-        if (find_tag(m->d, m->c.tag) < 0) {
-            fail(e, m, "unknown_tag", "no such tag on this device");
-            return;
-        }
-        if (m->d->cmd_queued >= SMP_CMD_QUEUE_MAX) {
-            fail(e, m, "busy", "too many commands queued for the device");
-            return;
-        }
-        m->d->cmd_queued++;
-        e->cmds->in_progress++;
-        smp_store_history(e->store, m->device, m->c.tag, m->c.from, m->c.to, m->c.limit, on_history,
-                          m);
+    if (m->d->cmd_queued >= SMP_CMD_QUEUE_MAX) {
+        fail(e, m, "busy", "too many commands queued for the device");
         return;
+    }
+    m->d->cmd_queued++;
+    e->cmds->in_progress++;
+    smp_store_history(e->store, m->device, m->c.tag, m->c.from, m->c.to, m->c.limit, on_history, m);
+}
+
+/* Step 5a: the device job of a write, validated against its tag. NULL when answered. */
+static struct job *write_job(smp_engine_t *e, struct cmd *m)
+{
+    int t = find_tag(m->d, m->c.tag);
+    if (t < 0) {
+        fail(e, m, "unknown_tag", "no such tag on this device");
+        return NULL;
+    }
+    const char *why = durable_problem(e);
+    if (why != NULL) {
+        fail(e, m, "not_durable", why);
+        return NULL;
     }
     struct job *j = calloc(1, sizeof *j);
     if (j == NULL) {
         fail(e, m, "busy", "out of memory");
-        return;
+        return NULL;
     }
-    if (m->c.op == SMP_CMD_WRITE) {
-        int t = find_tag(m->d, m->c.tag);
-        if (t < 0) {
-            free(j);
-            fail(e, m, "unknown_tag", "no such tag on this device");
-            return;
-        }
-        const char *why = durable_problem(e);
-        if (why != NULL) {
-            free(j);
-            fail(e, m, "not_durable", why);
-            return;
-        }
-        smp_cmd_error_t verr = {0};
-        if (smp_cmd_to_raw(&m->d->cfg->tags[t], m->c.value, &j->write_raw, &j->write_str, &verr) <
-            0) {
-            free(j);
-            fail(e, m, verr.code, verr.message);
-            return;
-        }
-        j->type = JOB_WRITE;
-        j->tag = (uint32_t)t;
-    } else {
-        m->tag_idx = calloc(m->c.ntags, sizeof *m->tag_idx);
+    smp_cmd_error_t verr = {0};
+    if (smp_cmd_to_raw(&m->d->cfg->tags[t], m->c.value, &j->write_raw, &j->write_str, &verr) < 0) {
+        free(j);
+        fail(e, m, verr.code, verr.message);
+        return NULL;
+    }
+    j->type = JOB_WRITE;
+    j->tag = (uint32_t)t;
+    return j;
+}
+
+/* Step 5b: the device job of a read of m->c.tags. NULL when answered. */
+static struct job *read_job(smp_engine_t *e, struct cmd *m)
+{
+    struct job *j = calloc(1, sizeof *j);
+    m->tag_idx = calloc(m->c.ntags, sizeof *m->tag_idx);
+    if (j != NULL) {
         j->readings = calloc(m->c.ntags, sizeof *j->readings);
         j->strs = calloc(m->c.ntags, sizeof *j->strs);
         j->errs = calloc(m->c.ntags, ERRMSG_LEN);
-        if (!m->tag_idx || !j->readings || !j->strs || !j->errs) {
-            smp__job_free(j);
-            fail(e, m, "busy", "out of memory");
-            return;
-        }
-        for (size_t k = 0; k < m->c.ntags; k++) {
-            int t = find_tag(m->d, m->c.tags[k]);
-            if (t < 0) {
-                smp__job_free(j);
-                char msg[200];
-                snprintf(msg, sizeof msg, "no tag %s on this device", m->c.tags[k]);
-                fail(e, m, "unknown_tag", msg);
-                return;
-            }
-            m->tag_idx[k] = t;
-        }
-        j->type = JOB_READ;
-        j->idx = (const uint32_t *)m->tag_idx;
-        j->n = m->c.ntags;
     }
+    if (j == NULL || !m->tag_idx || !j->readings || !j->strs || !j->errs) {
+        smp__job_free(j);
+        fail(e, m, "busy", "out of memory");
+        return NULL;
+    }
+    for (size_t k = 0; k < m->c.ntags; k++) {
+        int t = find_tag(m->d, m->c.tags[k]);
+        if (t < 0) {
+            smp__job_free(j);
+            char msg[200];
+            snprintf(msg, sizeof msg, "no tag %s on this device", m->c.tags[k]);
+            fail(e, m, "unknown_tag", msg);
+            return NULL;
+        }
+        m->tag_idx[k] = t;
+    }
+    j->type = JOB_READ;
+    j->idx = (const uint32_t *)m->tag_idx;
+    j->n = m->c.ntags;
+    return j;
+}
+
+/* Step 6: the ttl as a deadline on the monotonic clock. Expiry applies to the time spent in
+ * the queue and in opening the connection; the wall clock only says how much of the ttl was
+ * left at receipt. */
+static void set_deadline(const struct cmd *m, struct job *j)
+{
+    if (!m->c.has_ttl) {
+        return;
+    }
+    uint64_t left = (uint64_t)m->c.ttl_ms;
+    if (m->c.has_ts) {
+        /* Not expired at receipt (checked before), so the deadline is not in the past. */
+        left = (uint64_t)smp_cmd_deadline(&m->c) - m->recv_wall_ms;
+    }
+    uint64_t now_mono = m->recv_hr_ns / 1000000u;
+    j->deadline_mono_ms = left > UINT64_MAX - now_mono ? UINT64_MAX : now_mono + left;
+    if (j->deadline_mono_ms == 0) {
+        j->deadline_mono_ms = 1; /* 0 means "no deadline" */
+    }
+}
+
+/* Step 7: into the device's queue, if the device can take it, after the durable "accepted"
+ * record: a crash cannot lead to a re-run. Reads take the same path: store operations
+ * complete in order, so the commands of a device reach its queue in the order they arrived
+ * (a read sent after a write sees the write). */
+static void enqueue(smp_engine_t *e, struct cmd *m, struct job *j)
+{
     if (m->d->online == 0) {
         smp__job_free(j);
         char msg[ERRMSG_LEN + 32];
@@ -1367,42 +1448,51 @@ void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload
                          : "too many commands queued for the device");
         return;
     }
-    /* Expiry also applies to the time spent in the queue and in opening the connection. The
-     * wall clock only says how much of the ttl was left at receipt; from there on the
-     * deadline lives on the monotonic clock. */
-    if (m->c.has_ttl) {
-        uint64_t left = (uint64_t)m->c.ttl_ms;
-        if (m->c.has_ts) {
-            /* Not expired at receipt (checked above), so the deadline is not in the past. */
-            left = (uint64_t)smp_cmd_deadline(&m->c) - m->recv_wall_ms;
-        }
-        uint64_t now_mono = m->recv_hr_ns / 1000000u;
-        j->deadline_mono_ms = left > UINT64_MAX - now_mono ? UINT64_MAX : now_mono + left;
-        if (j->deadline_mono_ms == 0) {
-            j->deadline_mono_ms = 1; /* 0 means "no deadline" */
-        }
-    }
+    set_deadline(m, j);
     m->d->cmd_queued++;
-    if (m->c.has_id) {
-        /* Durable "accepted" record before the write, so a crash cannot lead to a re-run.
-         * Reads take the same path: store operations complete in order, so the commands of a
-         * device reach its queue in the order they arrived (a read sent after a write sees
-         * the write). */
-        struct begin_ctx *bc = calloc(1, sizeof *bc);
-        if (bc == NULL) {
-            m->d->cmd_queued--;
-            smp__job_free(j);
-            fail(e, m, "busy", "out of memory");
-            return;
-        }
-        bc->m = m;
-        bc->j = j;
-        e->cmds->in_progress++;
-        smp_store_cmd_put(e->store, m->device, m->c.id, NULL, (int64_t)m->recv_wall_ms,
-                          after_begin_stored, bc);
+    if (!m->c.has_id) {
+        dispatch(e, m, j);
         return;
     }
-    dispatch(e, m, j);
+    struct begin_ctx *bc = calloc(1, sizeof *bc);
+    if (bc == NULL) {
+        m->d->cmd_queued--;
+        smp__job_free(j);
+        fail(e, m, "busy", "out of memory");
+        return;
+    }
+    bc->m = m;
+    bc->j = j;
+    e->cmds->in_progress++;
+    smp_store_cmd_put(e->store, m->device, m->c.id, NULL, (int64_t)m->recv_wall_ms,
+                      after_begin_stored, bc);
+}
+
+void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
+                         const smp_mqtt_props_t *props)
+{
+    smp_cmd_delivery_t dv;
+    if (e->cmds == NULL ||
+        smp_cmd_delivery(topic, props, e->cfg->mqtt.topic_prefix, e->cfg->gateway.id, &dv) < 0) {
+        return; /* not a command topic of this gateway */
+    }
+    int prc;
+    struct cmd *m = receive(e, &dv, props, payload, len, &prc);
+    if (m == NULL) {
+        return;
+    }
+    uint64_t now = uv_now(e->loop);
+    if (refused_early(e, m, &dv, now) || seen_before(e, m, now) || invalid(e, m, prc)) {
+        return;
+    }
+    if (m->c.op == SMP_CMD_HISTORY) {
+        run_history(e, m);
+        return;
+    }
+    struct job *j = m->c.op == SMP_CMD_WRITE ? write_job(e, m) : read_job(e, m);
+    if (j != NULL) {
+        enqueue(e, m, j);
+    }
 }
 
 static void append_reading(smp_buf_t *b, const smp_tag_cfg_t *tc, const smp_reading_t *r)

@@ -1535,36 +1535,31 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
     }
 }
 
-static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, profiles_t *ps,
-                         json_t *names)
+/* A device's name: valid, and not taken by an earlier device (`names`: name -> index). */
+static void device_name(vctx_t *v, smp_device_cfg_t *dev, size_t i, json_t *d, json_t *names)
 {
-    static const char *const keys[] = {"name",        "protocol",  "profile",    "tags",
-                                       "interval_ms", "refresh_s", "connection", NULL};
-    char sb[SHOW_MAX + 8], gb[128];
-    smp_device_cfg_t *dev = &cfg->devices[i];
-    dev->interval_ms = 1000;
-    dev->refresh_s = 300;
-    if (!json_is_object(d)) {
-        err(v, AT_VALUE, "expected an object, got %s", got(d, gb, sizeof gb));
+    char sb[SHOW_MAX + 8];
+    const char *name = get_name(v, d, "name", true);
+    if (name == NULL) {
         return;
     }
-    check_known(v, d, keys);
-
-    const char *name = get_name(v, d, "name", true);
-    if (name != NULL) {
-        set_str(v, &dev->name, name);
-        json_t *prev = json_object_get(names, name);
-        if (prev != NULL) {
-            char fp[48];
-            snprintf(fp, sizeof fp, "devices[%lld].name", (long long)json_integer_value(prev));
-            smp_jsonpos_loc_t first = locate(v, fp, AT_VALUE);
-            err_key(v, "name", AT_VALUE, "duplicate device name %s (first at line %u, column %u)",
-                    show(name, sb, sizeof sb), (unsigned)first.line, (unsigned)first.col);
-        } else if (json_object_set_new(names, name, json_integer((json_int_t)i)) != 0) {
-            v->oom = true;
-        }
+    set_str(v, &dev->name, name);
+    json_t *prev = json_object_get(names, name);
+    if (prev != NULL) {
+        char fp[48];
+        snprintf(fp, sizeof fp, "devices[%lld].name", (long long)json_integer_value(prev));
+        smp_jsonpos_loc_t first = locate(v, fp, AT_VALUE);
+        err_key(v, "name", AT_VALUE, "duplicate device name %s (first at line %u, column %u)",
+                show(name, sb, sizeof sb), (unsigned)first.line, (unsigned)first.col);
+    } else if (json_object_set_new(names, name, json_integer((json_int_t)i)) != 0) {
+        v->oom = true;
     }
+}
 
+/* The protocol (its plugin loaded), the intervals and the shape of "connection". */
+static void device_basics(vctx_t *v, smp_config_t *cfg, smp_device_cfg_t *dev, json_t *d)
+{
+    char gb[128];
     const char *proto = get_str(v, d, "protocol", true);
     if (proto != NULL) {
         set_str(v, &dev->protocol, proto);
@@ -1573,10 +1568,9 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, prof
         if (dev->plugin == NULL) {
             /* The reason names the file; the device's name says who cannot start. */
             err_key(v, "protocol", AT_VALUE, "%s (device %s)",
-                    perr[0] ? perr : "cannot load the plugin", name != NULL ? name : "?");
+                    perr[0] ? perr : "cannot load the plugin", dev->name != NULL ? dev->name : "?");
         }
     }
-
     long long x;
     if (get_int(v, d, "interval_ms", 10, 86400000, false, &x)) {
         dev->interval_ms = (uint32_t)x;
@@ -1588,98 +1582,140 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, prof
     if (conn != NULL && !json_is_object(conn)) {
         err_key(v, "connection", AT_VALUE, "expected an object, got %s", got(conn, gb, sizeof gb));
     }
+}
 
-    /* The profile's tags first, then the device's own. */
-    profile_t *prof = NULL;
-    bool profile_given = json_object_get(d, "profile") != NULL;
+/* The profile a device names, or NULL (absent, or unknown: reported with a suggestion). */
+static profile_t *device_profile(vctx_t *v, smp_device_cfg_t *dev, json_t *d, profiles_t *ps)
+{
+    char sb[SHOW_MAX + 8];
     const char *pname = get_str(v, d, "profile", false);
-    if (pname != NULL) {
-        set_str(v, &dev->profile, pname);
-        json_t *idx = json_object_get(ps->index, pname);
-        if (idx == NULL) {
-            const char *cands[64];
-            size_t nc = 0;
-            const char *k;
-            json_t *val;
-            json_object_foreach(ps->index, k, val)
-            {
-                if (nc < 64) {
-                    cands[nc++] = k;
-                }
-            }
-            const char *s = suggest(pname, cands, nc);
-            char sug[SHOW_MAX + 32] = "";
-            if (s != NULL) {
-                snprintf(sug, sizeof sug, " (did you mean \"%s\"?)", s);
-            }
-            err_key(v, "profile", AT_VALUE, "unknown profile %s%s", show(pname, sb, sizeof sb),
-                    sug);
-        } else {
-            prof = &ps->list[json_integer_value(idx)];
+    if (pname == NULL) {
+        return NULL;
+    }
+    set_str(v, &dev->profile, pname);
+    json_t *idx = json_object_get(ps->index, pname);
+    if (idx != NULL) {
+        return &ps->list[json_integer_value(idx)];
+    }
+    const char *cands[64];
+    size_t nc = 0;
+    const char *k;
+    json_t *val;
+    json_object_foreach(ps->index, k, val)
+    {
+        if (nc < 64) {
+            cands[nc++] = k;
         }
     }
-    bool tags_given = json_object_get(d, "tags") != NULL;
-    if (prof != NULL && !tags_given && prof->owner != NULL && prof->owner->plugin == dev->plugin) {
-        /* At city scale this is most devices: one copy of the definitions per profile, not one
-         * per device (about 250 bytes per tag). */
-        dev->tags = prof->owner->tags;
-        dev->ntags = prof->owner->ntags;
-        dev->tags_shared = true;
-        check_device_plugin(v, dev, d, NULL);
+    const char *s = suggest(pname, cands, nc);
+    char sug[SHOW_MAX + 32] = "";
+    if (s != NULL) {
+        snprintf(sug, sizeof sug, " (did you mean \"%s\"?)", s);
+    }
+    err_key(v, "profile", AT_VALUE, "unknown profile %s%s", show(pname, sb, sizeof sb), sug);
+    return NULL;
+}
+
+/* dev->tags: the profile's tags first, then the device's own, a device tag that repeats a
+ * profile tag's name reported (duplicates inside one list were reported by parse_tag_list).
+ * srcs[k] is where tag k was written. */
+static void merge_tags(vctx_t *v, smp_device_cfg_t *dev, const profile_t *prof,
+                       const tag_src_t *own, const smp_tag_cfg_t *own_cfgs, size_t nown,
+                       const tag_src_t **srcs)
+{
+    char sb[SHOW_MAX + 8], gb[128];
+    size_t nprof = prof != NULL ? prof->n : 0;
+    json_t *seen = json_object();
+    if (seen == NULL) {
+        v->oom = true;
+        return;
+    }
+    for (size_t k = 0; k < nprof + nown; k++) {
+        const tag_src_t *s = k < nprof ? &prof->srcs[k] : &own[k - nprof];
+        const smp_tag_cfg_t *c = k < nprof ? &prof->cfgs[k] : &own_cfgs[k - nprof];
+        srcs[k] = s;
+        copy_tag(v, &dev->tags[k], c);
+        dev->ntags = k + 1;
+        if (c->name == NULL) {
+            continue;
+        }
+        json_t *prev = json_object_get(seen, c->name);
+        if (prev == NULL) {
+            if (json_object_set_new(seen, c->name, json_integer((json_int_t)k)) != 0) {
+                v->oom = true;
+            }
+        } else if (k >= nprof && (size_t)json_integer_value(prev) < nprof) {
+            const tag_src_t *fs = srcs[json_integer_value(prev)];
+            smp_jsonpos_loc_t first = locate_member(v, fs->path != NULL ? fs->path : "", "name");
+            char *saved = xstrdup(v, cur_path(v));
+            if (saved != NULL && s->path != NULL) {
+                path_set(v, s->path);
+                err_key(v, "name", AT_VALUE,
+                        "duplicate tag name %s: profile %s has it (line %u, column %u)",
+                        show(c->name, sb, sizeof sb),
+                        show(dev->profile != NULL ? dev->profile : "?", gb, sizeof gb),
+                        (unsigned)first.line, (unsigned)first.col);
+                path_set(v, saved);
+            }
+            free(saved);
+        }
+    }
+    json_decref(seen);
+}
+
+/* At city scale most devices take a profile's tags unchanged: they share one copy of the
+ * definitions (about 250 bytes per tag), checked once with the first such device. */
+static bool share_profile_tags(vctx_t *v, smp_device_cfg_t *dev, json_t *d, const profile_t *prof)
+{
+    if (prof == NULL || json_object_get(d, "tags") != NULL || prof->owner == NULL ||
+        prof->owner->plugin != dev->plugin) {
+        return false;
+    }
+    dev->tags = prof->owner->tags;
+    dev->ntags = prof->owner->ntags;
+    dev->tags_shared = true;
+    check_device_plugin(v, dev, d, NULL);
+    return true;
+}
+
+static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, profiles_t *ps,
+                         json_t *names)
+{
+    static const char *const keys[] = {"name",        "protocol",  "profile",    "tags",
+                                       "interval_ms", "refresh_s", "connection", NULL};
+    char gb[128];
+    smp_device_cfg_t *dev = &cfg->devices[i];
+    dev->interval_ms = 1000;
+    dev->refresh_s = 300;
+    if (!json_is_object(d)) {
+        err(v, AT_VALUE, "expected an object, got %s", got(d, gb, sizeof gb));
+        return;
+    }
+    check_known(v, d, keys);
+    device_name(v, dev, i, d, names);
+    device_basics(v, cfg, dev, d);
+    bool profile_given = json_object_get(d, "profile") != NULL;
+    profile_t *prof = device_profile(v, dev, d, ps);
+    if (share_profile_tags(v, dev, d, prof)) {
         return;
     }
     size_t ndiags_before = v->ndiags;
+
     tag_src_t *own = NULL;
     smp_tag_cfg_t *own_cfgs = NULL;
     size_t nown = 0;
     json_t *tags = get(v, d, "tags", W_ARRAY, false);
+    bool tags_given = json_object_get(d, "tags") != NULL;
     if (tags != NULL) {
         size_t old = push_key(v, "tags");
         parse_tag_list(v, tags, &own, &own_cfgs, &nown);
         pop(v, old);
     }
-
-    size_t nprof = prof != NULL ? prof->n : 0;
-    size_t total = nprof + nown;
+    size_t total = (prof != NULL ? prof->n : 0) + nown;
     const tag_src_t **srcs = xcalloc(v, total, sizeof *srcs);
     dev->tags = xcalloc(v, total, sizeof *dev->tags);
     if (srcs != NULL && dev->tags != NULL) {
-        json_t *seen = json_object();
-        if (seen == NULL) {
-            v->oom = true;
-        }
-        for (size_t k = 0; k < total && seen != NULL; k++) {
-            const tag_src_t *s = k < nprof ? &prof->srcs[k] : &own[k - nprof];
-            const smp_tag_cfg_t *c = k < nprof ? &prof->cfgs[k] : &own_cfgs[k - nprof];
-            srcs[k] = s;
-            copy_tag(v, &dev->tags[k], c);
-            dev->ntags = k + 1;
-            if (c->name == NULL) {
-                continue;
-            }
-            json_t *prev = json_object_get(seen, c->name);
-            if (prev == NULL) {
-                if (json_object_set_new(seen, c->name, json_integer((json_int_t)k)) != 0) {
-                    v->oom = true;
-                }
-            } else if (k >= nprof && (size_t)json_integer_value(prev) < nprof) {
-                /* Duplicates inside one list were reported by parse_tag_list. */
-                const tag_src_t *fs = srcs[json_integer_value(prev)];
-                smp_jsonpos_loc_t first =
-                    locate_member(v, fs->path != NULL ? fs->path : "", "name");
-                char *saved = xstrdup(v, cur_path(v));
-                if (saved != NULL && s->path != NULL) {
-                    path_set(v, s->path);
-                    err_key(v, "name", AT_VALUE,
-                            "duplicate tag name %s: profile %s has it (line %u, column %u)",
-                            show(c->name, sb, sizeof sb), show(pname, gb, sizeof gb),
-                            (unsigned)first.line, (unsigned)first.col);
-                    path_set(v, saved);
-                }
-                free(saved);
-            }
-        }
-        json_decref(seen);
+        merge_tags(v, dev, prof, own, own_cfgs, nown, srcs);
         if (total == 0 && !(profile_given && prof == NULL) && !(tags_given && tags == NULL)) {
             err(v, AT_VALUE, "the device has no tags: give a \"profile\" or \"tags\"");
         }
@@ -1688,7 +1724,7 @@ static void parse_device(vctx_t *v, smp_config_t *cfg, size_t i, json_t *d, prof
         }
         if (prof != NULL && !tags_given && prof->owner == NULL && dev->plugin != NULL &&
             v->ndiags == ndiags_before && !v->oom) {
-            prof->owner = dev;
+            prof->owner = dev; /* later devices of this profile share its tags */
         }
     }
     free(srcs);

@@ -545,7 +545,7 @@ static void publish_device_status(smp_engine_t *e, struct device *d)
             e->stats.publishes++;
         } else {
             d->status_unsent = rc == -EAGAIN;
-            LOG_WARN(d->scope, "status not published yet: %s", strerror(-rc));
+            LOG_DEBUG(d->scope, "status not published yet: %s", strerror(-rc));
         }
     }
     smp_buf_free(&b);
@@ -1152,6 +1152,7 @@ static void on_mqtt_disconnect(void *arg)
     smp_engine_t *e = arg;
     e->backlog = true;
     e->conn_epoch++;
+    smp__engine_commands_disconnected(e);
 }
 
 static void flush_acks(smp_engine_t *e)
@@ -1173,6 +1174,10 @@ static void on_mqtt_ack(void *arg, uint64_t token)
 {
     smp_engine_t *e = arg;
     e->stats.acked++;
+    if (smp__engine_commands_acked(e, token)) {
+        flush_reserved(e);
+        return;
+    }
     flush_reserved(e);
     /* A burst of PUBACKs arrives in one read: delete them with one store operation, after the
      * loop iteration (uv_check), rather than waking the writer thread once per ack. */

@@ -207,6 +207,12 @@ void smp__engine_commands_free(smp_engine_t *e);
 bool smp__engine_commands_busy(smp_engine_t *e);
 /* Publishes answers that waited for room in the MQTT window (call on PUBACK and connect). */
 void smp__engine_commands_flush(smp_engine_t *e);
+/* PUBACK tokens of command answers carry this bit (outbox row ids never do). */
+#define SMP_CMD_ANSWER_TOKEN (UINT64_C(1) << 63)
+/* A PUBACK: true when `token` was an answer's (then handled), false for an outbox row. */
+bool smp__engine_commands_acked(smp_engine_t *e, uint64_t token);
+/* The connection is gone: answers not acknowledged are sent again after the next connect. */
+void smp__engine_commands_disconnected(smp_engine_t *e);
 void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
                          const smp_mqtt_props_t *props);
 void smp__engine_write_done(smp_engine_t *e, struct job *j);

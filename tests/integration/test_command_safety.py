@@ -57,6 +57,7 @@ class Proxy:
         self.mqtt = mqtt
         self.drop_pubacks = False
         self.dropped = 0
+        self.delivered = 0  # MQTT PUBLISH packets forwarded from the target to the client
         self.delay = 0.0  # seconds every reply from the target is held back (a slow device)
         self.stalled = False
         self.stopping = False
@@ -112,6 +113,8 @@ class Proxy:
                     if self.drop_pubacks and pkt[0] >> 4 == 4:
                         self.dropped += 1
                         continue
+                    if pkt[0] >> 4 == 3:
+                        self.delivered += 1
                     out += pkt
                 if out:
                     dst.sendall(out)
@@ -342,12 +345,21 @@ class CommandSafetyTest(h.TestCase):
         assert len(self.sub.messages(P + "/pump-01/data")) <= n_data + 1
         # ...the rest wait in the gateway until the broker acknowledges again (here: after a
         # reconnect, the unacknowledged messages are never acknowledged).
+        # Every command delivered to the gateway before the link is cut (with its clean
+        # session, the broker drops what it has not delivered yet).
+        h.wait_for(lambda: bpx.delivered >= len(ids), 30, "all commands delivered")
         bpx.drop_pubacks = False
         bpx.cut()
-        h.wait_for(lambda: len(self.sub.messages(RESULT)) >= len(ids), 30, "every answer")
-        got = [j["id"] for j in self.sub.json(RESULT)]
-        assert sorted(got) == sorted(ids), "each command answered exactly once: %r" % got
-        ok = [j for j in self.sub.json(RESULT) if j["ok"]]
+        h.wait_for(lambda: set(ids) <= {j["id"] for j in self.sub.json(RESULT)}, 30,
+                   "every answer")
+        # One answer per command. Those the broker never acknowledged are sent again after
+        # the reconnect (QoS 1): a commander may see one twice, never two different ones.
+        by_id = {}
+        for j in self.sub.json(RESULT):
+            by_id.setdefault(j["id"], []).append(j)
+        assert sorted(by_id) == sorted(ids), sorted(by_id)
+        assert all(all(a == v[0] for a in v) for v in by_id.values()), by_id
+        ok = [cid for cid, v in by_id.items() if v[0]["ok"]]
         assert len([w for w in write_lines(wlog) if w[-1] == "ok"]) == len(ok)
 
     # ---- 8. Response Topic -------------------------------------------------------------------
@@ -508,7 +520,7 @@ class CommandSafetyTest(h.TestCase):
             self.sub.c.publish(P + "/pump-01/cmd", json.dumps(
                 {"id": cid, "op": "read", "tags": ["flow"]}), qos=1)
         want = set(ids)
-        h.wait_for(lambda: want <= {j["id"] for j in self.sub.json(RESULT)}, 120,
+        h.wait_for(lambda: want <= {j["id"] for j in self.sub.json(RESULT)}, 240,
                    "an answer to each of %d commands" % n)
         return ids
 
@@ -529,7 +541,12 @@ class CommandSafetyTest(h.TestCase):
         ok = [j for j in self.sub.json(RESULT) if j["ok"]]
         assert len(ok) <= 200 + 1, len(ok)  # the de-dup table holds at most 200 ids
         print("RSS after 1500 commands: %d kB, after 4500: %d kB" % (rss1, rss2))
-        assert rss2 - rss1 < 2048, "RSS grew from %d to %d kB" % (rss1, rss2)
+        with open("/proc/%d/maps" % self.gw.proc.pid) as f:
+            asan = "libasan" in f.read()
+        # Under ASan freed memory sits in its quarantine (RSS grows by design); there the
+        # leak check at the SIGTERM stop is what proves nothing piles up.
+        if not asan:
+            assert rss2 - rss1 < 2048, "RSS grew from %d to %d kB" % (rss1, rss2)
 
         def audit_rows():
             db = sqlite3.connect(self.cfg["store"]["path"], timeout=5)
