@@ -1360,17 +1360,31 @@ static int setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_
     return 0;
 }
 
+/* Rows come ordered by their key (device, tag): a search that goes on from the last match
+ * finds each row's device and tag at once. Scanning every device for every row made a restart
+ * at 100k tags take seconds. */
+struct restore_ctx {
+    smp_engine_t *e;
+    size_t dev, tag; /* the last match */
+};
+
 static void restore_last(void *arg, const char *device, const char *tag, const char *value_json,
                          int64_t ts_ms)
 {
-    smp_engine_t *e = arg;
-    for (size_t k = 0; k < e->ndevs; k++) {
+    struct restore_ctx *rc = arg;
+    smp_engine_t *e = rc->e;
+    for (size_t i = 0; i < e->ndevs; i++) {
+        size_t k = (rc->dev + i) % e->ndevs;
         struct device *d = &e->devs[k];
         if (strcmp(d->cfg->name, device) != 0) {
             continue;
         }
-        for (size_t t = 0; t < d->cfg->ntags; t++) {
+        size_t start = k == rc->dev ? rc->tag + 1 : 0;
+        rc->dev = k;
+        for (size_t j = 0; j < d->cfg->ntags; j++) {
+            size_t t = (start + j) % d->cfg->ntags;
             if (strcmp(d->cfg->tags[t].name, tag) == 0) {
+                rc->tag = t;
                 smp_eval_t v;
                 if (smp_eval_from_json(&d->cfg->tags[t], value_json, &v) == 0) {
                     smp_eval_clear(&d->tags[t].reported);
@@ -1379,6 +1393,7 @@ static void restore_last(void *arg, const char *device, const char *tag, const c
                 return;
             }
         }
+        return;
     }
 }
 
@@ -1486,7 +1501,8 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         c->devs[c->ndevs++] = d;
         d->conn = c;
     }
-    rc = smp_store_load_last(e->store, restore_last, e);
+    struct restore_ctx restore = {.e = e};
+    rc = smp_store_load_last(e->store, restore_last, &restore);
     if (rc < 0) {
         LOG_WARN("engine", "could not restore last values: %s", strerror(-rc));
     }

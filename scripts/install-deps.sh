@@ -12,6 +12,7 @@ PKGS=(
   socat mbpoll valgrind procps openssl util-linux
   libsnmp-dev snmpd snmp  # SNMP driver (#11)
   debhelper dpkg-dev lintian systemd libssl-dev  # issue 12: Debian package, systemd-analyze, TLS
+  collectd-core linux-perf  # issue #9: the city bench runs collectd side by side; perf profiles
 )
 
 missing=()

@@ -216,7 +216,7 @@ class Subscriber:
                     yield float(parts[0]), parts[1].decode(), parts[2]
 
 
-def analyse_simpul(sub, t0, t1):
+def analyse_simpul(sub, t0, t1, spawn):
     msgs = values = 0
     lags, jitter = [], []
     last = {}  # device -> (seq, ts)
@@ -226,7 +226,7 @@ def analyse_simpul(sub, t0, t1):
             continue
         j = json.loads(payload)
         ts = j["ts"] / 1000.0
-        if first_ts is None:
+        if first_ts is None and ts >= spawn:  # replayed messages keep their old ts
             first_ts = ts
         dev = topic.split("/")[2]
         prev = last.get(dev)
@@ -263,21 +263,28 @@ def analyse_collectd(sub, t0, t1):
 def measure(who, argv, env, sub, warmup, window, workdir, perf=None):
     """Starts argv, waits for its first data, warms up, measures over the window, stops it."""
     spawn = time.time()
-    proc = h.Proc(who, argv, workdir, env=env)
+    measure.runs += 1
+    proc = h.Proc("%s-%d" % (who, measure.runs), argv, workdir, env=env)  # a log of its own
     try:
         return measure_proc(proc, who, sub, spawn, warmup, window, perf)
     finally:
         proc.stop()  # a no-op after a clean stop; otherwise no process outlives the bench
 
 
+measure.runs = 0
+
+
 def measure_proc(proc, who, sub, spawn, warmup, window, perf):
     pid = proc.pid
     rss_first = 0
+    rss_start = None  # simpul: when it logs "started:", its set-up done and no poll run yet
     deadline = time.monotonic() + 60
     while True:
         if not proc.alive() or time.monotonic() > deadline:
             raise h.Failure("%s: no data\n%s" % (who, proc.output()[-3000:]))
         rss_first = int(proc_status(pid)["VmRSS"][0])  # the last sample before the data
+        if rss_start is None and who == "simpul" and "] started:" in proc.output():
+            rss_start = rss_first
         if sub.got_data():
             break
         time.sleep(0.005)
@@ -308,6 +315,7 @@ def measure_proc(proc, who, sub, spawn, warmup, window, perf):
     return {"who": who, "cpu_pct": (cpu1 - cpu0) / (w1 - w0) * 100.0,
             "rss_mb": int(st["VmHWM"][0]) / 1024.0, "pss_mb": pss_peak / 1024.0,
             "rss_first_mb": rss_first / 1024.0, "threads": threads,
+            "rss_start_mb": rss_start / 1024.0 if rss_start is not None else float("nan"),
             "disk_mb_s": (wb1 - wb0) / (w1 - w0) / 1e6, "window": (w0, w1), "spawn": spawn}
 
 
@@ -326,11 +334,18 @@ def run_one(who, workdir, broker, ndev, k, warmup, window, args):
                 if os.path.exists(db + suffix):
                     os.remove(db + suffix)
             g = h.Gateway(workdir, cfg, name="simpul-city", log_level="warn")
-            argv = args.wrap.split() + [h.SIMPUL, "-c", g.config_path, "--log-level", "warn"]
+            if args.restart:
+                # Fill the store first (every tag's last value, seq, a few outbox rows): the
+                # measured run is then a restart.
+                pre = Subscriber(workdir, broker.port, "simpul/bench/+/data", "sub-pre")
+                measure("simpul", [h.SIMPUL, "-c", g.config_path, "--log-level", "warn"],
+                        {"SIMPUL_PLUGIN_DIR": h.PLUGIN_DIR}, pre, 2, 1, workdir)
+                pre.stop()
+            argv = args.wrap.split() + [h.SIMPUL, "-c", g.config_path, "--log-level", "info"]
             r = measure("simpul", argv, {"SIMPUL_PLUGIN_DIR": h.PLUGIN_DIR}, sub, warmup,
                         window, workdir, perf=args.perf)
             sub.stop()
-            msgs, values, lags, jitter, first_ts = analyse_simpul(sub, *r["window"])
+            msgs, values, lags, jitter, first_ts = analyse_simpul(sub, *r["window"], r["spawn"])
         else:
             sub = Subscriber(workdir, broker.port, "collectd/#", "sub-collectd")
             conf = collectd_config(workdir, broker.port, devs, load.ports)
@@ -385,17 +400,18 @@ def fmt(x, spec):
 
 def report(results, ceil, args):
     lines = ["| tags | devices / endpoints | who | CPU % of a core | ratio to collectd | "
-             "peak RSS MB | peak PSS MB | RSS at first data MB | threads | disk MB/s | msgs/s | "
-             "values/s | lag p50 / p99 ms | jitter p99 ms | start-up s |",
-             "|" + "---|" * 15]
+             "peak RSS MB | peak PSS MB | RSS at start MB | RSS at first data MB | threads | "
+             "disk MB/s | msgs/s | values/s | lag p50 / p99 ms | jitter p99 ms | start-up s |",
+             "|" + "---|" * 16]
     for r in results:
         ratio = r.get("ratio")
-        lines.append("| %d | %d / %d | %s | %s | %s | %s | %s | %s | %d | %s | %s | %s | %s / %s "
-                     "| %s | %s |" % (
+        lines.append("| %d | %d / %d | %s | %s | %s | %s | %s | %s | %s | %d | %s | %s | %s | %s "
+                     "/ %s | %s | %s |" % (
                          r["tags"], r["devices"], r["endpoints"], r["who"],
                          fmt(r["cpu_pct"], ".1f"), fmt(ratio, ".3f") if ratio else "",
                          fmt(r["rss_mb"], ".1f"), fmt(r["pss_mb"], ".1f"),
-                         fmt(r["rss_first_mb"], ".1f"), r["threads"], fmt(r["disk_mb_s"], ".2f"),
+                         fmt(r["rss_start_mb"], ".1f"), fmt(r["rss_first_mb"], ".1f"),
+                         r["threads"], fmt(r["disk_mb_s"], ".2f"),
                          fmt(r["msgs_s"], ".0f"), fmt(r["values_s"], ".0f"),
                          fmt(r["lag_p50"], ".1f"), fmt(r["lag_p99"], ".1f"),
                          fmt(r["jitter_p99"], ".1f"), fmt(r["startup_s"], ".2f")))
@@ -419,6 +435,8 @@ def main():
     ap.add_argument("--ceiling-s", type=float, default=5.0)
     ap.add_argument("--no-collectd", action="store_true")
     ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--restart", action="store_true",
+                    help="measure simpul restarting on a store its previous run filled")
     ap.add_argument("--sync", choices=["full", "normal"],
                     help="simpul's store.synchronous (default: simpul's own default, full)")
     ap.add_argument("--perf", metavar="FILE",

@@ -67,6 +67,39 @@ class RestartTest(h.TestCase):
         assert rows.get("speed_sp") == str(first["values"]["speed_sp"]), rows
         assert "tick" in rows, rows
 
+    def test_restored_values_are_not_history_again(self):
+        # Unchanging values, several devices: after a restart each tag's last value comes back
+        # from the store as its baseline, so the first poll reports everything (a full message)
+        # but writes no history row for a value that did not change.
+        b = self.broker()
+        sim = self.sim(["--pumps", "3", "--lights", "0", "--static"])
+        devs = [{"name": "pump-%02d" % u, "protocol": "modbus", "interval_ms": 100,
+                 "connection": {"transport": "tcp", "host": "127.0.0.1", "port": sim.port,
+                                "unit_id": u, "timeout_ms": 500},
+                 "tags": [{"name": "r%d" % a, "table": "holding_register", "address": a,
+                           "type": "uint16"} for a in (10, 11, 12, 13)]} for u in (1, 2, 3)]
+        cfg = h.base_config(self.workdir, b.port, devs)
+        sub = self.subscriber(b.port, ["simpul/gw-test/+/data"])
+
+        def history_rows():
+            db = sqlite3.connect(cfg["store"]["path"])
+            try:
+                return db.execute("select count(*) from history").fetchone()[0]
+            finally:
+                db.close()
+
+        for run in range(2):
+            sub.clear()
+            g = self.gateway(cfg, name="simpul%d" % run)
+            for d in devs:
+                topic = "simpul/gw-test/%s/data" % d["name"]
+                sub.wait_json(topic, lambda j: len(j["values"]) == 4, 20, "full message " + topic)
+            g.stop()
+            if run == 0:
+                rows = history_rows()
+                assert rows == 12, rows  # one per tag: the first value of each
+        assert history_rows() == rows, (rows, history_rows())
+
 
 SIM_TICK_ADDR = int(os.environ.get("SIM_TICK_ADDR", "30"))
 
