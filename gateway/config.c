@@ -856,8 +856,9 @@ static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
 
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
-    static const char *const keys[] = {"path", "history_retention_h", "outbox_max_mb",
-                                       "synchronous", NULL};
+    static const char *const keys[] = {
+        "path",           "history_retention_h", "outbox_max_mb", "synchronous",
+        "history_max_mb", "history_chunk_max_s", "runtime_dir",   NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -872,6 +873,14 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
     }
     if (get_int(v, st, "history_retention_h", 0, 87600, false, &x)) {
         cfg->store.history_retention_h = (int)x;
+    }
+    if (get_int(v, st, "history_chunk_max_s", 1, 86400, false, &x)) {
+        cfg->store.history_chunk_max_s = (int)x;
+    }
+    s = get_str(v, st, "runtime_dir", false);
+    if (s != NULL) {
+        free(cfg->store.runtime_dir);
+        cfg->store.runtime_dir = resolve(v, s);
     }
     const char *sync = get_str(v, st, "synchronous", false);
     if (sync != NULL) {
@@ -890,6 +899,13 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
             err_key(v, "outbox_max_mb", AT_VALUE, "%g is out of range 0.01..1048576", mb);
         } else {
             cfg->store.outbox_max_mb = mb;
+        }
+    }
+    if (get_num(v, st, "history_max_mb", false, &mb)) {
+        if (!(mb == 0 || (mb >= 0.01 && mb <= 1048576))) {
+            err_key(v, "history_max_mb", AT_VALUE, "%g is not 0 or in range 0.01..1048576", mb);
+        } else {
+            cfg->store.history_max_mb = mb;
         }
     }
     pop(v, old);
@@ -1587,6 +1603,8 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     cfg->mqtt.inflight_max = 256;
     cfg->store.history_retention_h = 168;
     cfg->store.outbox_max_mb = 256;
+    cfg->store.history_max_mb = 256;
+    cfg->store.history_chunk_max_s = 600;
     return v->oom ? -ENOMEM : 0;
 }
 
@@ -1605,6 +1623,17 @@ static void finish(vctx_t *v, smp_config_t *cfg)
         cfg->store.path = xmalloc(v, n);
         if (cfg->store.path != NULL) {
             snprintf(cfg->store.path, n, "%s/simpul.db", cfg->gateway.data_dir);
+        }
+    }
+    if (cfg->store.runtime_dir == NULL && cfg->gateway.id != NULL) {
+        /* systemd's RuntimeDirectory= (tmpfs under /run), else the shared-memory tmpfs. */
+        const char *rd = getenv("RUNTIME_DIRECTORY");
+        size_t n = (rd != NULL ? strlen(rd) : 0) + strlen(cfg->gateway.id) + 32;
+        cfg->store.runtime_dir = xmalloc(v, n);
+        if (cfg->store.runtime_dir != NULL && rd != NULL && rd[0] == '/') {
+            snprintf(cfg->store.runtime_dir, n, "%s", rd);
+        } else if (cfg->store.runtime_dir != NULL) {
+            snprintf(cfg->store.runtime_dir, n, "/dev/shm/simpul-%s", cfg->gateway.id);
         }
     }
 }
@@ -1838,6 +1867,7 @@ void smp_config_free(smp_config_t *cfg)
     free(cfg->mqtt.tls_cert_file);
     free(cfg->mqtt.tls_key_file);
     free(cfg->store.path);
+    free(cfg->store.runtime_dir);
     /* Last: the devices above borrowed the plugins' tables. */
     smp_plugin_set_free(cfg->plugins);
     free(cfg);

@@ -422,8 +422,8 @@ static void test_last_value_roundtrip(void **state)
     assert_int_equal(l.ts[2], now - 1000);
     smp_store_close(st);
     /* Every put also appended history. */
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM history"), 4);
-    assert_int_equal(count_rows(g_path, "PRAGMA user_version"), 1);
+    assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), 4);
+    assert_int_equal(count_rows(g_path, "PRAGMA user_version"), 2);
 }
 
 static void test_seq_persisted(void **state)
@@ -690,7 +690,7 @@ static void test_retention_prune(void **state)
         assert_string_equal(h.value[k], "2"); /* only old rows went */
     }
     smp_store_close(st);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM history"), 10);
+    assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), 10);
     /* The last value is not history: it stays. */
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM last_value"), 1);
 }
@@ -1101,7 +1101,7 @@ static void test_burst_100k(void **state)
     assert_true(s.commits <= 2 * N / 10);
     assert_int_equal(smp_store_load_seq(st, "pump-01"), N - 1);
     smp_store_close(st);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM history"), N);
+    assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), N);
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM last_value"), 100);
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), N);
 }
@@ -1214,7 +1214,8 @@ static void test_schema_tables(void **state)
 {
     (void)state;
     smp_store_close(open_default());
-    const char *tables[] = {"last_value", "history", "device_seq", "outbox", "cmd_result", "audit"};
+    const char *tables[] = {"last_value", "tags",       "history_chunk", "device_seq",
+                            "outbox",     "cmd_result", "audit"};
     for (size_t k = 0; k < sizeof tables / sizeof tables[0]; k++) {
         char sql[128];
         snprintf(sql, sizeof sql,
