@@ -370,9 +370,12 @@ enum { SLOT_SIZE = 256, SLOT_HDR = 24, SLOT_DATA = SLOT_SIZE - SLOT_HDR };
 enum { SLOT_FREE = 0, SLOT_OPEN = 0x4e45504f /* "OPEN" */, SLOT_CLOSED = 0x44534c43 };
 static const char stage_magic[8] = "SMPHIST1";
 static uint32_t chunk_max_samples = 1000; /* besides the slot size and the age */
-/* Disk bytes of a chunk besides its blob: the row (rowid, header, five integers, cell pointer)
- * and its index entry, with the free space B-tree pages keep (dbstat, docs/store.md). */
-static int64_t chunk_overhead = 64;
+/* Disk bytes of a chunk besides its blob: the row (rowid, header, five integers, cell pointer,
+ * ~43 bytes) and its index entry (~22), with the free space B-tree pages keep; plus the two
+ * B-trees' root pages, which a tiny bound notices (dbstat, docs/store.md). */
+static int64_t chunk_overhead = 80;
+static int64_t btree_fixed = 2 * 4096;
+static int flush_prune_rows = 256; /* rows a commit may prune to stay within the size bound */
 
 /* One slot of the staging file. Slot 0 is the file header. */
 struct slot {
@@ -840,6 +843,8 @@ static int insert_tags(smp_history_t *h)
     return SQLITE_OK;
 }
 
+static int prune_prefix(smp_history_t *h, int64_t cutoff, int max_rows, int *deleted, bool *more);
+
 /* qsort has no context argument; the writer is the only thread that sorts. */
 static _Thread_local const smp_history_t *g_sort_h;
 
@@ -880,6 +885,13 @@ int smp__history_flush(smp_history_t *h, int64_t now_ms)
     }
     memmove(h->pend, h->pend + done, (h->npend - done) * sizeof *h->pend);
     h->npend -= done;
+    /* The size bound holds at every commit: what this one added over it goes with it (a
+     * bounded step; a bigger excess, e.g. a lowered bound, is left to the regular prune). */
+    if (rc == SQLITE_OK && h->max_bytes > 0 && h->bytes + h->tx_bytes > h->max_bytes) {
+        int deleted;
+        bool more;
+        rc = prune_prefix(h, INT64_MIN, flush_prune_rows, &deleted, &more);
+    }
     return rc;
 }
 
@@ -1072,17 +1084,14 @@ int smp__history_query(smp_history_t *h, const char *device, const char *tag, in
 
 /* ---- pruning ---- */
 
-int smp__history_prune(smp_history_t *h, int64_t now_ms, int max_rows, int *deleted, bool *more)
+/* Deletes the oldest rows (by rowid) that ended before `cutoff` or push the total over the
+ * size bound, at most max_rows. */
+static int prune_prefix(smp_history_t *h, int64_t cutoff, int max_rows, int *deleted, bool *more)
 {
     *deleted = 0;
     *more = false;
-    if (h->retention_ms <= 0 && h->max_bytes <= 0) {
-        return SQLITE_OK;
-    }
-    int64_t cutoff = h->retention_ms > 0 ? now_ms - h->retention_ms : INT64_MIN;
     int64_t bytes = h->bytes + h->tx_bytes;
-    if (h->max_bytes > 0 && bytes <= h->max_bytes && h->rows + h->tx_rows > 0 &&
-        h->retention_ms <= 0) {
+    if (cutoff == INT64_MIN && (h->max_bytes <= 0 || bytes <= h->max_bytes)) {
         return SQLITE_OK;
     }
     /* Oldest first, by rowid: the prefix that is past the retention or over the size. Rows
@@ -1118,6 +1127,14 @@ int smp__history_prune(smp_history_t *h, int64_t now_ms, int max_rows, int *dele
         *more = nrows >= max_rows;
     }
     return rc;
+}
+
+int smp__history_prune(smp_history_t *h, int64_t now_ms, int max_rows, int *deleted, bool *more)
+{
+    int64_t cutoff = h->retention_ms > 0 && now_ms > INT64_MIN + h->retention_ms
+                         ? now_ms - h->retention_ms
+                         : INT64_MIN;
+    return prune_prefix(h, cutoff, max_rows, deleted, more);
 }
 
 void smp__history_stats(const smp_history_t *h, uint64_t *bytes, uint64_t *samples)
@@ -1203,7 +1220,7 @@ static int load_tags_and_totals(smp_history_t *h)
                &s);
     if (rc == SQLITE_ROW) {
         h->rows = sqlite3_column_int64(s, 0);
-        h->bytes = (int64_t)sqlite3_column_double(s, 1) + h->rows * chunk_overhead;
+        h->bytes = (int64_t)sqlite3_column_double(s, 1) + h->rows * chunk_overhead + btree_fixed;
         h->samples = (int64_t)sqlite3_column_double(s, 2);
         int64_t span = sqlite3_column_int64(s, 3);
         h->span_max = span > h->chunk_max_ms ? span : h->chunk_max_ms;

@@ -301,7 +301,9 @@ def base_config(workdir, broker_port, devices, profiles=None, gw_id="gw-test", m
         "gateway": {"id": gw_id, "data_dir": workdir, "log_level": "debug"},
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "client_id": "simpul-" + gw_id,
                  "topic_prefix": "simpul", "qos": 1, "keepalive_s": 5},
-        "store": {"path": os.path.join(workdir, "simpul.db")},
+        "store": {"path": os.path.join(workdir, "simpul.db"),
+                  # each test's own tmpfs-like state, not the shared /dev/shm default
+                  "runtime_dir": os.path.join(workdir, "run")},
         "profiles": profiles or {},
         "devices": devices,
     }
