@@ -1604,7 +1604,7 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     cfg->store.history_retention_h = 168;
     cfg->store.outbox_max_mb = 256;
     cfg->store.history_max_mb = 256;
-    cfg->store.history_chunk_max_s = 600;
+    cfg->store.history_chunk_max_s = 900;
     return v->oom ? -ENOMEM : 0;
 }
 

@@ -197,7 +197,9 @@ int smp__hist_enc_sample(smp_hist_state_t *s, int64_t ts, const char *text, size
     uint8_t tmp[32];
     size_t n = 0;
     uint64_t val = 0, delta = 0;
-    if (smp__hist_parse(s->enc, text, len, &val) != 0) {
+    int kind = s->enc & SMP_HENC_KIND;
+    uint64_t cost_dod = s->cost_dod, cost_delta = s->cost_delta;
+    if (smp__hist_parse(kind, text, len, &val) != 0) {
         return -EINVAL;
     }
     if (s->n > 0) {
@@ -205,11 +207,15 @@ int smp__hist_enc_sample(smp_hist_state_t *s, int64_t ts, const char *text, size
             return -EINVAL;
         }
         delta = (uint64_t)ts - (uint64_t)s->ts;
-        n += put_varint(tmp + n, zigzag(delta - s->delta));
+        /* Both costs are kept, so the tag's next chunk can take the cheaper form. */
+        size_t a = put_varint(tmp, zigzag(delta - s->delta)), b = put_varint(tmp, delta);
+        cost_dod += a;
+        cost_delta += b;
+        n += (s->enc & SMP_HENC_TS_DELTA) ? b : put_varint(tmp, zigzag(delta - s->delta));
     } else if (ts != s->t_first) {
         return -EINVAL;
     }
-    switch (s->enc) {
+    switch (kind) {
     case SMP_HENC_BOOL:
         tmp[n++] = (uint8_t)val;
         break;
@@ -224,14 +230,16 @@ int smp__hist_enc_sample(smp_hist_state_t *s, int64_t ts, const char *text, size
         n += put_varint(tmp + n, len);
         break;
     }
-    size_t total = n + (s->enc == SMP_HENC_TEXT ? len : 0);
+    size_t total = n + (kind == SMP_HENC_TEXT ? len : 0);
     if (total > cap) {
         return -ENOSPC;
     }
     memcpy(out, tmp, n);
-    if (s->enc == SMP_HENC_TEXT && len > 0) {
+    if (kind == SMP_HENC_TEXT && len > 0) {
         memcpy(out + n, text, len);
     }
+    s->cost_dod = cost_dod;
+    s->cost_delta = cost_delta;
     s->delta = s->n > 0 ? delta : 0;
     s->ts = ts;
     s->val = val;
@@ -242,7 +250,9 @@ int smp__hist_enc_sample(smp_hist_state_t *s, int64_t ts, const char *text, size
 int smp__hist_iter_init(smp_hist_iter_t *it, int enc, int64_t t_first, const uint8_t *data,
                         size_t len)
 {
-    if (enc < SMP_HENC_BOOL || enc > SMP_HENC_TEXT || (data == NULL && len > 0)) {
+    int kind = enc & SMP_HENC_KIND;
+    if (kind < SMP_HENC_BOOL || kind > SMP_HENC_TEXT ||
+        (enc & ~(SMP_HENC_KIND | SMP_HENC_TS_DELTA)) || (data == NULL && len > 0)) {
         return -EBADMSG;
     }
     smp__hist_enc_init(&it->s, enc, t_first);
@@ -255,7 +265,7 @@ static int get_value(smp_hist_iter_t *it)
 {
     smp_hist_state_t *s = &it->s;
     uint64_t v;
-    switch (s->enc) {
+    switch (s->enc & SMP_HENC_KIND) {
     case SMP_HENC_BOOL:
         if (it->p >= it->end || *it->p > 1) {
             return -EBADMSG;
@@ -310,7 +320,7 @@ int smp__hist_iter_next(smp_hist_iter_t *it)
         if (get_varint(&it->p, it->end, &z) != 0) {
             return -EBADMSG;
         }
-        uint64_t delta = s->delta + unzigzag(z);
+        uint64_t delta = (s->enc & SMP_HENC_TS_DELTA) ? z : s->delta + unzigzag(z);
         int64_t ts = (int64_t)((uint64_t)s->ts + delta);
         if (ts < s->ts) {
             return -EBADMSG; /* the encoder never writes time going backwards */
@@ -321,7 +331,7 @@ int smp__hist_iter_next(smp_hist_iter_t *it)
     if (get_value(it) != 0) {
         return -EBADMSG;
     }
-    if (s->enc == SMP_HENC_FLOAT) {
+    if ((s->enc & SMP_HENC_KIND) == SMP_HENC_FLOAT) {
         double d;
         memcpy(&d, &s->val, sizeof d);
         if (!isfinite(d)) {
@@ -336,7 +346,7 @@ size_t smp__hist_format(const smp_hist_iter_t *it, char *buf, size_t n)
 {
     const smp_hist_state_t *s = &it->s;
     int len;
-    switch (s->enc) {
+    switch (s->enc & SMP_HENC_KIND) {
     case SMP_HENC_BOOL:
         len = snprintf(buf, n, "%s", s->val ? "true" : "false");
         break;
@@ -366,7 +376,7 @@ size_t smp__hist_format(const smp_hist_iter_t *it, char *buf, size_t n)
 /* ------------------------------------------------------------------------------------------ */
 /* The module's state */
 
-enum { SLOT_SIZE = 256, SLOT_HDR = 24, SLOT_DATA = SLOT_SIZE - SLOT_HDR };
+enum { SLOT_SIZE = 320, SLOT_HDR = 24, SLOT_DATA = SLOT_SIZE - SLOT_HDR };
 enum { SLOT_FREE = 0, SLOT_OPEN = 0x4e45504f /* "OPEN" */, SLOT_CLOSED = 0x44534c43 };
 static const char stage_magic[8] = "SMPHIST1";
 static uint32_t chunk_max_samples = 1000; /* besides the slot size and the age */
@@ -400,9 +410,10 @@ struct tag {
     char *key; /* "device\0tag\0" */
     size_t keylen;
     uint32_t id;
-    int32_t slot; /* its open chunk, -1 none */
-    int last_enc; /* encoding of its last chunk: a new chunk tries it first */
-    bool stored;  /* its tags row is committed */
+    int32_t slot;  /* its open chunk, -1 none */
+    int last_enc;  /* value encoding of its last chunk: a new chunk tries it first */
+    bool ts_delta; /* its last chunk's times cost less as plain deltas than delta-of-deltas */
+    bool stored;   /* its tags row is committed */
 };
 
 enum { ST_CHUNK_ADD, ST_TAG_ADD, ST_QUERY, ST_OLDEST, ST_DEL_UPTO, ST_EXISTS, ST_N };
@@ -721,6 +732,7 @@ static void close_open(smp_history_t *h, struct tag *t)
         return;
     }
     uint32_t i = (uint32_t)t->slot;
+    t->ts_delta = h->sst[i].cost_delta < h->sst[i].cost_dod;
     slot_at(h, i)->state = SLOT_CLOSED;
     h->pend[h->npend++] = i;
     h->nopen--;
@@ -742,7 +754,7 @@ static int open_chunk(smp_history_t *h, struct tag *t, int enc, int64_t ts)
     __atomic_store_n(&s->state, SLOT_OPEN, __ATOMIC_RELEASE);
     smp__hist_enc_init(&h->sst[i], enc, ts);
     t->slot = (int32_t)i;
-    t->last_enc = enc;
+    t->last_enc = enc & SMP_HENC_KIND;
     h->nopen++;
     return SQLITE_OK;
 }
@@ -799,7 +811,7 @@ int smp__history_append(smp_history_t *h, const char *device, const char *tag, i
     int enc = t->last_enc != 0 && smp__hist_parse(t->last_enc, value_json, len, &v) == 0
                   ? t->last_enc
                   : smp__hist_classify(value_json, len);
-    int rc = open_chunk(h, t, enc, ts);
+    int rc = open_chunk(h, t, enc | (t->ts_delta ? SMP_HENC_TS_DELTA : 0), ts);
     if (rc != SQLITE_OK) {
         return rc;
     }
@@ -1388,7 +1400,7 @@ int smp__history_open(sqlite3 *db, const smp_history_opts_t *opts, smp_history_t
     h->fd = -1;
     h->retention_ms = opts->retention_ms > 0 ? opts->retention_ms : 0;
     h->max_bytes = opts->max_bytes > 0 ? opts->max_bytes : 0;
-    h->chunk_max_ms = opts->chunk_max_ms > 0 ? opts->chunk_max_ms : 600000;
+    h->chunk_max_ms = opts->chunk_max_ms > 0 ? opts->chunk_max_ms : 900000;
     h->next_id = 1;
     int rc = SQLITE_OK;
     for (int i = 0; i < ST_N && rc == SQLITE_OK; i++) {

@@ -34,17 +34,23 @@ enum smp_hist_enc {
     SMP_HENC_UINT = 3,  /* the same arithmetic, printed unsigned (uint64 above INT64_MAX) */
     SMP_HENC_FLOAT = 4, /* XOR with the previous double, significant bytes only */
     SMP_HENC_TEXT = 5,  /* varint length + the JSON text as it was given (strings, anything) */
+    SMP_HENC_KIND = 0x0f,
+    /* Flag: times as varints of the difference to the previous sample's, instead of zigzag
+     * varints of the delta-of-delta. Chosen per chunk from the tag's last chunk: regular
+     * polling favours delta-of-delta (0 costs one byte), irregular changes plain deltas. */
+    SMP_HENC_TS_DELTA = 0x10,
 };
 
 /* Encoder and decoder state: the previous sample. */
 typedef struct smp_hist_state {
     int enc;
-    uint32_t n;       /* samples so far */
-    int64_t t_first;  /* first sample's time (stored in the row, not in the blob) */
-    int64_t ts;       /* previous sample's time */
-    uint64_t delta;   /* previous time difference (for delta-of-delta) */
-    uint64_t val;     /* previous value: int64/uint64 bits, double bits, bool 0/1 */
-    const char *text; /* TEXT: the sample's text (decoder only, not NUL-terminated) */
+    uint32_t n;                    /* samples so far */
+    int64_t t_first;               /* first sample's time (stored in the row, not in the blob) */
+    int64_t ts;                    /* previous sample's time */
+    uint64_t delta;                /* previous time difference (for delta-of-delta) */
+    uint64_t val;                  /* previous value: int64/uint64 bits, double bits, bool 0/1 */
+    uint64_t cost_dod, cost_delta; /* time bytes so far in either form (encoder) */
+    const char *text;              /* TEXT: the sample's text (decoder only, not NUL-terminated) */
     size_t text_len;
 } smp_hist_state_t;
 
@@ -55,7 +61,7 @@ int smp__hist_parse(int enc, const char *text, size_t len, uint64_t *val);
 /* The encoding a new chunk would use for `text`: BOOL, INT, UINT, FLOAT or TEXT. */
 int smp__hist_classify(const char *text, size_t len);
 
-/* Starts a chunk with its first sample. */
+/* Starts a chunk with its first sample; enc may carry SMP_HENC_TS_DELTA. */
 void smp__hist_enc_init(smp_hist_state_t *s, int enc, int64_t ts);
 /* Encodes one sample into out[0..cap) and advances *s. Returns the bytes written, -ENOSPC
  * when it does not fit (s unchanged), -EINVAL when ts is before the previous sample's (a

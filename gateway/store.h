@@ -34,7 +34,7 @@ typedef struct smp_store_opts {
      * survive a crash of the process but not of the machine. */
     bool sync_normal;
     /* History (docs/store.md, "History"): a size bound in bytes (0: none), the longest time a
-     * chunk stays open (0: 600 s), and the directory of the staging file of open chunks, best
+     * chunk stays open (0: 900 s), and the directory of the staging file of open chunks, best
      * on tmpfs (NULL: memory only, a kill -9 loses open chunks). */
     int64_t history_max_bytes;
     int history_chunk_max_s;
