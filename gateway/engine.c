@@ -836,6 +836,14 @@ static void on_group_timer(uv_timer_t *t)
     smp__engine_enqueue(d->conn, j);
 }
 
+/* The "store" group of P/G/metrics (docs/contract.md). */
+static void metrics_store(smp_buf_t *b, const smp_store_stats_t *ss)
+{
+    smp_buf_printf(b, ",\"store\":{\"history_bytes\":%" PRIu64 ",\"history_samples\":%" PRIu64,
+                   ss->history_bytes, ss->history_samples);
+    smp_buf_puts(b, "}");
+}
+
 static void metrics_publish(smp_engine_t *e)
 {
     smp_store_stats_t ss;
@@ -863,9 +871,11 @@ static void metrics_publish(smp_engine_t *e)
     smp_buf_printf(&b,
                    ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64
                    ",\"outbox_bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64
-                   ",\"rss_kb\":%ld}",
+                   ",\"rss_kb\":%ld",
                    e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
+    metrics_store(&b, &ss);
+    smp_buf_puts(&b, "}");
     publish_direct(e, e->topic_metrics, &b, false);
     smp_buf_free(&b);
 }

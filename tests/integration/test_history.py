@@ -42,7 +42,8 @@ class HistoryTests(h.TestCase):
         cfg["store"].update({"history_chunk_max_s": 1, "history_retention_h": 0})
         cfg["store"].update(store_extra or {})
         self.cfg = cfg
-        self.sub = self.subscriber(self.b.port, [P + "/+/data", P + "/+/cmd/result"],
+        cfg["gateway"]["metrics_interval_s"] = 1
+        self.sub = self.subscriber(self.b.port, [P + "/+/data", P + "/+/cmd/result", P + "/metrics"],
                                    client_id="platform-%d" % self.b.port, clean_session=False)
         self.ncmd = 0
         return cfg
@@ -109,6 +110,11 @@ class HistoryTests(h.TestCase):
         assert got == [], got
         got, _ = self.history(ref[3][0], ref[3][0] + 1, 10)
         assert got == [ref[3]], got
+        # The metrics count the samples, open chunks included, and the bytes stored.
+        n = len(self.reference())
+        m = self.sub.wait_json(P + "/metrics",
+                               lambda j: j["store"]["history_samples"] >= n, 10, "metrics")
+        assert m["store"]["history_bytes"] > 0, m
 
     def test_window_across_clean_restart(self):
         cfg = self.setup()
