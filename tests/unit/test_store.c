@@ -1210,6 +1210,47 @@ static void test_cmd_results_pruned(void **state)
     smp_store_close(st);
 }
 
+/* A schema-1 database keeps its history: the rows become chunks, the old table goes. */
+static void test_migrate_history_v1(void **state)
+{
+    (void)state;
+    sqlite3 *db;
+    assert_int_equal(sqlite3_open(g_path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db, schema_v1, NULL, NULL, NULL), SQLITE_OK);
+    const char *old =
+        "CREATE TABLE history (device TEXT NOT NULL, tag TEXT NOT NULL, ts_ms INTEGER NOT NULL,"
+        " value_json TEXT NOT NULL);"
+        "CREATE INDEX history_by_tag ON history(device, tag, ts_ms);"
+        "CREATE INDEX history_by_ts ON history(ts_ms);"
+        "INSERT INTO history VALUES('pump-01', 'flow', 3000, '12.5'), ('pump-01', 'flow', 1000,"
+        " '1'), ('pump-01', 'name', 2000, '\"PS-01\"'), ('pump-02', 'flow', 1500, 'true'),"
+        " ('pump-01', 'flow', 2000, '2');"
+        "PRAGMA user_version = 1;";
+    assert_int_equal(sqlite3_exec(db, old, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    smp_store_t *st = open_at(g_path, 0, 0);
+    hist_t h;
+    history_sync(st, "pump-01", "flow", INT64_MIN, INT64_MAX, 100, &h);
+    assert_int_equal(h.n, 3);
+    assert_int_equal(h.ts[0], 1000);
+    assert_string_equal(h.value[0], "1");
+    assert_int_equal(h.ts[1], 2000);
+    assert_string_equal(h.value[1], "2");
+    assert_int_equal(h.ts[2], 3000);
+    assert_string_equal(h.value[2], "12.5");
+    history_sync(st, "pump-01", "name", INT64_MIN, INT64_MAX, 100, &h);
+    assert_int_equal(h.n, 1);
+    assert_string_equal(h.value[0], "\"PS-01\"");
+    history_sync(st, "pump-02", "flow", 0, 2000, 100, &h);
+    assert_int_equal(h.n, 1);
+    assert_string_equal(h.value[0], "true");
+    smp_store_close(st);
+    assert_int_equal(
+        count_rows(g_path, "SELECT count(*) FROM sqlite_schema WHERE name = 'history'"), 0);
+    assert_int_equal(count_rows(g_path, "PRAGMA user_version"), 2);
+    assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), 5);
+}
+
 static void test_schema_tables(void **state)
 {
     (void)state;
@@ -1233,6 +1274,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_bad_args_and_close_null, setup, teardown),
         cmocka_unit_test_setup_teardown(test_schema_tables, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_migrate_history_v1, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_value_roundtrip, setup, teardown),
         cmocka_unit_test_setup_teardown(test_seq_persisted, setup, teardown),
         cmocka_unit_test_setup_teardown(test_outbox_add_fetch_ack_reopen, setup, teardown),
