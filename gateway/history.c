@@ -435,7 +435,8 @@ struct smp_history {
     sqlite3 *db;
     sqlite3_stmt *stmt[ST_N];
     int64_t retention_ms, max_bytes, chunk_max_ms;
-    int64_t span_max; /* longest span of any stored chunk: the query's look-back */
+    int64_t span_max;      /* longest span of any stored chunk: the query's look-back */
+    int64_t last_sweep_ms; /* last look for chunks past their age */
 
     /* Tags: open-addressing hash on the key, and an array by id for recovery. */
     struct tag **tab;
@@ -871,7 +872,10 @@ int smp__history_flush(smp_history_t *h, int64_t now_ms)
 {
     /* Age: a chunk open longer than chunk_max_ms closes, which bounds what a power cut can take
      * (the staging file is in RAM) to that much history per tag. */
-    if (h->nopen > 0 && now_ms > INT64_MIN + h->chunk_max_ms) {
+    /* At most once a second: commits can be far more frequent (commit_interval_ms 0). */
+    if (h->nopen > 0 && now_ms > INT64_MIN + h->chunk_max_ms &&
+        (now_ms - h->last_sweep_ms >= 1000 || now_ms < h->last_sweep_ms)) {
+        h->last_sweep_ms = now_ms;
         for (size_t k = 0; k < h->tab_cap; k++) {
             struct tag *t = h->tab[k];
             if (t != NULL && t->slot >= 0 &&
