@@ -385,7 +385,8 @@ static uint32_t chunk_max_samples = 1000; /* besides the slot size and the age *
  * B-trees' root pages, which a tiny bound notices (dbstat, docs/store.md). */
 static int64_t chunk_overhead = 80;
 static int64_t btree_fixed = 2 * 4096;
-static int flush_prune_rows = 256; /* rows a commit may prune to stay within the size bound */
+static int flush_prune_rows = 256;    /* rows a commit may prune to stay within the size bound */
+static size_t pend_max_slots = 65536; /* closed chunks waiting for a commit (20 MiB of slots) */
 
 /* One slot of the staging file. Slot 0 is the file header. */
 struct slot {
@@ -464,6 +465,8 @@ struct smp_history {
     int64_t rows, bytes, samples;
     int64_t tx_rows, tx_bytes, tx_samples;
     int64_t open_samples;
+    uint64_t lost_samples; /* dropped while nothing could be committed */
+    bool losing;           /* in such an episode */
 };
 
 static struct slot *slot_at(const smp_history_t *h, uint32_t i)
@@ -735,6 +738,23 @@ static void close_open(smp_history_t *h, struct tag *t)
     uint32_t i = (uint32_t)t->slot;
     t->ts_delta = h->sst[i].cost_delta < h->sst[i].cost_dod;
     slot_at(h, i)->state = SLOT_CLOSED;
+    /* While nothing commits (disk full, I/O errors) closed chunks pile up in RAM: past a bound
+     * the oldest go, counted and logged once per episode. */
+    if (h->npend >= pend_max_slots) {
+        uint32_t old = h->pend[0];
+        h->open_samples -= h->sst[old].n;
+        h->lost_samples += h->sst[old].n;
+        slot_free(h, old);
+        memmove(h->pend, h->pend + 1, (h->npend - 1) * sizeof *h->pend);
+        h->npend--;
+        if (!h->losing) {
+            LOG_WARN(SCOPE,
+                     "history chunks cannot be stored: dropping the oldest of the %zu "
+                     "waiting",
+                     h->npend + 1);
+            h->losing = true;
+        }
+    }
     h->pend[h->npend++] = i;
     h->nopen--;
     t->slot = -1;
@@ -917,6 +937,12 @@ void smp__history_tx_end(smp_history_t *h, bool committed)
         return;
     }
     if (committed) {
+        if (h->losing) {
+            LOG_INFO(SCOPE, "history chunks are stored again; %" PRIu64 " samples were dropped",
+                     h->lost_samples);
+            h->losing = false;
+            h->lost_samples = 0;
+        }
         for (size_t k = 0; k < h->nintx; k++) {
             slot_free(h, h->intx[k]);
         }

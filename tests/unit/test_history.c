@@ -401,6 +401,43 @@ static void test_rollback_keeps_chunks(void **state)
     sqlite3_close(db);
 }
 
+/* While nothing commits, closed chunks wait in RAM up to a bound; the oldest go first. */
+static void test_pending_bound(void **state)
+{
+    (void)state;
+    pend_max_slots = 4;
+    sqlite3 *db = db_open();
+    smp_history_t *h = hist_open(db, 0, 1000);
+    char v[16];
+    for (int k = 0; k < 20; k++) {
+        snprintf(v, sizeof v, "%d", k);
+        tx(db, "BEGIN");
+        /* 2 s apart with 1 s chunks: every sample closes the chunk before it. */
+        assert_int_equal(smp__history_append(h, "dev", "a", 2000 * (int64_t)k, v), SQLITE_OK);
+        assert_int_equal(smp__history_flush(h, 2000 * (int64_t)k), SQLITE_OK);
+        tx(db, "ROLLBACK"); /* the disk is full */
+        smp__history_tx_end(h, false);
+        assert_true(h->npend <= 4);
+    }
+    smp_history_row_t *rows;
+    size_t got;
+    char *buf;
+    assert_int_equal(smp__history_query(h, "dev", "a", 0, INT64_MAX, 100, &rows, &got, &buf),
+                     SQLITE_OK);
+    assert_int_equal(got, 5); /* 4 waiting + the open one: the newest */
+    assert_int_equal(rows[0].ts_ms, 2000 * 15);
+    assert_string_equal(rows[4].value_json, "19");
+    free(rows);
+    free(buf);
+    /* The disk is back. Closing the open chunk makes the oldest waiting one give way. */
+    assert_int_equal(smp__history_flush_all(h), SQLITE_OK);
+    assert_int_equal(scalar(db, "SELECT sum(n) FROM history_chunk"), 4);
+    assert_int_equal(scalar(db, "SELECT max(t_last) FROM history_chunk"), 2000 * 19);
+    smp__history_free(h);
+    sqlite3_close(db);
+    pend_max_slots = 65536;
+}
+
 /* The size bound holds on disk (dbstat), pruned in bounded steps, oldest first. */
 static void test_size_bound(void **state)
 {
@@ -455,6 +492,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_clock_step, setup, teardown),
         cmocka_unit_test_setup_teardown(test_recovery_exactly_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rollback_keeps_chunks, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pending_bound, setup, teardown),
         cmocka_unit_test_setup_teardown(test_size_bound, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
