@@ -7,7 +7,7 @@
  * file, for `hours` of simulated time (default 2). Then it reports what dbstat says the history
  * takes on disk, per sample, and the CPU time per sample.
  *
- *   bench_history [hours] [chunk_max_s]
+ *   bench_history_sim [hours] [chunk_max_s]
  */
 #include <inttypes.h>
 #include <stdio.h>
