@@ -414,7 +414,6 @@ struct tag {
     int32_t slot;  /* its open chunk, -1 none */
     int last_enc;  /* value encoding of its last chunk: a new chunk tries it first */
     bool ts_delta; /* its last chunk's times cost less as plain deltas than delta-of-deltas */
-    bool stored;   /* its tags row is committed */
 };
 
 enum { ST_CHUNK_ADD, ST_TAG_ADD, ST_QUERY, ST_OLDEST, ST_DEL_UPTO, ST_EXISTS, ST_N };
@@ -566,7 +565,6 @@ static struct tag *tag_add(smp_history_t *h, const char *device, const char *tag
         h->next_id = t->id + 1;
     }
     t->slot = -1;
-    t->stored = id != 0;
     *tag_find_slot(h, key, n) = t;
     h->ntags++;
     return t;
@@ -945,9 +943,6 @@ void smp__history_tx_end(smp_history_t *h, bool committed)
         }
         for (size_t k = 0; k < h->nintx; k++) {
             slot_free(h, h->intx[k]);
-        }
-        for (size_t k = 0; k < h->nunstored; k++) {
-            h->unstored[k]->stored = true;
         }
         h->nunstored = 0;
         h->rows += h->tx_rows;
@@ -1354,8 +1349,8 @@ static int recover(smp_history_t *h)
     smp__history_tx_end(h, true);
     if (nrec + ndup + nlost > 0) {
         LOG_INFO(SCOPE,
-                 "recovered %zu open history chunks from %s (%zu were already stored, %zu of "
-                 "tags never committed dropped)",
+                 "recovered %zu history chunks from %s (%zu were stored already, %zu dropped: "
+                 "their tag was never committed)",
                  nrec, h->stage_path, ndup, nlost);
     }
     return SQLITE_OK;

@@ -140,7 +140,7 @@ class HistoryTests(h.TestCase):
         assert len(stage) == 1, stage
         killed_at = len(self.reference())
         g2 = self.gateway(cfg, name="simpul2")
-        h.wait_for(lambda: "recovered" in g2.proc.output(), 10, "recovery logged")
+        h.wait_for(lambda: "history chunks from" in g2.proc.output(), 10, "history recovery logged")
         self.wait_messages(killed_at + 20, "20 more changes after the restart")
         # Every message sent before the kill (replayed from the outbox if need be) has its
         # sample in the history, once; and so has every one after. A sample may be there
