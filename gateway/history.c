@@ -466,6 +466,7 @@ struct smp_history {
     int64_t open_samples;
     uint64_t lost_samples; /* dropped while nothing could be committed */
     bool losing;           /* in such an episode */
+    bool no_slot;          /* the staging file could not grow (logged once) */
 };
 
 static struct slot *slot_at(const smp_history_t *h, uint32_t i)
@@ -577,8 +578,11 @@ static int stage_resize(smp_history_t *h, size_t cap)
     size_t bytes = (cap + 1) * SLOT_SIZE, old = (h->cap + 1) * SLOT_SIZE;
     uint8_t *base;
     if (h->fd >= 0) {
-        if (ftruncate(h->fd, (off_t)bytes) != 0) {
-            LOG_WARN(SCOPE, "%s: cannot grow: %s", h->stage_path, strerror(errno));
+        /* Allocated, not only sized: a page of a full tmpfs touched through the mapping would
+         * be a SIGBUS; this is an error instead. */
+        int e = posix_fallocate(h->fd, 0, (off_t)bytes);
+        if (e != 0) {
+            LOG_WARN(SCOPE, "%s: cannot grow: %s", h->stage_path, strerror(e));
             return SQLITE_FULL;
         }
         base = h->base != NULL ? mremap(h->base, old, bytes, MREMAP_MAYMOVE)
@@ -831,17 +835,22 @@ int smp__history_append(smp_history_t *h, const char *device, const char *tag, i
                   ? t->last_enc
                   : smp__hist_classify(value_json, len);
     int rc = open_chunk(h, t, enc | (t->ts_delta ? SMP_HENC_TS_DELTA : 0), ts);
-    if (rc != SQLITE_OK) {
-        return rc;
-    }
-    if (try_append(h, t, ts, value_json, len) == 0) {
+    if (rc == SQLITE_OK && try_append(h, t, ts, value_json, len) == 0) {
         return SQLITE_OK;
     }
-    /* Larger than a whole slot (a long string): a chunk of its own, straight to SQLite. */
-    uint32_t i = (uint32_t)t->slot;
-    t->slot = -1;
-    h->nopen--;
-    slot_free(h, i);
+    if (rc == SQLITE_OK) {
+        /* Larger than a whole slot (a long string). */
+        uint32_t i = (uint32_t)t->slot;
+        t->slot = -1;
+        h->nopen--;
+        slot_free(h, i);
+    } else if (!h->no_slot) {
+        LOG_WARN(SCOPE, "no room for open history chunks (%s): samples go to SQLite one by one",
+                 h->stage_path != NULL ? h->stage_path : "memory");
+        h->no_slot = true;
+    }
+    /* A chunk of its own, straight to SQLite with the transaction: telemetry never fails for
+     * want of a slot. */
     smp_hist_state_t st;
     smp__hist_enc_init(&st, SMP_HENC_TEXT, ts);
     uint8_t *buf = malloc(len + 16);
@@ -1446,7 +1455,24 @@ int smp__history_open(sqlite3 *db, const smp_history_opts_t *opts, smp_history_t
     if (rc == SQLITE_OK && h->fd >= 0 && ftruncate(h->fd, 0) != 0) {
         rc = SQLITE_IOERR;
     }
-    rc = rc ? rc : stage_resize(h, 256);
+    if (rc == SQLITE_OK && stage_resize(h, 256) != SQLITE_OK && h->fd >= 0) {
+        /* A full tmpfs: keep going in memory rather than refuse the database. */
+        LOG_WARN(SCOPE,
+                 "%s: no room; open history chunks are kept in memory only (a kill -9 "
+                 "loses them)",
+                 h->stage_path);
+        if (h->base != NULL) {
+            munmap(h->base, (h->cap + 1) * SLOT_SIZE);
+        }
+        h->base = NULL;
+        h->cap = h->nfree = 0;
+        close(h->fd);
+        h->fd = -1;
+        unlink(h->stage_path);
+        rc = stage_resize(h, 256);
+    } else if (rc == SQLITE_OK && h->base == NULL) {
+        rc = SQLITE_NOMEM;
+    }
     rc = rc ? rc : migrate_v1(h);
     if (rc != SQLITE_OK) {
         smp__history_free(h);
