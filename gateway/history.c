@@ -633,7 +633,8 @@ static int stage_resize(smp_history_t *h, size_t cap)
 static int slot_alloc(smp_history_t *h, uint32_t *out)
 {
     if (h->nfree == 0) {
-        int rc = stage_resize(h, h->cap ? h->cap * 2 : 256);
+        /* A quarter more each time: the file is RAM (tmpfs), and allocated. */
+        int rc = stage_resize(h, h->cap + (h->cap / 4 > 256 ? h->cap / 4 : 256));
         if (rc != SQLITE_OK) {
             return rc;
         }
