@@ -191,15 +191,52 @@ static size_t put_xor(uint8_t *out, uint64_t x)
     return 1 + nb;
 }
 
+int smp__hist_enc_period(smp_hist_state_t *s, uint64_t period, uint8_t *out, size_t cap)
+{
+    uint8_t tmp[10];
+    if (period == 0 || (s->enc & SMP_HENC_TS_MODE) != SMP_HENC_TS_PERIOD || s->n > 0) {
+        return -EINVAL;
+    }
+    size_t n = put_varint(tmp, period);
+    if (n > cap) {
+        return -ENOSPC;
+    }
+    memcpy(out, tmp, n);
+    s->period = period;
+    s->cand_period = period;
+    return (int)n;
+}
+
+/* A sample's time field in `mode`. Returns the bytes written, 0 when the form cannot hold it. */
+static size_t put_ts(uint8_t *out, int mode, uint64_t delta, uint64_t prev_delta, uint64_t period)
+{
+    if (mode == SMP_HENC_TS_DELTA) {
+        return put_varint(out, delta);
+    }
+    if (mode != SMP_HENC_TS_PERIOD) {
+        return put_varint(out, zigzag(delta - prev_delta));
+    }
+    if (period > 0 && delta < UINT64_MAX / 2) {
+        uint64_t q = (delta + period / 2) / period;
+        uint64_t zr = zigzag(delta - q * period);
+        if (zr < 32 && q < (UINT64_C(1) << 57)) {
+            return put_varint(out, (q << 5 | zr) << 1);
+        }
+    }
+    return delta < (UINT64_C(1) << 63) ? put_varint(out, delta << 1 | 1) : 0;
+}
+
 int smp__hist_enc_sample(smp_hist_state_t *s, int64_t ts, const char *text, size_t len,
                          uint8_t *out, size_t cap)
 {
     uint8_t tmp[32];
     size_t n = 0;
     uint64_t val = 0, delta = 0;
-    int kind = s->enc & SMP_HENC_KIND;
-    uint64_t cost_dod = s->cost_dod, cost_delta = s->cost_delta;
-    if (smp__hist_parse(kind, text, len, &val) != 0) {
+    int kind = s->enc & SMP_HENC_KIND, mode = s->enc & SMP_HENC_TS_MODE;
+    uint64_t cost_dod = s->cost_dod, cost_delta = s->cost_delta, cost_period = s->cost_period;
+    uint64_t min_delta = s->min_delta;
+    if (smp__hist_parse(kind, text, len, &val) != 0 ||
+        (mode == SMP_HENC_TS_PERIOD && s->period == 0)) {
         return -EINVAL;
     }
     if (s->n > 0) {
@@ -207,11 +244,18 @@ int smp__hist_enc_sample(smp_hist_state_t *s, int64_t ts, const char *text, size
             return -EINVAL;
         }
         delta = (uint64_t)ts - (uint64_t)s->ts;
-        /* Both costs are kept, so the tag's next chunk can take the cheaper form. */
-        size_t a = put_varint(tmp, zigzag(delta - s->delta)), b = put_varint(tmp, delta);
-        cost_dod += a;
-        cost_delta += b;
-        n += (s->enc & SMP_HENC_TS_DELTA) ? b : put_varint(tmp, zigzag(delta - s->delta));
+        /* Every form's cost is kept, so the tag's next chunk can take the cheapest. */
+        cost_dod += put_ts(tmp, 0, delta, s->delta, 0);
+        cost_delta += put_ts(tmp, SMP_HENC_TS_DELTA, delta, 0, 0);
+        size_t c = put_ts(tmp, SMP_HENC_TS_PERIOD, delta, 0, s->cand_period);
+        cost_period += c > 0 ? c : 10;
+        if (delta > 0 && (min_delta == 0 || delta < min_delta)) {
+            min_delta = delta;
+        }
+        n = put_ts(tmp, mode, delta, s->delta, s->period);
+        if (n == 0) {
+            return -EINVAL; /* a time step no form holds: a new chunk */
+        }
     } else if (ts != s->t_first) {
         return -EINVAL;
     }
@@ -240,6 +284,8 @@ int smp__hist_enc_sample(smp_hist_state_t *s, int64_t ts, const char *text, size
     }
     s->cost_dod = cost_dod;
     s->cost_delta = cost_delta;
+    s->cost_period = cost_period;
+    s->min_delta = min_delta;
     s->delta = s->n > 0 ? delta : 0;
     s->ts = ts;
     s->val = val;
@@ -252,12 +298,17 @@ int smp__hist_iter_init(smp_hist_iter_t *it, int enc, int64_t t_first, const uin
 {
     int kind = enc & SMP_HENC_KIND;
     if (kind < SMP_HENC_BOOL || kind > SMP_HENC_TEXT ||
-        (enc & ~(SMP_HENC_KIND | SMP_HENC_TS_DELTA)) || (data == NULL && len > 0)) {
+        (enc & ~(SMP_HENC_KIND | SMP_HENC_TS_MODE)) ||
+        (enc & SMP_HENC_TS_MODE) == SMP_HENC_TS_MODE || (data == NULL && len > 0)) {
         return -EBADMSG;
     }
     smp__hist_enc_init(&it->s, enc, t_first);
     it->p = data;
     it->end = data + len;
+    if ((enc & SMP_HENC_TS_MODE) == SMP_HENC_TS_PERIOD &&
+        (get_varint(&it->p, it->end, &it->s.period) != 0 || it->s.period == 0)) {
+        return -EBADMSG;
+    }
     return 0;
 }
 
@@ -309,6 +360,31 @@ static int get_value(smp_hist_iter_t *it)
     }
 }
 
+/* The time difference a sample's time field `z` stands for. */
+static int get_delta(const smp_hist_state_t *s, uint64_t z, uint64_t *delta)
+{
+    switch (s->enc & SMP_HENC_TS_MODE) {
+    case SMP_HENC_TS_DELTA:
+        *delta = z;
+        return 0;
+    case SMP_HENC_TS_PERIOD: {
+        if (z & 1) {
+            *delta = z >> 1;
+            return 0;
+        }
+        uint64_t qp;
+        if (__builtin_mul_overflow(z >> 6, s->period, &qp)) {
+            return -EBADMSG;
+        }
+        *delta = qp + unzigzag(z >> 1 & 31); /* a negative residual below qp wraps: caught */
+        return 0;
+    }
+    default:
+        *delta = s->delta + unzigzag(z);
+        return 0;
+    }
+}
+
 int smp__hist_iter_next(smp_hist_iter_t *it)
 {
     smp_hist_state_t *s = &it->s;
@@ -320,7 +396,10 @@ int smp__hist_iter_next(smp_hist_iter_t *it)
         if (get_varint(&it->p, it->end, &z) != 0) {
             return -EBADMSG;
         }
-        uint64_t delta = (s->enc & SMP_HENC_TS_DELTA) ? z : s->delta + unzigzag(z);
+        uint64_t delta;
+        if (get_delta(s, z, &delta) != 0) {
+            return -EBADMSG;
+        }
         int64_t ts = (int64_t)((uint64_t)s->ts + delta);
         if (ts < s->ts) {
             return -EBADMSG; /* the encoder never writes time going backwards */
@@ -411,9 +490,10 @@ struct tag {
     char *key; /* "device\0tag\0" */
     size_t keylen;
     uint32_t id;
-    int32_t slot;  /* its open chunk, -1 none */
-    int last_enc;  /* value encoding of its last chunk: a new chunk tries it first */
-    bool ts_delta; /* its last chunk's times cost less as plain deltas than delta-of-deltas */
+    int32_t slot;    /* its open chunk, -1 none */
+    int last_enc;    /* value encoding of its last chunk: a new chunk tries it first */
+    int ts_mode;     /* time form of its next chunk: the cheapest for its last one */
+    uint64_t period; /* the period its last chunk's times suggest (0: none yet) */
 };
 
 enum { ST_CHUNK_ADD, ST_TAG_ADD, ST_QUERY, ST_OLDEST, ST_DEL_UPTO, ST_EXISTS, ST_N };
@@ -733,13 +813,45 @@ static int insert_chunk(smp_history_t *h, uint32_t tag_id, int enc, const smp_hi
     return rc;
 }
 
+/* A round period near m (the smallest time step seen, a little below the poll interval
+ * because of jitter): 1, 2, 2.5 or 5 times a power of ten within 5 %, else m. */
+static uint64_t nice_period(uint64_t m)
+{
+    static const uint64_t mant[] = {10, 20, 25, 50};
+    for (uint64_t d = 1; d / 2 <= m && d <= UINT64_MAX / 100; d *= 10) {
+        for (size_t k = 0; k < 4; k++) {
+            uint64_t c = mant[k] * d / 10;
+            if (c > 0 && (c > m ? c - m : m - c) * 20 <= m) {
+                return c;
+            }
+        }
+    }
+    return m;
+}
+
+static void choose_ts_mode(struct tag *t, const smp_hist_state_t *st)
+{
+    uint64_t period = st->cost_period + 2; /* its header */
+    t->ts_mode = st->cost_delta < st->cost_dod ? SMP_HENC_TS_DELTA : 0;
+    uint64_t best = t->ts_mode ? st->cost_delta : st->cost_dod;
+    if (st->cand_period > 0 && period < best) {
+        t->ts_mode = SMP_HENC_TS_PERIOD;
+    }
+    if (st->min_delta > 0) {
+        t->period = nice_period(st->min_delta);
+    }
+    if (t->ts_mode == SMP_HENC_TS_PERIOD && t->period == 0) {
+        t->ts_mode = SMP_HENC_TS_DELTA;
+    }
+}
+
 static void close_open(smp_history_t *h, struct tag *t)
 {
     if (t->slot < 0) {
         return;
     }
     uint32_t i = (uint32_t)t->slot;
-    t->ts_delta = h->sst[i].cost_delta < h->sst[i].cost_dod;
+    choose_ts_mode(t, &h->sst[i]);
     slot_at(h, i)->state = SLOT_CLOSED;
     /* While nothing commits (disk full, I/O errors) closed chunks pile up in RAM: past a bound
      * the oldest go, counted and logged once per episode. */
@@ -771,12 +883,17 @@ static int open_chunk(smp_history_t *h, struct tag *t, int enc, int64_t ts)
         return rc;
     }
     struct slot *s = slot_at(h, i);
+    smp_hist_state_t *st = &h->sst[i];
     s->tag_id = t->id;
     s->t_first = ts;
     s->enc = (uint8_t)enc;
     s->len = 0;
+    smp__hist_enc_init(st, enc, ts);
+    st->cand_period = t->period; /* counts what the period form would cost */
+    if ((enc & SMP_HENC_TS_MODE) == SMP_HENC_TS_PERIOD) {
+        s->len = (uint16_t)smp__hist_enc_period(st, t->period, s->data, SLOT_DATA);
+    }
     __atomic_store_n(&s->state, SLOT_OPEN, __ATOMIC_RELEASE);
-    smp__hist_enc_init(&h->sst[i], enc, ts);
     t->slot = (int32_t)i;
     t->last_enc = enc & SMP_HENC_KIND;
     h->nopen++;
@@ -835,7 +952,7 @@ int smp__history_append(smp_history_t *h, const char *device, const char *tag, i
     int enc = t->last_enc != 0 && smp__hist_parse(t->last_enc, value_json, len, &v) == 0
                   ? t->last_enc
                   : smp__hist_classify(value_json, len);
-    int rc = open_chunk(h, t, enc | (t->ts_delta ? SMP_HENC_TS_DELTA : 0), ts);
+    int rc = open_chunk(h, t, enc | t->ts_mode, ts);
     if (rc == SQLITE_OK && try_append(h, t, ts, value_json, len) == 0) {
         return SQLITE_OK;
     }

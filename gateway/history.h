@@ -39,18 +39,26 @@ enum smp_hist_enc {
      * varints of the delta-of-delta. Chosen per chunk from the tag's last chunk: regular
      * polling favours delta-of-delta (0 costs one byte), irregular changes plain deltas. */
     SMP_HENC_TS_DELTA = 0x10,
+    /* Flag: times as multiples of a period P (a varint at the start of the blob) plus a small
+     * residual, (q << 5 | zigzag(r)) << 1, or (delta << 1 | 1) when the residual is large. A
+     * tag polled every P ms that changes at random polls costs one or two bytes per time. */
+    SMP_HENC_TS_PERIOD = 0x20,
+    SMP_HENC_TS_MODE = 0x30,
 };
 
 /* Encoder and decoder state: the previous sample. */
 typedef struct smp_hist_state {
     int enc;
-    uint32_t n;                    /* samples so far */
-    int64_t t_first;               /* first sample's time (stored in the row, not in the blob) */
-    int64_t ts;                    /* previous sample's time */
-    uint64_t delta;                /* previous time difference (for delta-of-delta) */
-    uint64_t val;                  /* previous value: int64/uint64 bits, double bits, bool 0/1 */
-    uint64_t cost_dod, cost_delta; /* time bytes so far in either form (encoder) */
-    const char *text;              /* TEXT: the sample's text (decoder only, not NUL-terminated) */
+    uint32_t n;      /* samples so far */
+    int64_t t_first; /* first sample's time (stored in the row, not in the blob) */
+    int64_t ts;      /* previous sample's time */
+    uint64_t delta;  /* previous time difference (for delta-of-delta) */
+    uint64_t val;    /* previous value: int64/uint64 bits, double bits, bool 0/1 */
+    uint64_t period; /* TS_PERIOD: P */
+    /* Encoder: time bytes so far in each form (period with cand_period), the smallest time
+     * difference seen: what the tag's next chunk chooses from. */
+    uint64_t cost_dod, cost_delta, cost_period, cand_period, min_delta;
+    const char *text; /* TEXT: the sample's text (decoder only, not NUL-terminated) */
     size_t text_len;
 } smp_hist_state_t;
 
@@ -61,8 +69,11 @@ int smp__hist_parse(int enc, const char *text, size_t len, uint64_t *val);
 /* The encoding a new chunk would use for `text`: BOOL, INT, UINT, FLOAT or TEXT. */
 int smp__hist_classify(const char *text, size_t len);
 
-/* Starts a chunk with its first sample; enc may carry SMP_HENC_TS_DELTA. */
+/* Starts a chunk with its first sample; enc may carry a SMP_HENC_TS_* flag. */
 void smp__hist_enc_init(smp_hist_state_t *s, int enc, int64_t ts);
+/* TS_PERIOD chunks: sets P (> 0) and writes the blob's header; call after init. Returns the
+ * bytes written or -ENOSPC / -EINVAL. */
+int smp__hist_enc_period(smp_hist_state_t *s, uint64_t period, uint8_t *out, size_t cap);
 /* Encodes one sample into out[0..cap) and advances *s. Returns the bytes written, -ENOSPC
  * when it does not fit (s unchanged), -EINVAL when ts is before the previous sample's (a
  * clock step: start a new chunk) or the text does not fit the encoding. */

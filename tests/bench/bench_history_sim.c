@@ -127,6 +127,17 @@ int main(int argc, char **argv)
     int64_t i_bytes =
         scalar(db, "SELECT sum(pgsize) FROM dbstat WHERE name = 'history_chunk_by_time'");
     int64_t tag_bytes = scalar(db, "SELECT sum(pgsize) FROM dbstat WHERE name = 'tags'");
+    sqlite3_stmt *q;
+    if (sqlite3_prepare_v2(db,
+                           "SELECT encoding, count(*), sum(length(data)) * 1.0 / sum(n) FROM"
+                           " history_chunk GROUP BY encoding",
+                           -1, &q, NULL) == SQLITE_OK) {
+        while (sqlite3_step(q) == SQLITE_ROW) {
+            printf("encoding 0x%02x: %d chunks, %.2f B/sample in their blobs\n",
+                   sqlite3_column_int(q, 0), sqlite3_column_int(q, 1), sqlite3_column_double(q, 2));
+        }
+    }
+    sqlite3_finalize(q);
     uint64_t est, all;
     smp__history_stats(h, &est, &all);
     printf("load: %d devices x %d registers @ 1 s, 10 %% changing/s, %.1f h simulated, chunks "

@@ -45,13 +45,16 @@ static int teardown(void **state)
 
 /* ---- codec ---- */
 
-/* Encodes texts[] at times ts[] into one chunk and decodes it back. */
-static void roundtrip(int enc, const char *const *texts, const int64_t *ts, size_t n)
+/* Encodes texts[] at times ts[] into one chunk and decodes it back, in every time form. */
+static void roundtrip_mode(int enc, const char *const *texts, const int64_t *ts, size_t n)
 {
     uint8_t buf[4096];
     size_t len = 0;
     smp_hist_state_t s;
     smp__hist_enc_init(&s, enc, ts[0]);
+    if ((enc & SMP_HENC_TS_MODE) == SMP_HENC_TS_PERIOD) {
+        len = (size_t)smp__hist_enc_period(&s, 1000, buf, sizeof buf);
+    }
     for (size_t k = 0; k < n; k++) {
         int w = smp__hist_enc_sample(&s, ts[k], texts[k], strlen(texts[k]), buf + len,
                                      sizeof buf - len);
@@ -71,6 +74,13 @@ static void roundtrip(int enc, const char *const *texts, const int64_t *ts, size
         assert_string_equal(out, texts[k]);
     }
     assert_int_equal(smp__hist_iter_next(&it), 0);
+}
+
+static void roundtrip(int enc, const char *const *texts, const int64_t *ts, size_t n)
+{
+    roundtrip_mode(enc, texts, ts, n);
+    roundtrip_mode(enc | SMP_HENC_TS_DELTA, texts, ts, n);
+    roundtrip_mode(enc | SMP_HENC_TS_PERIOD, texts, ts, n);
 }
 
 static void test_roundtrip_types(void **state)
@@ -115,6 +125,29 @@ static void test_roundtrip_types(void **state)
                            "true",
                            "\"Sudirman L-01\""};
     roundtrip(SMP_HENC_TEXT, texts, ts, 9);
+}
+
+/* The period form: multiples of P with a small residual cost one or two bytes. */
+static void test_period_times(void **state)
+{
+    (void)state;
+    const int64_t ts[] = {1000, 2001, 2999, 13000, 13000, 50003, 51000, 10000000, 10000001};
+    const char *v[] = {"1", "2", "3", "4", "5", "6", "7", "8", "9"};
+    roundtrip(SMP_HENC_INT, v, ts, 9);
+    uint8_t buf[64];
+    smp_hist_state_t s;
+    smp__hist_enc_init(&s, SMP_HENC_INT | SMP_HENC_TS_PERIOD, 0);
+    assert_int_equal(smp__hist_enc_sample(&s, 0, "1", 1, buf, sizeof buf), -EINVAL); /* no P */
+    assert_int_equal(smp__hist_enc_period(&s, 0, buf, sizeof buf), -EINVAL);
+    assert_int_equal(smp__hist_enc_period(&s, 1000, buf, sizeof buf), 2);
+    assert_int_equal(smp__hist_enc_sample(&s, 0, "1", 1, buf, sizeof buf), 1);
+    assert_int_equal(smp__hist_enc_sample(&s, 1002, "1", 1, buf, sizeof buf), 2); /* q 1: 1 B */
+    assert_int_equal(smp__hist_enc_sample(&s, 9999, "1", 1, buf, sizeof buf), 3); /* q 9: 2 B */
+    assert_int_equal(nice_period(997), 1000);
+    assert_int_equal(nice_period(98), 100);
+    assert_int_equal(nice_period(249), 250);
+    assert_int_equal(nice_period(1500), 1500);
+    assert_int_equal(nice_period(1), 1);
 }
 
 static void test_classify(void **state)
@@ -179,6 +212,19 @@ static void test_decoder_rejects(void **state)
                                                           "ab",
                                          3),
                      0);
+    assert_int_equal(smp__hist_iter_next(&it), -EBADMSG);
+    /* Period form: a period of 0, both time flags, q * P overflowing. */
+    assert_int_equal(smp__hist_iter_init(&it, SMP_HENC_INT | SMP_HENC_TS_PERIOD, 0,
+                                         (const uint8_t *)"\x00\x00", 2),
+                     -EBADMSG);
+    assert_int_equal(smp__hist_iter_init(&it, SMP_HENC_INT | SMP_HENC_TS_MODE, 0,
+                                         (const uint8_t *)"\x01\x00", 2),
+                     -EBADMSG);
+    const uint8_t big[] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0x00,
+                           0xc0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0x00};
+    assert_int_equal(
+        smp__hist_iter_init(&it, SMP_HENC_INT | SMP_HENC_TS_PERIOD, 0, big, sizeof big), 0);
+    assert_int_equal(smp__hist_iter_next(&it), 1);
     assert_int_equal(smp__hist_iter_next(&it), -EBADMSG);
     /* Time going backwards: second sample's dod = -1 after a first delta of 0. */
     assert_int_equal(
@@ -485,6 +531,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip_types),
+        cmocka_unit_test(test_period_times),
         cmocka_unit_test(test_classify),
         cmocka_unit_test(test_time_backwards),
         cmocka_unit_test(test_decoder_rejects),
