@@ -207,6 +207,22 @@ int smp__hist_enc_period(smp_hist_state_t *s, uint64_t period, uint8_t *out, siz
     return (int)n;
 }
 
+/* A round period near m (the smallest time step seen, a little below the poll interval
+ * because of jitter): 1, 2, 2.5 or 5 times a power of ten within 5 %, else m. */
+static uint64_t nice_period(uint64_t m)
+{
+    static const uint64_t mant[] = {10, 20, 25, 50};
+    for (uint64_t d = 1; d / 2 <= m && d <= UINT64_MAX / 100; d *= 10) {
+        for (size_t k = 0; k < 4; k++) {
+            uint64_t c = mant[k] * d / 10;
+            if (c > 0 && (c > m ? c - m : m - c) * 20 <= m) {
+                return c;
+            }
+        }
+    }
+    return m;
+}
+
 /* A sample's time field in `mode`. Returns the bytes written, 0 when the form cannot hold it. */
 static size_t put_ts(uint8_t *out, int mode, uint64_t delta, uint64_t prev_delta, uint64_t period)
 {
@@ -247,11 +263,13 @@ int smp__hist_enc_sample(smp_hist_state_t *s, int64_t ts, const char *text, size
         /* Every form's cost is kept, so the tag's next chunk can take the cheapest. */
         cost_dod += put_ts(tmp, 0, delta, s->delta, 0);
         cost_delta += put_ts(tmp, SMP_HENC_TS_DELTA, delta, 0, 0);
-        size_t c = put_ts(tmp, SMP_HENC_TS_PERIOD, delta, 0, s->cand_period);
-        cost_period += c > 0 ? c : 10;
         if (delta > 0 && (min_delta == 0 || delta < min_delta)) {
             min_delta = delta;
         }
+        /* Without a period from the last chunk, the one this chunk suggests so far. */
+        uint64_t cand = s->cand_period > 0 ? s->cand_period : nice_period(min_delta);
+        size_t c = cand > 0 ? put_ts(tmp, SMP_HENC_TS_PERIOD, delta, 0, cand) : 0;
+        cost_period += c > 0 ? c : 10;
         n = put_ts(tmp, mode, delta, s->delta, s->period);
         if (n == 0) {
             return -EINVAL; /* a time step no form holds: a new chunk */
@@ -813,28 +831,12 @@ static int insert_chunk(smp_history_t *h, uint32_t tag_id, int enc, const smp_hi
     return rc;
 }
 
-/* A round period near m (the smallest time step seen, a little below the poll interval
- * because of jitter): 1, 2, 2.5 or 5 times a power of ten within 5 %, else m. */
-static uint64_t nice_period(uint64_t m)
-{
-    static const uint64_t mant[] = {10, 20, 25, 50};
-    for (uint64_t d = 1; d / 2 <= m && d <= UINT64_MAX / 100; d *= 10) {
-        for (size_t k = 0; k < 4; k++) {
-            uint64_t c = mant[k] * d / 10;
-            if (c > 0 && (c > m ? c - m : m - c) * 20 <= m) {
-                return c;
-            }
-        }
-    }
-    return m;
-}
-
 static void choose_ts_mode(struct tag *t, const smp_hist_state_t *st)
 {
     uint64_t period = st->cost_period + 2; /* its header */
     t->ts_mode = st->cost_delta < st->cost_dod ? SMP_HENC_TS_DELTA : 0;
     uint64_t best = t->ts_mode ? st->cost_delta : st->cost_dod;
-    if (st->cand_period > 0 && period < best) {
+    if (st->min_delta > 0 && period < best) {
         t->ts_mode = SMP_HENC_TS_PERIOD;
     }
     if (st->min_delta > 0) {

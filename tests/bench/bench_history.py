@@ -7,8 +7,8 @@ Load: a pymodbus server (Debian's, the independent Modbus peer) with 200 units x
 registers; every second 10 % of the registers take a random step of +-1..50. simpul polls each
 unit every second (200 devices, 10,000 uint16 tags, one request per poll) through a local
 mosquitto, default store settings except `history_chunk_max_s` (--chunk-s, default 900, the
-default). After --duration seconds (default 1500: chunks close after 900 s, so the first ones
-are in SQLite by then) it reports, while simpul runs, what `dbstat` says the stored chunks take
+default). After --duration seconds (default 2400: chunks close after 900 s, so two generations
+are in SQLite by then, a tag's first chunk in delta-of-delta, its next in the period form) it reports, while simpul runs, what `dbstat` says the stored chunks take
 per sample; then it stops simpul (which writes the open chunks) and reports the whole history.
 Also: simpul's disk write rate (/proc/PID/io write_bytes) and CPU. Reports, never fails on time.
 Needs SIMPUL, SIMPUL_PLUGIN_DIR (as the integration tests).
@@ -95,7 +95,7 @@ def history_on_disk(path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=float, default=1500)
+    ap.add_argument("--duration", type=float, default=2400)
     ap.add_argument("--chunk-s", type=int, default=900)
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -141,6 +141,11 @@ def main():
               "%d B on disk = %.2f B/sample (blob %.2f B/sample)"
               % (samples, rows, samples / max(rows, 1), used, used / max(samples, 1),
                  blob / max(samples, 1)))
+        db = sqlite3.connect("file:%s?mode=ro" % cfg["store"]["path"], uri=True, timeout=10)
+        for enc, n, per in db.execute("select encoding, count(*), sum(length(data)) * 1.0 /"
+                                      " sum(n) from history_chunk group by encoding"):
+            print("  encoding 0x%02x: %d chunks, %.2f B/sample in their blobs" % (enc, n, per))
+        db.close()
         print("simpul: wrote %.1f KB/s to disk, cpu %.1f %% of a core (the machine was shared)"
               % ((proc_io(pid) - w0) / el / 1024, 100 * (proc_cpu(pid) - c0) / el))
         rc = g.stop()
