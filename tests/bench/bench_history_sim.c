@@ -154,6 +154,36 @@ int main(int argc, char **argv)
     printf("history_bytes estimate %" PRIu64 " B (%.2f of dbstat)\n", est,
            (double)est / (double)(t_bytes + i_bytes));
     printf("cpu: %.2f s, %.2f us/sample (encode + SQLite)\n", cpu, cpu * 1e6 / (double)samples);
+    /* The history command's cost: one tag's first page over everything, its last hour, and a
+     * window where it has nothing (the worst case: every chunk's index entry is read). */
+    struct {
+        const char *what;
+        int64_t from, to;
+    } qs[] = {
+        {"first 1000 of all", INT64_MIN, INT64_MAX},
+        {"last hour, 1000", t0 + secs * 1000 - 3600000, INT64_MAX},
+        {"empty window (all of it)", INT64_MIN, INT64_MAX},
+    };
+    for (size_t k = 0; k < 3; k++) {
+        smp_history_row_t *rows;
+        size_t n;
+        char *buf;
+        double w0 = cpu_s();
+        const char *tag = k == 2 ? "none" : tags[0];
+        if (k == 2) {
+            /* A tag with one sample at the very end: all earlier chunks are candidates. */
+            must(sqlite3_exec(db, "BEGIN", NULL, NULL, NULL), db, "begin");
+            must(smp__history_append(h, names[0], tag, t0 + secs * 1000, "1"), db, "append");
+            must(smp__history_flush(h, INT64_MIN), db, "flush");
+            must(sqlite3_exec(db, "COMMIT", NULL, NULL, NULL), db, "commit");
+            smp__history_tx_end(h, true);
+        }
+        must(smp__history_query(h, names[0], tag, qs[k].from, qs[k].to, 1000, &rows, &n, &buf), db,
+             "query");
+        printf("query %-26s %4zu samples in %.1f ms (cpu)\n", qs[k].what, n, (cpu_s() - w0) * 1e3);
+        free(rows);
+        free(buf);
+    }
     smp__history_free(h);
     sqlite3_close(db);
     char cmd[256];
