@@ -895,7 +895,8 @@ static void get_choice(vctx_t *v, json_t *obj, const char *key, const char *no, 
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
     static const char *const keys[] = {
-        "path", "history_retention_h", "outbox_max_mb", "synchronous", "on_error", NULL};
+        "path",           "history_retention_h", "outbox_max_mb", "synchronous", "on_error",
+        "history_max_mb", "history_chunk_max_s", "runtime_dir",   NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -913,6 +914,14 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
     }
     get_choice(v, st, "synchronous", "full", "normal", &cfg->store.sync_normal);
     get_choice(v, st, "on_error", "degraded", "refuse", &cfg->store.on_error_refuse);
+    if (get_int(v, st, "history_chunk_max_s", 1, 86400, false, &x)) {
+        cfg->store.history_chunk_max_s = (int)x;
+    }
+    s = get_str(v, st, "runtime_dir", false);
+    if (s != NULL) {
+        free(cfg->store.runtime_dir);
+        cfg->store.runtime_dir = resolve(v, s);
+    }
     double mb;
     if (get_num(v, st, "outbox_max_mb", false, &mb)) {
         /* A number, not only an integer: a small site (or a test) may want less than 1 MB. */
@@ -920,6 +929,13 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
             err_key(v, "outbox_max_mb", AT_VALUE, "%g is out of range 0.01..1048576", mb);
         } else {
             cfg->store.outbox_max_mb = mb;
+        }
+    }
+    if (get_num(v, st, "history_max_mb", false, &mb)) {
+        if (!(mb == 0 || (mb >= 0.01 && mb <= 1048576))) {
+            err_key(v, "history_max_mb", AT_VALUE, "%g is not 0 or in range 0.01..1048576", mb);
+        } else {
+            cfg->store.history_max_mb = mb;
         }
     }
     pop(v, old);
@@ -1779,6 +1795,8 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     for (size_t k = 0; k < sizeof command_keys / sizeof command_keys[0]; k++) {
         *(int *)((char *)cfg + command_keys[k].off) = (int)command_keys[k].dflt;
     }
+    cfg->store.history_max_mb = 256;
+    cfg->store.history_chunk_max_s = 900;
     return v->oom ? -ENOMEM : 0;
 }
 
@@ -1797,6 +1815,17 @@ static void finish(vctx_t *v, smp_config_t *cfg)
         cfg->store.path = xmalloc(v, n);
         if (cfg->store.path != NULL) {
             snprintf(cfg->store.path, n, "%s/simpul.db", cfg->gateway.data_dir);
+        }
+    }
+    if (cfg->store.runtime_dir == NULL && cfg->gateway.id != NULL) {
+        /* systemd's RuntimeDirectory= (tmpfs under /run), else the shared-memory tmpfs. */
+        const char *rd = getenv("RUNTIME_DIRECTORY");
+        size_t n = (rd != NULL ? strlen(rd) : 0) + strlen(cfg->gateway.id) + 32;
+        cfg->store.runtime_dir = xmalloc(v, n);
+        if (cfg->store.runtime_dir != NULL && rd != NULL && rd[0] == '/') {
+            snprintf(cfg->store.runtime_dir, n, "%s", rd);
+        } else if (cfg->store.runtime_dir != NULL) {
+            snprintf(cfg->store.runtime_dir, n, "/dev/shm/simpul-%s", cfg->gateway.id);
         }
     }
 }
@@ -2036,6 +2065,7 @@ void smp_config_free(smp_config_t *cfg)
     free(cfg->mqtt.tls_cert_file);
     free(cfg->mqtt.tls_key_file);
     free(cfg->store.path);
+    free(cfg->store.runtime_dir);
     /* Last: the devices above borrowed the plugins' tables. */
     smp_plugin_set_free(cfg->plugins);
     free(cfg);

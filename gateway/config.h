@@ -79,6 +79,9 @@ typedef struct smp_config {
         double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
         bool sync_normal;        /* "synchronous": "normal" (true) or "full" (false, default) */
         bool on_error_refuse;    /* "on_error": "refuse" (true) or "degraded" (false, default) */
+        double history_max_mb;   /* default 256; 0: no size bound */
+        int history_chunk_max_s; /* default 900: longest time a history chunk stays open */
+        char *runtime_dir;       /* default $RUNTIME_DIRECTORY, else /dev/shm/simpul-<gateway.id> */
     } store;
     struct {
         /* Commands and their limits (docs/config.md, "commands"). */

@@ -1062,6 +1062,14 @@ static void metrics_log(smp_buf_t *b)
     smp_buf_printf(b, ",\"log\":{\"lines\":%" PRIu64 ",\"dropped\":%" PRIu64 "}", lines, dropped);
 }
 
+/* The "store" group of P/G/metrics (docs/contract.md). */
+static void metrics_store(smp_buf_t *b, const smp_store_stats_t *ss)
+{
+    smp_buf_printf(b, ",\"store\":{\"history_bytes\":%" PRIu64 ",\"history_samples\":%" PRIu64,
+                   ss->history_bytes, ss->history_samples);
+    smp_buf_puts(b, "}");
+}
+
 static void metrics_publish(smp_engine_t *e)
 {
     smp_store_stats_t ss;
@@ -1095,6 +1103,7 @@ static void metrics_publish(smp_engine_t *e)
     metrics_connections(e, &b);
     metrics_log(&b);
     metrics_devices(e, &b);
+    metrics_store(&b, &ss);
     smp_buf_puts(&b, "}");
     publish_direct(e, e->topic_metrics, &b, false);
     smp_buf_free(&b);
@@ -1435,6 +1444,9 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .cmd_keep_ms = 2 * (int64_t)cfg->commands.dedup_window_s * 1000,
         .audit_keep_ms = (int64_t)cfg->commands.audit_retention_days * 24 * 3600000,
         .audit_max_rows = cfg->commands.audit_max_rows,
+        .history_max_bytes = (int64_t)(cfg->store.history_max_mb * 1024.0 * 1024.0),
+        .history_chunk_max_s = cfg->store.history_chunk_max_s,
+        .runtime_dir = cfg->store.runtime_dir,
     };
     int rc = smp_store_open(loop, &so, &e->store);
     if (rc == 0 && smp_store_degraded(e->store)) {

@@ -26,10 +26,11 @@
 
 #include <sqlite3.h>
 
+#include "history.h"
 #include "log.h"
 
 #define SCOPE          "store"
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2
 
 /* Tunables. Plain statics rather than options: nothing outside needs to change them, and the
  * unit tests (which #include this file) can shorten the timers. */
@@ -91,15 +92,12 @@ enum {
     ST_COMMIT,
     ST_ROLLBACK,
     ST_PUT_LAST,
-    ST_PUT_HIST,
     ST_SEQ_SET,
     ST_OB_ADD,
     ST_OB_ACK,
     ST_OB_FETCH,
     ST_OB_OLDEST,
     ST_OB_DEL_UPTO,
-    ST_HIST_QUERY,
-    ST_HIST_PRUNE,
     ST_LOAD_LAST,
     ST_LOAD_SEQ,
     ST_CMD_PUT,
@@ -118,7 +116,6 @@ static const char *const stmt_sql[ST_COUNT] = {
     [ST_PUT_LAST] = "INSERT INTO last_value(device, tag, value_json, ts_ms) VALUES(?1, ?2, ?3, ?4)"
                     " ON CONFLICT(device, tag) DO UPDATE SET value_json = excluded.value_json,"
                     " ts_ms = excluded.ts_ms",
-    [ST_PUT_HIST] = "INSERT INTO history(device, tag, ts_ms, value_json) VALUES(?1, ?2, ?3, ?4)",
     [ST_SEQ_SET] = "INSERT INTO device_seq(device, seq) VALUES(?1, ?2)"
                    " ON CONFLICT(device) DO UPDATE SET seq = excluded.seq",
     [ST_OB_ADD] =
@@ -128,10 +125,6 @@ static const char *const stmt_sql[ST_COUNT] = {
                     " ORDER BY id LIMIT ?2",
     [ST_OB_OLDEST] = "SELECT id, length(payload) FROM outbox ORDER BY id",
     [ST_OB_DEL_UPTO] = "DELETE FROM outbox WHERE id <= ?1",
-    [ST_HIST_QUERY] = "SELECT ts_ms, value_json FROM history WHERE device = ?1 AND tag = ?2"
-                      " AND ts_ms >= ?3 AND ts_ms < ?4 ORDER BY ts_ms LIMIT ?5",
-    [ST_HIST_PRUNE] = "DELETE FROM history WHERE rowid IN (SELECT rowid FROM history"
-                      " WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
     [ST_LOAD_LAST] = "SELECT device, tag, value_json, ts_ms FROM last_value ORDER BY device, tag",
     [ST_LOAD_SEQ] = "SELECT seq FROM device_seq WHERE device = ?1",
     [ST_CMD_PUT] = "INSERT INTO cmd_result(device, id, result_json, ts_ms) VALUES(?1, ?2, ?3, ?4)"
@@ -150,15 +143,12 @@ static const char *const stmt_sql[ST_COUNT] = {
                       " WHERE id <= (SELECT max(id) FROM audit) - ?1 ORDER BY id LIMIT ?2)",
 };
 
-/* Schema version 1. Every table is documented in docs/store.md. */
+/* The tables of schema version 1 except `history`, which version 2 replaced with chunks
+ * (history.c). Every table is documented in docs/store.md. */
 static const char schema_v1[] =
     "CREATE TABLE IF NOT EXISTS last_value ("
     " device TEXT NOT NULL, tag TEXT NOT NULL, value_json TEXT NOT NULL, ts_ms INTEGER NOT NULL,"
     " PRIMARY KEY (device, tag)) WITHOUT ROWID;"
-    "CREATE TABLE IF NOT EXISTS history ("
-    " device TEXT NOT NULL, tag TEXT NOT NULL, ts_ms INTEGER NOT NULL, value_json TEXT NOT NULL);"
-    "CREATE INDEX IF NOT EXISTS history_by_tag ON history(device, tag, ts_ms);"
-    "CREATE INDEX IF NOT EXISTS history_by_ts ON history(ts_ms);"
     "CREATE TABLE IF NOT EXISTS device_seq ("
     " device TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL) WITHOUT ROWID;"
     "CREATE TABLE IF NOT EXISTS outbox ("
@@ -190,6 +180,10 @@ struct smp_store {
     int64_t outbox_max;   /* 0: unbounded */
     bool sync_normal;     /* PRAGMA synchronous = NORMAL instead of FULL */
     int64_t cmd_keep_ms, audit_keep_ms, audit_max_rows; /* see smp_store_opts_t */
+    smp_history_t *hist; /* history chunks (history.c), used by the writer like the db */
+    int64_t history_max; /* bytes; 0: unbounded */
+    int64_t history_chunk_ms;
+    char *runtime_dir; /* staging file of open history chunks; NULL: memory */
 
     uv_thread_t writer;
     bool writer_started;
@@ -349,7 +343,11 @@ static int bind_text(sqlite3_stmt *s, int i, const char *v)
 
 static void publish_stats(smp_store_t *st)
 {
+    uint64_t hbytes, hsamples;
+    smp__history_stats(st->hist, &hbytes, &hsamples);
     uv_mutex_lock(&st->done_mu);
+    st->stats.history_bytes = hbytes;
+    st->stats.history_samples = hsamples;
     st->stats.outbox_rows = (uint64_t)st->ob_rows;
     st->stats.outbox_bytes = (uint64_t)st->ob_bytes;
     st->stats.outbox_dropped = st->ob_dropped;
@@ -366,6 +364,7 @@ static int tx_begin(smp_store_t *st)
 
 static void tx_rollback(smp_store_t *st)
 {
+    smp__history_tx_end(st->hist, false);
     st->tx_rows = 0;
     st->tx_bytes = 0;
     st->tx_dropped = 0;
@@ -403,10 +402,16 @@ static void outbox_episode(smp_store_t *st, int64_t dropped)
 
 static int tx_commit(smp_store_t *st)
 {
-    int rc = step_done(st, ST_COMMIT, "COMMIT");
+    /* History chunks that closed go in with the transaction that commits. */
+    int rc = st->hist != NULL ? smp__history_flush(st->hist, wall_ms()) : SQLITE_OK;
+    if (rc != SQLITE_OK) {
+        return sql_fail(st, rc, "history");
+    }
+    rc = step_done(st, ST_COMMIT, "COMMIT");
     if (rc != 0) {
         return rc;
     }
+    smp__history_tx_end(st->hist, true);
     st->ob_rows += st->tx_rows;
     st->ob_bytes += st->tx_bytes;
     st->ob_dropped += (uint64_t)st->tx_dropped;
@@ -491,21 +496,8 @@ static int apply_put(smp_store_t *st, op_t *o)
     if (rc != 0) {
         return rc;
     }
-    s = st->stmt[ST_PUT_HIST];
-    rc = bind_text(s, 1, o->device);
-    if (rc == SQLITE_OK) {
-        rc = bind_text(s, 2, o->name);
-    }
-    if (rc == SQLITE_OK) {
-        rc = sqlite3_bind_int64(s, 3, o->ts_ms);
-    }
-    if (rc == SQLITE_OK) {
-        rc = bind_text(s, 4, o->value_json);
-    }
-    if (rc != SQLITE_OK) {
-        return sql_fail(st, rc, "history");
-    }
-    return step_done(st, ST_PUT_HIST, "history");
+    rc = smp__history_append(st->hist, o->device, o->name, o->ts_ms, o->value_json);
+    return rc == SQLITE_OK ? 0 : sql_fail(st, rc, "history");
 }
 
 static int apply_add(smp_store_t *st, op_t *o)
@@ -822,65 +814,15 @@ static int read_fetch(smp_store_t *st, op_t *o)
     return 0;
 }
 
-struct hist_tmp {
-    int64_t ts;
-    size_t val;
-};
-
 static int read_history(smp_store_t *st, op_t *o)
 {
-    sqlite3_stmt *s = st->stmt[ST_HIST_QUERY];
-    struct hist_tmp *tmp = NULL;
-    size_t n = 0, cap = 0;
-    rbuf_t b = {0};
-    int err = 0;
-    int rc = bind_text(s, 1, o->device);
-    if (rc == SQLITE_OK) {
-        rc = bind_text(s, 2, o->name);
-    }
-    if (rc == SQLITE_OK) {
-        rc = sqlite3_bind_int64(s, 3, o->ts_ms);
-    }
-    if (rc == SQLITE_OK) {
-        rc = sqlite3_bind_int64(s, 4, o->to_ms);
-    }
-    if (rc == SQLITE_OK) {
-        rc = sqlite3_bind_int64(s, 5, clamp_limit(o->max));
-    }
+    smp_history_row_t *rows;
+    int rc = smp__history_query(st->hist, o->device, o->name, o->ts_ms, o->to_ms, o->max, &rows,
+                                &o->nrows, &o->buf);
     if (rc != SQLITE_OK) {
         return sql_fail(st, rc, "history query");
     }
-    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-        if ((err = grow_array((void **)&tmp, &cap, n + 1, sizeof *tmp)) != 0) {
-            break;
-        }
-        tmp[n].ts = sqlite3_column_int64(s, 0);
-        if ((err = col_text(s, 1, &b, &tmp[n].val)) != 0) {
-            break;
-        }
-        n++;
-    }
-    sqlite3_reset(s);
-    if (err == 0 && rc != SQLITE_DONE) {
-        err = sql_fail(st, rc, "history query");
-    }
-    smp_history_row_t *rows = NULL;
-    if (err == 0 && n > 0 && (rows = malloc(n * sizeof *rows)) == NULL) {
-        err = -ENOMEM;
-    }
-    if (err != 0) {
-        free(tmp);
-        free(b.p);
-        return err;
-    }
-    for (size_t k = 0; k < n; k++) {
-        rows[k].ts_ms = tmp[k].ts;
-        rows[k].value_json = b.p + tmp[k].val;
-    }
-    free(tmp);
     o->rows = rows;
-    o->nrows = n;
-    o->buf = b.p;
     return 0;
 }
 
@@ -917,8 +859,13 @@ static void prune_old(smp_store_t *st)
     bool more = false;
     int changed = 0;
     int rc = tx_begin(st);
-    if (rc == 0 && st->retention_ms > 0) {
-        rc = prune_one(st, ST_HIST_PRUNE, now - st->retention_ms, &more, &changed, "history prune");
+    if (rc == 0) {
+        int n = 0;
+        bool hmore = false;
+        rc = smp__history_prune(st->hist, now, prune_chunk, &n, &hmore);
+        rc = rc == SQLITE_OK ? 0 : sql_fail(st, rc, "history prune");
+        changed += n;
+        more |= hmore;
     }
     if (rc == 0) {
         rc = prune_one(st, ST_CMD_PRUNE, now - st->cmd_keep_ms, &more, &changed,
@@ -1270,6 +1217,8 @@ static void checkpointer_stop(smp_store_t *st)
 
 static void db_close(smp_store_t *st)
 {
+    smp__history_free(st->hist);
+    st->hist = NULL;
     finalize_all(st);
     if (st->db != NULL) {
         int rc = sqlite3_close(st->db);
@@ -1325,8 +1274,11 @@ static int setup_schema(smp_store_t *st, const char **why)
     if (rc == SQLITE_OK) {
         rc = exec_sql(st, schema_v1);
     }
+    if (rc == SQLITE_OK) {
+        rc = smp__history_schema(st->db);
+    }
     if (rc == SQLITE_OK && atoi(ver) < SCHEMA_VERSION) {
-        rc = exec_sql(st, "PRAGMA user_version = 1");
+        rc = exec_sql(st, "PRAGMA user_version = 2");
     }
     if (rc == SQLITE_OK) {
         rc = exec_sql(st, "COMMIT");
@@ -1405,6 +1357,17 @@ static int try_open(smp_store_t *st, const char *path)
         why = "prepare";
         rc = sqlite3_prepare_v3(st->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &st->stmt[i],
                                 NULL);
+    }
+    if (rc == SQLITE_OK) {
+        /* Also recovers history chunks a kill -9 left open, and migrates schema 1's rows. */
+        smp_history_opts_t ho = {
+            .runtime_dir = st->in_memory ? NULL : st->runtime_dir,
+            .retention_ms = st->retention_ms,
+            .max_bytes = st->history_max,
+            .chunk_max_ms = st->history_chunk_ms,
+        };
+        why = "history";
+        rc = smp__history_open(st->db, &ho, &st->hist);
     }
     if (rc == SQLITE_OK) {
         sqlite3_stmt *s = NULL;
@@ -1573,6 +1536,7 @@ static void free_store(smp_store_t *st)
     uv_mutex_destroy(&st->db_mu);
     uv_mutex_destroy(&st->done_mu);
     free(st->path);
+    free(st->runtime_dir);
     free(st);
 }
 
@@ -1602,6 +1566,9 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
     st->cmd_keep_ms = opts->cmd_keep_ms > 0 ? opts->cmd_keep_ms : cmd_result_keep_ms;
     st->audit_keep_ms = opts->audit_keep_ms > 0 ? opts->audit_keep_ms : audit_keep_ms;
     st->audit_max_rows = opts->audit_max_rows;
+    st->history_max = opts->history_max_bytes > 0 ? opts->history_max_bytes : 0;
+    st->history_chunk_ms = opts->history_chunk_max_s > 0 ? opts->history_chunk_max_s * 1000 : 0;
+    st->runtime_dir = opts->runtime_dir != NULL ? strdup(opts->runtime_dir) : NULL;
     if (uv_mutex_init(&st->mu) != 0) {
         free(st->path);
         free(st);
@@ -1732,6 +1699,13 @@ void smp_store_close(smp_store_t *st)
             }
             break;
         }
+    }
+    /* Open history chunks go to SQLite at a clean stop, so the staging file is not needed. */
+    uv_mutex_lock(&st->db_mu);
+    int hrc = smp__history_flush_all(st->hist);
+    uv_mutex_unlock(&st->db_mu);
+    if (hrc != SQLITE_OK) {
+        sql_fail(st, hrc, "history at close (the staging file keeps the open chunks)");
     }
     /* sqlite3_close (in free_store) checkpoints the WAL into the database and removes it. */
     close_async(st);

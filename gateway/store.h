@@ -38,6 +38,12 @@ typedef struct smp_store_opts {
     int64_t cmd_keep_ms;
     int64_t audit_keep_ms;
     int64_t audit_max_rows;
+    /* History (docs/store.md, "History"): a size bound in bytes (0: none), the longest time a
+     * chunk stays open (0: 900 s), and the directory of the staging file of open chunks, best
+     * on tmpfs (NULL: memory only, a kill -9 loses open chunks). */
+    int64_t history_max_bytes;
+    int history_chunk_max_s;
+    const char *runtime_dir;
 } smp_store_opts_t;
 
 /* Opens (creating/migrating the schema), starts the writer thread. Returns 0 or a negative
@@ -92,11 +98,13 @@ void smp_store_outbox_fetch(smp_store_t *st, int64_t after_id, size_t max, smp_s
 
 /* Counters, read on the loop thread (updated by the writer; approximate is fine). */
 typedef struct smp_store_stats {
-    uint64_t outbox_rows;    /* rows in the outbox now */
-    uint64_t outbox_bytes;   /* payload bytes in the outbox now */
-    uint64_t outbox_dropped; /* rows dropped because the outbox was full, since start */
-    uint64_t commits;        /* transactions committed */
-    uint64_t errors;         /* SQLite errors seen */
+    uint64_t outbox_rows;     /* rows in the outbox now */
+    uint64_t outbox_bytes;    /* payload bytes in the outbox now */
+    uint64_t outbox_dropped;  /* rows dropped because the outbox was full, since start */
+    uint64_t commits;         /* transactions committed */
+    uint64_t errors;          /* SQLite errors seen */
+    uint64_t history_bytes;   /* history on disk (chunks and their index, estimated) */
+    uint64_t history_samples; /* samples in the history, stored or in open chunks */
 } smp_store_stats_t;
 void smp_store_stats(smp_store_t *st, smp_store_stats_t *out);
 

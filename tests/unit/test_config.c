@@ -916,6 +916,29 @@ static void test_commands_section(void **state)
     res_free(&r);
 }
 
+static void test_store_history_keys(void **state)
+{
+    (void)state;
+    res_t r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": []}");
+    assert_int_equal(r.n, 0);
+    assert_true(r.cfg->store.history_max_mb == 256);
+    assert_int_equal(r.cfg->store.history_chunk_max_s, 900);
+    assert_non_null(r.cfg->store.runtime_dir);
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": "
+             "{\"history_max_mb\": 0, \"history_chunk_max_s\": 60, \"runtime_dir\": \"/run/x\"}}");
+    assert_int_equal(r.n, 0);
+    assert_true(r.cfg->store.history_max_mb == 0); /* no size bound */
+    assert_int_equal(r.cfg->store.history_chunk_max_s, 60);
+    assert_string_equal(r.cfg->store.runtime_dir, "/run/x");
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": "
+             "{\"history_max_mb\": 0.001, \"history_chunk_max_s\": 0}}");
+    expect_errors(&r, 2);
+    expect_line(&r, "t.json:1:72: store.history_max_mb: 0.001 is not 0 or in range 0.01..1048576");
+    res_free(&r);
+}
+
 static void test_out_of_range(void **state)
 {
     (void)state;
@@ -1508,6 +1531,7 @@ int main(void)
         cmocka_unit_test(test_out_of_range),
         cmocka_unit_test(test_commands_section),
         cmocka_unit_test(test_store_choices),
+        cmocka_unit_test(test_store_history_keys),
         cmocka_unit_test(test_missing_required),
         cmocka_unit_test(test_bad_plugin_keys),
         cmocka_unit_test(test_type_restrictions),

@@ -422,8 +422,8 @@ static void test_last_value_roundtrip(void **state)
     assert_int_equal(l.ts[2], now - 1000);
     smp_store_close(st);
     /* Every put also appended history. */
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM history"), 4);
-    assert_int_equal(count_rows(g_path, "PRAGMA user_version"), 1);
+    assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), 4);
+    assert_int_equal(count_rows(g_path, "PRAGMA user_version"), 2);
 }
 
 static void test_seq_persisted(void **state)
@@ -690,7 +690,7 @@ static void test_retention_prune(void **state)
         assert_string_equal(h.value[k], "2"); /* only old rows went */
     }
     smp_store_close(st);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM history"), 10);
+    assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), 10);
     /* The last value is not history: it stays. */
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM last_value"), 1);
 }
@@ -1101,7 +1101,7 @@ static void test_burst_100k(void **state)
     assert_true(s.commits <= 2 * N / 10);
     assert_int_equal(smp_store_load_seq(st, "pump-01"), N - 1);
     smp_store_close(st);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM history"), N);
+    assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), N);
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM last_value"), 100);
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), N);
 }
@@ -1210,11 +1210,53 @@ static void test_cmd_results_pruned(void **state)
     smp_store_close(st);
 }
 
+/* A schema-1 database keeps its history: the rows become chunks, the old table goes. */
+static void test_migrate_history_v1(void **state)
+{
+    (void)state;
+    sqlite3 *db;
+    assert_int_equal(sqlite3_open(g_path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db, schema_v1, NULL, NULL, NULL), SQLITE_OK);
+    const char *old =
+        "CREATE TABLE history (device TEXT NOT NULL, tag TEXT NOT NULL, ts_ms INTEGER NOT NULL,"
+        " value_json TEXT NOT NULL);"
+        "CREATE INDEX history_by_tag ON history(device, tag, ts_ms);"
+        "CREATE INDEX history_by_ts ON history(ts_ms);"
+        "INSERT INTO history VALUES('pump-01', 'flow', 3000, '12.5'), ('pump-01', 'flow', 1000,"
+        " '1'), ('pump-01', 'name', 2000, '\"PS-01\"'), ('pump-02', 'flow', 1500, 'true'),"
+        " ('pump-01', 'flow', 2000, '2');"
+        "PRAGMA user_version = 1;";
+    assert_int_equal(sqlite3_exec(db, old, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    smp_store_t *st = open_at(g_path, 0, 0);
+    hist_t h;
+    history_sync(st, "pump-01", "flow", INT64_MIN, INT64_MAX, 100, &h);
+    assert_int_equal(h.n, 3);
+    assert_int_equal(h.ts[0], 1000);
+    assert_string_equal(h.value[0], "1");
+    assert_int_equal(h.ts[1], 2000);
+    assert_string_equal(h.value[1], "2");
+    assert_int_equal(h.ts[2], 3000);
+    assert_string_equal(h.value[2], "12.5");
+    history_sync(st, "pump-01", "name", INT64_MIN, INT64_MAX, 100, &h);
+    assert_int_equal(h.n, 1);
+    assert_string_equal(h.value[0], "\"PS-01\"");
+    history_sync(st, "pump-02", "flow", 0, 2000, 100, &h);
+    assert_int_equal(h.n, 1);
+    assert_string_equal(h.value[0], "true");
+    smp_store_close(st);
+    assert_int_equal(
+        count_rows(g_path, "SELECT count(*) FROM sqlite_schema WHERE name = 'history'"), 0);
+    assert_int_equal(count_rows(g_path, "PRAGMA user_version"), 2);
+    assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), 5);
+}
+
 static void test_schema_tables(void **state)
 {
     (void)state;
     smp_store_close(open_default());
-    const char *tables[] = {"last_value", "history", "device_seq", "outbox", "cmd_result", "audit"};
+    const char *tables[] = {"last_value", "tags",       "history_chunk", "device_seq",
+                            "outbox",     "cmd_result", "audit"};
     for (size_t k = 0; k < sizeof tables / sizeof tables[0]; k++) {
         char sql[128];
         snprintf(sql, sizeof sql,
@@ -1232,6 +1274,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_bad_args_and_close_null, setup, teardown),
         cmocka_unit_test_setup_teardown(test_schema_tables, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_migrate_history_v1, setup, teardown),
         cmocka_unit_test_setup_teardown(test_last_value_roundtrip, setup, teardown),
         cmocka_unit_test_setup_teardown(test_seq_persisted, setup, teardown),
         cmocka_unit_test_setup_teardown(test_outbox_add_fetch_ack_reopen, setup, teardown),
