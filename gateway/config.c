@@ -856,8 +856,9 @@ static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
 
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
-    static const char *const keys[] = {"path", "history_retention_h", "outbox_max_mb",
-                                       "synchronous", NULL};
+    static const char *const keys[] = {"path",        "history_retention_h", "outbox_max_mb",
+                                       "synchronous", "commit_interval_ms",  "runtime_dir",
+                                       NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -891,6 +892,13 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
         } else {
             cfg->store.outbox_max_mb = mb;
         }
+    }
+    if (get_int(v, st, "commit_interval_ms", 0, 60000, false, &x)) {
+        cfg->store.commit_interval_ms = (int)x;
+    }
+    s = get_str(v, st, "runtime_dir", false);
+    if (s != NULL) {
+        cfg->store.runtime_dir = resolve(v, s);
     }
     pop(v, old);
 }
@@ -1587,6 +1595,7 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     cfg->mqtt.inflight_max = 256;
     cfg->store.history_retention_h = 168;
     cfg->store.outbox_max_mb = 256;
+    cfg->store.commit_interval_ms = 1000;
     return v->oom ? -ENOMEM : 0;
 }
 
@@ -1605,6 +1614,20 @@ static void finish(vctx_t *v, smp_config_t *cfg)
         cfg->store.path = xmalloc(v, n);
         if (cfg->store.path != NULL) {
             snprintf(cfg->store.path, n, "%s/simpul.db", cfg->gateway.data_dir);
+        }
+    }
+    if (cfg->store.runtime_dir == NULL && cfg->gateway.id != NULL) {
+        /* systemd's RuntimeDirectory= (tmpfs, kept across restarts with
+         * RuntimeDirectoryPreserve=yes), else a directory in /dev/shm. */
+        const char *rd = getenv("RUNTIME_DIRECTORY");
+        if (rd != NULL && rd[0] != '\0') {
+            cfg->store.runtime_dir = xstrdup(v, rd);
+        } else {
+            size_t n = strlen(cfg->gateway.id) + sizeof "/dev/shm/simpul-";
+            cfg->store.runtime_dir = xmalloc(v, n);
+            if (cfg->store.runtime_dir != NULL) {
+                snprintf(cfg->store.runtime_dir, n, "/dev/shm/simpul-%s", cfg->gateway.id);
+            }
         }
     }
 }
@@ -1838,6 +1861,7 @@ void smp_config_free(smp_config_t *cfg)
     free(cfg->mqtt.tls_cert_file);
     free(cfg->mqtt.tls_key_file);
     free(cfg->store.path);
+    free(cfg->store.runtime_dir);
     /* Last: the devices above borrowed the plugins' tables. */
     smp_plugin_set_free(cfg->plugins);
     free(cfg);

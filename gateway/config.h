@@ -73,6 +73,9 @@ typedef struct smp_config {
         int history_retention_h; /* default 168 */
         double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
         bool sync_normal;        /* "synchronous": "normal" (true) or "full" (false, default) */
+        int commit_interval_ms;  /* default 1000; 0: commit every message before publishing */
+        char *runtime_dir;       /* tmpfs directory for the outbox ring; default
+                                  * $RUNTIME_DIRECTORY, else /dev/shm/simpul-<gateway.id> */
     } store;
     smp_device_cfg_t *devices;
     size_t ndevices;

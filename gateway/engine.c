@@ -1076,7 +1076,10 @@ static int setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_
         g->timer_init = true;
     }
     free(ivals);
-    d->seq = smp_store_load_seq(e->store, dc->name);
+    int rc = smp_store_load_seq(e->store, dc->name, &d->seq);
+    if (rc < 0) {
+        LOG_WARN(d->scope, "seq continues from %" PRIu64 " (%s)", d->seq, strerror(-rc));
+    }
     return 0;
 }
 
@@ -1118,6 +1121,8 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .history_retention_h = cfg->store.history_retention_h,
         .outbox_max_bytes = (int64_t)(cfg->store.outbox_max_mb * 1024.0 * 1024.0),
         .sync_normal = cfg->store.sync_normal,
+        .commit_interval_ms = cfg->store.commit_interval_ms,
+        .runtime_dir = cfg->store.runtime_dir,
     };
     int rc = smp_store_open(loop, &so, &e->store);
     if (rc < 0) {

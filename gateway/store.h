@@ -33,6 +33,15 @@ typedef struct smp_store_opts {
      * runs, so a power cut loses nothing acknowledged. true: NORMAL, faster commits that
      * survive a crash of the process but not of the machine. */
     bool sync_normal;
+    /* 0: every outbox message is committed before its callback runs (commit-before-publish).
+     * > 0: telemetry, history and last values are committed at most once per interval, in
+     * one transaction; outbox messages are staged in a ring file in runtime_dir and only those
+     * not acknowledged when the interval ends reach the database (docs/store.md). */
+    int commit_interval_ms;
+    /* A directory that outlives the process but not the power (tmpfs) for the outbox ring.
+     * NULL, or a directory that cannot be used: no ring (as commit_interval_ms 0 for the
+     * outbox). */
+    const char *runtime_dir;
 } smp_store_opts_t;
 
 /* Opens (creating/migrating the schema), starts the writer thread. Returns 0 or a negative
@@ -48,8 +57,13 @@ void smp_store_close(smp_store_t *st);
 typedef void (*smp_store_last_cb)(void *arg, const char *device, const char *tag,
                                   const char *value_json, int64_t ts_ms);
 int smp_store_load_last(smp_store_t *st, smp_store_last_cb cb, void *arg);
-/* Last seq used for a device (0 when none). */
-uint64_t smp_store_load_seq(smp_store_t *st, const char *device);
+/* The seq to continue from for a device: the next message gets *seq + 1. 0 for a device the
+ * store has never seen. Never a seq that may already have been published: after a power cut it
+ * is the end of the range reserved ahead; when the store lost its memory (database moved
+ * aside, in-memory store) or cannot read it, a floor from the clock (wall ms x 1000, see
+ * docs/contract.md). Returns 0, or a negative code when the read failed (*seq is then the
+ * floor, safe to use). */
+int smp_store_load_seq(smp_store_t *st, const char *device, uint64_t *seq);
 
 /* --- loop-thread operations --- */
 /* Records a tag's new value: upserts last value and appends a history row. */
@@ -84,11 +98,15 @@ void smp_store_outbox_fetch(smp_store_t *st, int64_t after_id, size_t max, smp_s
 
 /* Counters, read on the loop thread (updated by the writer; approximate is fine). */
 typedef struct smp_store_stats {
-    uint64_t outbox_rows;    /* rows in the outbox now */
-    uint64_t outbox_bytes;   /* payload bytes in the outbox now */
-    uint64_t outbox_dropped; /* rows dropped because the outbox was full, since start */
-    uint64_t commits;        /* transactions committed */
-    uint64_t errors;         /* SQLite errors seen */
+    uint64_t outbox_rows;     /* rows in the outbox now */
+    uint64_t outbox_bytes;    /* payload bytes in the outbox now */
+    uint64_t outbox_dropped;  /* rows dropped because the outbox was full, since start */
+    uint64_t commits;         /* transactions committed */
+    uint64_t errors;          /* SQLite errors seen */
+    uint64_t outbox_written;  /* outbox messages written to the database (unacked at a commit) */
+    uint64_t ring_messages;   /* messages staged in the ring since start */
+    uint64_t powercut_lost;   /* seqs reserved but not committed before a power cut (at open) */
+    uint64_t powercut_events; /* 1 when this start followed a power cut with seqs at risk */
 } smp_store_stats_t;
 void smp_store_stats(smp_store_t *st, smp_store_stats_t *out);
 

@@ -296,12 +296,18 @@ class Gateway:
         return rc
 
 
+def runtime_dir(workdir):
+    """The tmpfs directory for a test's outbox ring (removed with its workdir)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else workdir
+    return os.path.join(base, os.path.basename(workdir) + "-run")
+
+
 def base_config(workdir, broker_port, devices, profiles=None, gw_id="gw-test", mqtt_extra=None):
     cfg = {
         "gateway": {"id": gw_id, "data_dir": workdir, "log_level": "debug"},
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "client_id": "simpul-" + gw_id,
                  "topic_prefix": "simpul", "qos": 1, "keepalive_s": 5},
-        "store": {"path": os.path.join(workdir, "simpul.db")},
+        "store": {"path": os.path.join(workdir, "simpul.db"), "runtime_dir": runtime_dir(workdir)},
         "profiles": profiles or {},
         "devices": devices,
     }
@@ -355,6 +361,7 @@ class TestCase:
                         print("cleanup error: %r" % e)
                 if os.environ.get("KEEP") is None:
                     shutil.rmtree(self.workdir, ignore_errors=True)
+                    shutil.rmtree(runtime_dir(self.workdir), ignore_errors=True)
         print("%d passed, %d failed" % (passed, failed))
         sys.exit(1 if failed else 0)
 
