@@ -836,6 +836,36 @@ static void on_group_timer(uv_timer_t *t)
     smp__engine_enqueue(d->conn, j);
 }
 
+/* Bytes this process caused to be written to storage (/proc/self/io write_bytes), -1 if unknown. */
+static long long proc_write_bytes(void)
+{
+    long long v = -1;
+    char line[128];
+    FILE *f = fopen("/proc/self/io", "r");
+    while (f != NULL && fgets(line, sizeof line, f) != NULL) {
+        if (sscanf(line, "write_bytes: %lld", &v) == 1) {
+            break;
+        }
+    }
+    if (f != NULL) {
+        fclose(f);
+    }
+    return v;
+}
+
+/* The "store" group of P/G/metrics (docs/contract.md). */
+static void metrics_store(smp_buf_t *b, const smp_store_stats_t *ss)
+{
+    smp_buf_printf(b,
+                   ",\"store\":{\"bytes_written\":%lld,\"commits\":%" PRIu64
+                   ",\"outbox_written\":%" PRIu64 ",\"ring_messages\":%" PRIu64
+                   ",\"powercut_lost\":%" PRIu64 ",\"powercut_restart\":%s",
+                   proc_write_bytes(), ss->commits, ss->outbox_written, ss->ring_messages,
+                   ss->powercut_lost, ss->powercut_events ? "true" : "false");
+    /* History bytes and samples (gateway/history.c) join this group here. */
+    smp_buf_puts(b, "}");
+}
+
 static void metrics_publish(smp_engine_t *e)
 {
     smp_store_stats_t ss;
@@ -863,9 +893,11 @@ static void metrics_publish(smp_engine_t *e)
     smp_buf_printf(&b,
                    ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64
                    ",\"outbox_bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64
-                   ",\"rss_kb\":%ld}",
+                   ",\"rss_kb\":%ld",
                    e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
+    metrics_store(&b, &ss);
+    smp_buf_puts(&b, "}");
     publish_direct(e, e->topic_metrics, &b, false);
     smp_buf_free(&b);
 }

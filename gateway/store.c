@@ -266,6 +266,7 @@ struct smp_store {
     size_t dirty_n, dirty_cap;
     op_t *s_head, *s_tail; /* adds to stage once their reservation's commit has ended */
     uint64_t ring_staged;  /* messages staged since start (ring_mu) */
+    uint64_t ring_live;    /* staged, not acked, not yet in the database (ring_mu) */
     int64_t *late; /* ids acked after their row was written: deleted in the next transaction */
     size_t late_n, late_cap;
     bool lost_state; /* the database was moved aside or is in memory: seq needs the floor */
@@ -1084,9 +1085,14 @@ static int tick_snapshot(smp_store_t *st, bool final)
 static void tick_done(smp_store_t *st, int old, bool final)
 {
     for (size_t k = 0; k < st->snap_n; k++) {
-        if (st->snap_ins[k] &&
-            smp__ring_set_state(st->ring, st->snap[k].id, SMP_RING_ACKED) == SMP_RING_ACKED) {
+        if (!st->snap_ins[k]) {
+            continue;
+        }
+        int was = smp__ring_set_state(st->ring, st->snap[k].id, SMP_RING_ACKED);
+        if (was == SMP_RING_ACKED) {
             late_push(st, st->snap[k].id);
+        } else if (st->ring_live > 0) {
+            st->ring_live--; /* counted in the database rows now */
         }
     }
     if (final) {
@@ -1188,6 +1194,7 @@ static int stage_from_writer(smp_store_t *st, op_t *o)
         st->next_id++;
         o->id = id;
         st->ring_staged++;
+        st->ring_live++;
         if (d != NULL) {
             d->staged = o->seq > d->staged ? o->seq : d->staged;
             d->in_writer -= d->in_writer > 0;
@@ -2775,6 +2782,7 @@ static int64_t stage_direct(smp_store_t *st, const char *device, uint64_t seq, c
         id = st->next_id++;
         d->staged = seq > d->staged ? seq : d->staged;
         st->ring_staged++;
+        st->ring_live++;
     } else if (d != NULL) {
         d->in_writer++; /* the caller queues it for the writer */
     }
@@ -2829,6 +2837,7 @@ static bool ring_ack(smp_store_t *st, int64_t id)
     }
     uv_mutex_lock(&st->ring_mu);
     int old = smp__ring_set_state(st->ring, id, SMP_RING_ACKED);
+    st->ring_live -= old == SMP_RING_LIVE && st->ring_live > 0;
     uv_mutex_unlock(&st->ring_mu);
     return old == SMP_RING_LIVE || old == SMP_RING_ACKED;
 }
@@ -2929,6 +2938,7 @@ void smp_store_stats(smp_store_t *st, smp_store_stats_t *out)
     uv_mutex_unlock(&st->done_mu);
     uv_mutex_lock(&st->ring_mu);
     out->ring_messages = st->ring_staged;
+    out->outbox_rows += st->ring_live;
     uv_mutex_unlock(&st->ring_mu);
 }
 
