@@ -212,6 +212,10 @@ int main(int argc, char **argv)
      * store's writer, that was 40 % of the CPU time of an outbox replay. Keep a few MiB. */
     mallopt(M_TRIM_THRESHOLD, 8 * 1024 * 1024);
     mallopt(M_MMAP_THRESHOLD, 1024 * 1024);
+    /* One arena per thread (loop, store writer, checkpointer, a worker per connection) kept
+     * ~5 MB of RSS at 200 devices; two arenas are enough for threads that mostly hand buffers
+     * to each other. */
+    mallopt(M_ARENA_MAX, 2);
     signal(SIGPIPE, SIG_IGN);
     /* A file-size limit must turn into a write error the store handles, not a dead gateway. */
     signal(SIGXFSZ, SIG_IGN);

@@ -2424,6 +2424,14 @@ static int64_t max_outbox_id(smp_store_t *st)
     return strtoll(text, NULL, 10);
 }
 
+static void max_ring_id(void *arg, const smp_ring_rec_t *rec)
+{
+    int64_t *next = arg;
+    if (rec->id >= *next) {
+        *next = rec->id + 1;
+    }
+}
+
 /* Opens the ring in runtime_dir (interval mode, file database), recovers or reports what the
  * last run left, and sets the next outbox id. */
 static void ring_setup(smp_store_t *st, const smp_store_opts_t *opts)
@@ -2453,6 +2461,10 @@ static void ring_setup(smp_store_t *st, const smp_store_opts_t *opts)
         powercut_check(st);
     }
     st->next_id = max_outbox_id(st) + 1;
+    if (st->ring != NULL) {
+        /* Records the recovery could not move into the database keep their ids. */
+        smp__ring_scan(st->ring, -1, max_ring_id, &st->next_id);
+    }
     if (st->commit_interval_ms > 0) {
         uint64_t iv = (uint64_t)st->commit_interval_ms;
         st->next_tick_ms = (mono_ms() / iv + 1) * iv;

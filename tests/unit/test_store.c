@@ -1241,6 +1241,24 @@ static void test_schema_tables(void **state)
 
 static char g_run[600];
 
+static void on_poll_tick(uv_timer_t *t)
+{
+    (void)t;
+}
+
+/* WAIT_FOR for conditions outside the loop (rows another connection sees): a 10 ms timer
+ * makes each loop iteration return. */
+#define WAIT_POLL(expr)                                                                            \
+    do {                                                                                           \
+        uv_timer_t tick_;                                                                          \
+        uv_timer_init(&g_loop, &tick_);                                                            \
+        uv_timer_start(&tick_, on_poll_tick, 10, 10);                                              \
+        WAIT_LOOP(&g_loop, expr);                                                                  \
+        uv_close((uv_handle_t *)&tick_, NULL);                                                     \
+        uv_run(&g_loop, UV_RUN_NOWAIT);                                                            \
+        assert_true(expr);                                                                         \
+    } while (0)
+
 static smp_store_t *open_ring(int interval_ms)
 {
     snprintf(g_run, sizeof g_run, "%s/run", g_dir);
@@ -1275,7 +1293,7 @@ static void test_ring_acked_never_written(void **state)
     assert_true(a.increasing);
     smp_store_outbox_ack_many(st, a.ids, 50);
     /* The interval commit recorded the seq, and nothing else. */
-    WAIT_FOR(count_rows(g_path, "SELECT seq FROM device_seq WHERE device = 'd'") == 50);
+    WAIT_POLL(count_rows(g_path, "SELECT seq FROM device_seq WHERE device = 'd'") == 50);
     smp_store_stats_t ss;
     smp_store_stats(st, &ss);
     assert_int_equal(ss.outbox_written, 0);
@@ -1306,7 +1324,7 @@ static void test_ring_unacked_reach_db_on_interval(void **state)
     add_n(st, &a, "d", 1, 20);
     WAIT_FOR(a.n == 20);
     /* Seen by another connection, before any close: the interval commit wrote them. */
-    WAIT_FOR(count_rows(g_path, "SELECT count(*) FROM outbox") == 20);
+    WAIT_POLL(count_rows(g_path, "SELECT count(*) FROM outbox") == 20);
     fetched_t *f = fetch_sync(st, 0, 100);
     assert_int_equal(f->n, 20);
     assert_int_equal(f->seq[0], 1);
