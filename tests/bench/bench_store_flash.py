@@ -121,13 +121,16 @@ def run(t, sims, interval_ms, up_s, outage_s):
     n_before = data_count(sub)
     b2 = h.Broker(t.workdir, port, persistence=True).start()
     t.defer(b2.stop)
+    # From the reconnect (simpul's backoff may wait up to 30 s) to no hole left in any device's
+    # seqs: the backlog's replay.
+    h.wait_for(lambda: data_count(sub) > n_before, 60, "simpul reconnected", interval=0.01)
     t0 = time.monotonic()
-    # Caught up when every device's seqs have no hole left.
-    h.wait_for(lambda: data_count(sub) > n_before + 200 and seqs.holes() == 0, 600, "the replay",
-               interval=0.2)
+    h.wait_for(lambda: seqs.holes() == 0, 600, "the replay", interval=0.05)
     replay_s = time.monotonic() - t0
     # Live messages kept coming meanwhile (200/s): the rest is the backlog.
     replayed = data_count(sub) - n_before - 200 * replay_s
+    n_metrics = len(sub.messages(P + "/metrics"))
+    h.wait_for(lambda: len(sub.messages(P + "/metrics")) > n_metrics, 15, "metrics after the replay")
     metrics = [json.loads(m[1]) for m in sub.messages(P + "/metrics")]
     store = metrics[-1].get("store", {}) if metrics else {}
     g.stop()
