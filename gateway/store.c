@@ -3,11 +3,16 @@
  * Design (docs/store.md has the long version):
  * - Loop-thread calls copy their arguments into an operation and append it to a queue under a
  *   mutex; they never touch SQLite, so they never block on disk.
- * - The writer thread takes everything queued (up to batch_max_ops), applies the writes of the
- *   batch in one transaction (BEGIN IMMEDIATE ... COMMIT), and hands the finished operations
- *   back to the loop through a uv_async_t, which runs the callbacks in queue order.
- * - Reads (outbox_fetch, history) are operations too, so they are ordered with the writes. A read
- *   first commits the writes queued before it, so it only ever returns committed rows.
+ * - The writer thread takes everything queued (up to batch_max_ops) and applies it into one
+ *   open transaction (BEGIN IMMEDIATE), committed on the commit interval (commit_tick) or at
+ *   once when an op needs durability (a command's "accepted" row, a seq reservation, every
+ *   batch with interval 0). Finished operations go back to the loop through a uv_async_t,
+ *   which runs the callbacks in queue order.
+ * - Outbox messages are staged in the ring (ring.h) by the loop thread; an interval commit
+ *   writes only those still unacknowledged into the outbox table. seq ranges are reserved
+ *   ahead in seq_reserve, durably, before a seq is published.
+ * - Reads (outbox_fetch, history) are operations too, so they are ordered with the writes; they
+ *   see the open transaction, and outbox_fetch merges the ring's live records.
  * - Outbox byte and row counts are kept as running totals (loaded once at open), adjusted by the
  *   statements of a transaction and folded in only when it commits.
  * - One connection, used by the writer thread and, for the start-up reads, by the main thread;

@@ -5,10 +5,12 @@
  *
  * Threads. smp_store_open/close and the smp_store_load_* functions run on the main thread
  * before/after the loop runs and may block. Everything else is called on the loop thread and
- * never blocks it: calls queue an operation for the store's writer thread, which applies all
- * queued operations in one transaction per batch and then runs completion callbacks back on the
- * loop thread (uv_async). Operations are applied in the order they were queued. Strings passed
- * in are copied.
+ * never blocks it: calls queue an operation for the store's writer thread, which applies the
+ * queued operations into one open transaction, committed at most once per commit interval (at
+ * once for what needs durability), and runs completion callbacks back on the loop thread
+ * (uv_async). Outbox messages are staged by the loop thread itself in a ring file on tmpfs
+ * (gateway/ring.h). Operations are applied in the order they were queued. Strings passed in
+ * are copied.
  *
  * Errors. SQLite errors are logged once per episode and turned into negative codes (-EIO,
  * -ENOSPC, -EROFS, ...). A database that cannot be opened or is corrupt at start is moved aside
