@@ -894,9 +894,11 @@ static void get_choice(vctx_t *v, json_t *obj, const char *key, const char *no, 
 
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
-    static const char *const keys[] = {
-        "path",           "history_retention_h", "outbox_max_mb", "synchronous", "on_error",
-        "history_max_mb", "history_chunk_max_s", "runtime_dir",   NULL};
+    static const char *const keys[] = {"path",           "history_retention_h",
+                                       "outbox_max_mb",  "synchronous",
+                                       "on_error",       "commit_interval_ms",
+                                       "history_max_mb", "history_chunk_max_s",
+                                       "runtime_dir",    NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -930,6 +932,9 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
         } else {
             cfg->store.outbox_max_mb = mb;
         }
+    }
+    if (get_int(v, st, "commit_interval_ms", 0, 60000, false, &x)) {
+        cfg->store.commit_interval_ms = (int)x;
     }
     if (get_num(v, st, "history_max_mb", false, &mb)) {
         if (!(mb == 0 || (mb >= 0.01 && mb <= 1048576))) {
@@ -1797,6 +1802,7 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     }
     cfg->store.history_max_mb = 256;
     cfg->store.history_chunk_max_s = 900;
+    cfg->store.commit_interval_ms = 1000;
     return v->oom ? -ENOMEM : 0;
 }
 

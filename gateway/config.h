@@ -82,6 +82,7 @@ typedef struct smp_config {
         double history_max_mb;   /* default 256; 0: no size bound */
         int history_chunk_max_s; /* default 900: longest time a history chunk stays open */
         char *runtime_dir;       /* default $RUNTIME_DIRECTORY, else /dev/shm/simpul-<gateway.id> */
+        int commit_interval_ms;  /* default 1000; 0: commit every message before publishing */
     } store;
     struct {
         /* Commands and their limits (docs/config.md, "commands"). */

@@ -1062,10 +1062,33 @@ static void metrics_log(smp_buf_t *b)
     smp_buf_printf(b, ",\"log\":{\"lines\":%" PRIu64 ",\"dropped\":%" PRIu64 "}", lines, dropped);
 }
 
+/* Bytes this process caused to be written to storage (/proc/self/io write_bytes), -1 if unknown. */
+static long long proc_write_bytes(void)
+{
+    long long v = -1;
+    char line[128];
+    FILE *f = fopen("/proc/self/io", "r");
+    while (f != NULL && fgets(line, sizeof line, f) != NULL) {
+        if (sscanf(line, "write_bytes: %lld", &v) == 1) {
+            break;
+        }
+    }
+    if (f != NULL) {
+        fclose(f);
+    }
+    return v;
+}
+
 /* The "store" group of P/G/metrics (docs/contract.md). */
 static void metrics_store(smp_buf_t *b, const smp_store_stats_t *ss)
 {
-    smp_buf_printf(b, ",\"store\":{\"history_bytes\":%" PRIu64 ",\"history_samples\":%" PRIu64,
+    smp_buf_printf(b,
+                   ",\"store\":{\"bytes_written\":%lld,\"commits\":%" PRIu64
+                   ",\"outbox_written\":%" PRIu64 ",\"ring_messages\":%" PRIu64
+                   ",\"powercut_lost\":%" PRIu64 ",\"powercut_restart\":%s",
+                   proc_write_bytes(), ss->commits, ss->outbox_written, ss->ring_messages,
+                   ss->powercut_lost, ss->powercut_events ? "true" : "false");
+    smp_buf_printf(b, ",\"history_bytes\":%" PRIu64 ",\"history_samples\":%" PRIu64,
                    ss->history_bytes, ss->history_samples);
     smp_buf_puts(b, "}");
 }
@@ -1365,7 +1388,10 @@ static int setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_
         g->timer_init = true;
     }
     free(ivals);
-    d->seq = smp_store_load_seq(e->store, dc->name);
+    int rc = smp_store_load_seq(e->store, dc->name, &d->seq);
+    if (rc < 0) {
+        LOG_WARN(d->scope, "seq continues from %" PRIu64 " (%s)", d->seq, strerror(-rc));
+    }
     return 0;
 }
 
@@ -1446,6 +1472,7 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .audit_max_rows = cfg->commands.audit_max_rows,
         .history_max_bytes = (int64_t)(cfg->store.history_max_mb * 1024.0 * 1024.0),
         .history_chunk_max_s = cfg->store.history_chunk_max_s,
+        .commit_interval_ms = cfg->store.commit_interval_ms,
         .runtime_dir = cfg->store.runtime_dir,
     };
     int rc = smp_store_open(loop, &so, &e->store);

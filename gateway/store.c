@@ -3,11 +3,16 @@
  * Design (docs/store.md has the long version):
  * - Loop-thread calls copy their arguments into an operation and append it to a queue under a
  *   mutex; they never touch SQLite, so they never block on disk.
- * - The writer thread takes everything queued (up to batch_max_ops), applies the writes of the
- *   batch in one transaction (BEGIN IMMEDIATE ... COMMIT), and hands the finished operations
- *   back to the loop through a uv_async_t, which runs the callbacks in queue order.
- * - Reads (outbox_fetch, history) are operations too, so they are ordered with the writes. A read
- *   first commits the writes queued before it, so it only ever returns committed rows.
+ * - The writer thread takes everything queued (up to batch_max_ops) and applies it into one
+ *   open transaction (BEGIN IMMEDIATE), committed on the commit interval (commit_tick) or at
+ *   once when an op needs durability (a command's "accepted" row, a seq reservation, every
+ *   batch with interval 0). Finished operations go back to the loop through a uv_async_t,
+ *   which runs the callbacks in queue order.
+ * - Outbox messages are staged in the ring (ring.h) by the loop thread; an interval commit
+ *   writes only those still unacknowledged into the outbox table. seq ranges are reserved
+ *   ahead in seq_reserve, durably, before a seq is published.
+ * - Reads (outbox_fetch, history) are operations too, so they are ordered with the writes; they
+ *   see the open transaction, and outbox_fetch merges the ring's live records.
  * - Outbox byte and row counts are kept as running totals (loaded once at open), adjusted by the
  *   statements of a transaction and folded in only when it commits.
  * - One connection, used by the writer thread and, for the start-up reads, by the main thread;
@@ -28,6 +33,7 @@
 
 #include "history.h"
 #include "log.h"
+#include "ring.h"
 
 #define SCOPE          "store"
 #define SCHEMA_VERSION 2
@@ -45,7 +51,11 @@ static int busy_timeout_ms = 5000;  /* another process (sqlite3 CLI) holding a l
 static int close_apply_rounds = 32; /* callbacks that queue more work during close */
 static int64_t journal_size_limit = 64 * 1024 * 1024; /* WAL truncated to this after reset */
 static int wal_autocheckpoint_pages = 1000;
-static int cache_kib = 16384; /* page cache: the hot leaf of every tag fits */
+static int cache_kib = 2048;     /* page cache of the writer's connection (docs/store.md) */
+static int ckpt_cache_kib = 256; /* the checkpointer reads pages once: it needs no cache */
+static size_t ring_region_bytes = 4 * 1024 * 1024; /* per ring region; sparse, on tmpfs */
+static uint64_t lv_flush_ms = 300000; /* last values written this often (and at stop) */
+static uint64_t seq_headroom_min = 8; /* seqs reserved ahead of the last committed one */
 
 enum op_kind {
     OP_PUT_VALUE,
@@ -73,6 +83,8 @@ typedef struct op {
     const char *aux[4];     /* audit: op, tag, code, message (each may be NULL) */
     const void *payload;    /* add */
     size_t len;             /* add */
+    uint64_t reserve;       /* add: seq range end reserved by this op's commit (0: none) */
+    bool done;              /* finished; waits behind earlier ops only to keep callback order */
     bool has_cb;
     union {
         smp_store_added_cb added;
@@ -93,7 +105,6 @@ enum {
     ST_ROLLBACK,
     ST_PUT_LAST,
     ST_SEQ_SET,
-    ST_OB_ADD,
     ST_OB_ACK,
     ST_OB_FETCH,
     ST_OB_OLDEST,
@@ -106,6 +117,11 @@ enum {
     ST_AUDIT,
     ST_AUDIT_PRUNE,
     ST_AUDIT_TRIM,
+    ST_OB_ADD_ID,
+    ST_SEQ_MAX,
+    ST_RESERVE_SET,
+    ST_LOAD_RESERVE,
+    ST_RESERVE_EXACT,
     ST_COUNT
 };
 
@@ -118,8 +134,6 @@ static const char *const stmt_sql[ST_COUNT] = {
                     " ts_ms = excluded.ts_ms",
     [ST_SEQ_SET] = "INSERT INTO device_seq(device, seq) VALUES(?1, ?2)"
                    " ON CONFLICT(device) DO UPDATE SET seq = excluded.seq",
-    [ST_OB_ADD] =
-        "INSERT INTO outbox(device, seq, topic, payload, ts_ms) VALUES(?1, ?2, ?3, ?4, ?5)",
     [ST_OB_ACK] = "DELETE FROM outbox WHERE id = ?1 RETURNING length(payload)",
     [ST_OB_FETCH] = "SELECT id, device, seq, topic, payload FROM outbox WHERE id > ?1"
                     " ORDER BY id LIMIT ?2",
@@ -141,6 +155,17 @@ static const char *const stmt_sql[ST_COUNT] = {
     /* Ids only grow: the rows more than ?1 below the newest are the oldest beyond the cap. */
     [ST_AUDIT_TRIM] = "DELETE FROM audit WHERE id IN (SELECT id FROM audit"
                       " WHERE id <= (SELECT max(id) FROM audit) - ?1 ORDER BY id LIMIT ?2)",
+    /* OR IGNORE: a ring record may already be in the table when the process died between a
+     * commit and resetting the ring region (recovery inserts it again). */
+    [ST_OB_ADD_ID] = "INSERT OR IGNORE INTO outbox(id, device, seq, topic, payload, ts_ms)"
+                     " VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+    [ST_SEQ_MAX] = "INSERT INTO device_seq(device, seq) VALUES(?1, ?2)"
+                   " ON CONFLICT(device) DO UPDATE SET seq = max(seq, excluded.seq)",
+    [ST_RESERVE_SET] = "INSERT INTO seq_reserve(device, upto) VALUES(?1, ?2)"
+                       " ON CONFLICT(device) DO UPDATE SET upto = max(upto, excluded.upto)",
+    [ST_LOAD_RESERVE] = "SELECT upto FROM seq_reserve WHERE device = ?1",
+    [ST_RESERVE_EXACT] = "INSERT INTO seq_reserve(device, upto) VALUES(?1, ?2)"
+                         " ON CONFLICT(device) DO UPDATE SET upto = excluded.upto",
 };
 
 /* The tables of schema version 1 except `history`, which version 2 replaced with chunks
@@ -162,7 +187,10 @@ static const char schema_v1[] =
     " id INTEGER PRIMARY KEY AUTOINCREMENT, received_ms INTEGER NOT NULL, cmd_id TEXT,"
     " device TEXT, op TEXT, tag TEXT, value_json TEXT, code TEXT, message TEXT,"
     " latency_us INTEGER);"
-    "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(received_ms);";
+    "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(received_ms);"
+    /* Added without a version bump: an older simpul ignores a table it does not know. */
+    "CREATE TABLE IF NOT EXISTS seq_reserve ("
+    " device TEXT PRIMARY KEY NOT NULL, upto INTEGER NOT NULL) WITHOUT ROWID;";
 
 struct smp_store {
     uv_loop_t *loop;
@@ -202,6 +230,7 @@ struct smp_store {
      * error), or by open/close while the writer is not running. */
     int64_t ob_rows, ob_bytes;             /* committed outbox totals */
     int64_t tx_rows, tx_bytes, tx_dropped; /* changes by the open transaction */
+    int64_t tx_written;                    /* outbox rows written by it */
     uint64_t ob_dropped;                   /* since start */
     bool ob_full;                          /* in an "outbox full" episode */
     uint64_t ob_episode_dropped;
@@ -223,6 +252,51 @@ struct smp_store {
     bool ckpt_stop;
     int ckpt_wal_pages; /* WAL size after the last commit (ckpt_mu) */
     bool ckpt_dirty;    /* commits since the last checkpoint (ckpt_mu) */
+
+    /* Interval commits (writer thread, under db_mu). */
+    int64_t commit_interval_ms; /* 0: every batch is committed */
+    bool tx_open;               /* a transaction spans the ops applied since the last commit */
+    bool commit_now;            /* an applied op needs its commit before its callback */
+    uint64_t next_tick_ms;      /* monotonic: the next interval commit */
+    op_t *w_head, *w_tail;      /* applied, callback waits for the commit */
+    op_t *r_head, *r_tail;      /* finished, to deliver */
+    struct strmap *lv;          /* last values not yet written: "device/tag" -> struct lv */
+    uint64_t lv_flushed_ms;
+    smp_ring_rec_t *snap; /* ring records being written by commit_tick */
+    bool *snap_ins;       /* ... and whether each was inserted */
+    size_t snap_n, snap_cap;
+    bool snap_oom;
+    struct dirty_dev *dirty; /* devices whose seq commit_tick records */
+    size_t dirty_n, dirty_cap;
+    op_t *s_head, *s_tail; /* adds to stage once their reservation's commit has ended */
+    uint64_t ring_staged;  /* messages staged since start (ring_mu) */
+    uint64_t ring_live;    /* staged, not acked, not yet in the database (ring_mu) */
+    int64_t *late; /* ids acked after their row was written: deleted in the next transaction */
+    size_t late_n, late_cap;
+    bool lost_state; /* the database was moved aside or is in memory: seq needs the floor */
+    bool final_ok;   /* the last commit at close succeeded: the ring file can go */
+
+    /* The outbox ring (ring.h) and the per-device seq bookkeeping, under ring_mu: the loop
+     * thread stages and acks, the writer commits and resets. */
+    smp_ring_t *ring;
+    uv_mutex_t ring_mu;
+    int64_t next_id;
+    struct strmap *dseq; /* device -> struct dseq */
+};
+
+/* Per device seq state (ring mode). staged: the highest seq in the ring; committed: the seq
+ * the last commit recorded in device_seq; upto: the durable reservation (seq_reserve), above
+ * which nothing may be published before a new reservation commits. */
+struct dseq {
+    uint64_t staged, committed, upto, snap;
+    bool dirty;         /* snap taken at a region switch and not yet committed */
+    unsigned in_writer; /* adds of this device routed through the writer, not yet staged */
+    unsigned pending;   /* of those, waiting for a reservation's commit */
+};
+
+struct lv {
+    int64_t ts_ms;
+    char json[];
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -338,6 +412,92 @@ static int bind_text(sqlite3_stmt *s, int i, const char *v)
     return v != NULL ? sqlite3_bind_text(s, i, v, -1, SQLITE_STATIC) : sqlite3_bind_null(s, i);
 }
 
+/* A small string-keyed hash map (open addressing, linear probing) for the last values and the
+ * per-device seq state. Keys are copied; values are malloc'ed and owned by the map. */
+struct strmap {
+    char **keys;
+    void **vals;
+    size_t n, cap;
+};
+
+static uint64_t str_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (; *s != '\0'; s++) {
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    }
+    return h;
+}
+
+static void sm_clear(struct strmap *m)
+{
+    for (size_t i = 0; m != NULL && i < m->cap; i++) {
+        free(m->keys[i]);
+        free(m->vals[i]);
+    }
+    if (m != NULL) {
+        free(m->keys);
+        free(m->vals);
+        *m = (struct strmap){0};
+    }
+}
+
+static int sm_grow(struct strmap *m)
+{
+    size_t cap = m->cap ? m->cap * 2 : 64;
+    char **keys = calloc(cap, sizeof *keys);
+    void **vals = calloc(cap, sizeof *vals);
+    if (keys == NULL || vals == NULL) {
+        free(keys);
+        free(vals);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < m->cap; i++) {
+        if (m->keys[i] != NULL) {
+            size_t j = str_hash(m->keys[i]) & (cap - 1);
+            while (keys[j] != NULL) {
+                j = (j + 1) & (cap - 1);
+            }
+            keys[j] = m->keys[i];
+            vals[j] = m->vals[i];
+        }
+    }
+    free(m->keys);
+    free(m->vals);
+    m->keys = keys;
+    m->vals = vals;
+    m->cap = cap;
+    return 0;
+}
+
+/* The value slot of `key`, created (NULL value) when `create`; NULL when absent or no memory. */
+static void **sm_slot(struct strmap *m, const char *key, bool create)
+{
+    if (m->cap > 0) {
+        for (size_t j = str_hash(key) & (m->cap - 1); m->keys[j] != NULL;
+             j = (j + 1) & (m->cap - 1)) {
+            if (strcmp(m->keys[j], key) == 0) {
+                return &m->vals[j];
+            }
+        }
+    }
+    if (!create || ((m->n + 1) * 2 > m->cap && sm_grow(m) != 0)) {
+        return NULL;
+    }
+    char *k = strdup(key);
+    if (k == NULL) {
+        return NULL;
+    }
+    size_t j = str_hash(key) & (m->cap - 1);
+    while (m->keys[j] != NULL) {
+        j = (j + 1) & (m->cap - 1);
+    }
+    m->keys[j] = k;
+    m->vals[j] = NULL;
+    m->n++;
+    return &m->vals[j];
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Transactions and the outbox bound */
 
@@ -359,6 +519,7 @@ static int tx_begin(smp_store_t *st)
     st->tx_rows = 0;
     st->tx_bytes = 0;
     st->tx_dropped = 0;
+    st->tx_written = 0;
     return step_done(st, ST_BEGIN, "BEGIN");
 }
 
@@ -368,6 +529,7 @@ static void tx_rollback(smp_store_t *st)
     st->tx_rows = 0;
     st->tx_bytes = 0;
     st->tx_dropped = 0;
+    st->tx_written = 0;
     /* Some errors (SQLITE_FULL, IOERR) already rolled the transaction back. */
     if (!sqlite3_get_autocommit(st->db)) {
         int rc = sqlite3_step(st->stmt[ST_ROLLBACK]);
@@ -425,7 +587,9 @@ static int tx_commit(smp_store_t *st)
     sql_ok(st);
     uv_mutex_lock(&st->done_mu);
     st->stats.commits++;
+    st->stats.outbox_written += (uint64_t)st->tx_written;
     uv_mutex_unlock(&st->done_mu);
+    st->tx_written = 0;
     publish_stats(st);
     return 0;
 }
@@ -485,58 +649,154 @@ static int bind_device_name_json_ts(sqlite3_stmt *s, const op_t *o)
     return rc;
 }
 
-static int apply_put(smp_store_t *st, op_t *o)
+/* Last values are kept in memory and written every lv_flush_ms and at close (lv_flush): an
+ * upsert per change would rewrite every page of the table each interval. The key is
+ * "device<US>tag" (US = 0x1f, which no name contains). Returns false when out of memory. */
+static bool lv_remember(smp_store_t *st, const op_t *o)
+{
+    size_t dl = strlen(o->device), tl = strlen(o->name), jl = strlen(o->value_json);
+    char *key = malloc(dl + tl + 2);
+    struct lv *v = malloc(sizeof *v + jl + 1);
+    void **slot = NULL;
+    if (key != NULL && v != NULL) {
+        memcpy(key, o->device, dl);
+        key[dl] = '\x1f';
+        memcpy(key + dl + 1, o->name, tl + 1);
+        slot = sm_slot(st->lv, key, true);
+    }
+    free(key);
+    if (slot == NULL) {
+        free(v);
+        return false;
+    }
+    v->ts_ms = o->ts_ms;
+    memcpy(v->json, o->value_json, jl + 1);
+    free(*slot);
+    *slot = v;
+    return true;
+}
+
+static int upsert_last(smp_store_t *st, const char *device, const char *tag, const char *json,
+                       int64_t ts_ms)
 {
     sqlite3_stmt *s = st->stmt[ST_PUT_LAST];
-    int rc = bind_device_name_json_ts(s, o);
+    int rc = bind_text(s, 1, device);
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 2, tag);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 3, json);
+    }
+    if (rc == SQLITE_OK) {
+        rc = sqlite3_bind_int64(s, 4, ts_ms);
+    }
     if (rc != SQLITE_OK) {
         return sql_fail(st, rc, "last value");
     }
-    rc = step_done(st, ST_PUT_LAST, "last value");
-    if (rc != 0) {
-        return rc;
+    return step_done(st, ST_PUT_LAST, "last value");
+}
+
+/* Writes the remembered last values into the open transaction. The map is emptied only once
+ * that transaction committed (lv_flushed). */
+static int lv_flush(smp_store_t *st)
+{
+    for (size_t i = 0; i < st->lv->cap; i++) {
+        char *key = st->lv->keys[i];
+        if (key == NULL) {
+            continue;
+        }
+        char *sep = strchr(key, '\x1f');
+        const struct lv *v = st->lv->vals[i];
+        *sep = '\0';
+        int rc = upsert_last(st, key, sep + 1, v->json, v->ts_ms);
+        *sep = '\x1f';
+        if (rc != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static bool lv_due(const smp_store_t *st)
+{
+    return st->lv->n > 0 && mono_ms() - st->lv_flushed_ms >= lv_flush_ms;
+}
+
+static int apply_put(smp_store_t *st, op_t *o)
+{
+    int rc;
+    if (!lv_remember(st, o)) {
+        rc = upsert_last(st, o->device, o->name, o->value_json, o->ts_ms);
+        if (rc != 0) {
+            return rc;
+        }
     }
     rc = smp__history_append(st->hist, o->device, o->name, o->ts_ms, o->value_json);
     return rc == SQLITE_OK ? 0 : sql_fail(st, rc, "history");
 }
 
-static int apply_add(smp_store_t *st, op_t *o)
+/* Inserts outbox row `r->id` (kept if it is already there). */
+static int insert_outbox(smp_store_t *st, const smp_ring_rec_t *r)
 {
-    sqlite3_stmt *s = st->stmt[ST_OB_ADD];
-    int rc = bind_text(s, 1, o->device);
+    sqlite3_stmt *s = st->stmt[ST_OB_ADD_ID];
+    int rc = sqlite3_bind_int64(s, 1, r->id);
     if (rc == SQLITE_OK) {
-        rc = sqlite3_bind_int64(s, 2, (int64_t)o->seq);
+        rc = bind_text(s, 2, r->device);
     }
     if (rc == SQLITE_OK) {
-        rc = bind_text(s, 3, o->name);
+        rc = sqlite3_bind_int64(s, 3, (int64_t)r->seq);
+    }
+    if (rc == SQLITE_OK) {
+        rc = bind_text(s, 4, r->topic);
     }
     if (rc == SQLITE_OK) {
         /* Never a NULL pointer: SQLite would bind NULL instead of an empty blob. */
-        rc = sqlite3_bind_blob64(s, 4, o->len ? o->payload : "", o->len, SQLITE_STATIC);
+        rc = sqlite3_bind_blob64(s, 5, r->len ? r->payload : "", r->len, SQLITE_STATIC);
     }
     if (rc == SQLITE_OK) {
-        rc = sqlite3_bind_int64(s, 5, wall_ms());
+        rc = sqlite3_bind_int64(s, 6, r->ts_ms);
     }
     if (rc != SQLITE_OK) {
         return sql_fail(st, rc, "outbox add");
     }
-    rc = step_done(st, ST_OB_ADD, "outbox add");
-    if (rc != 0) {
-        return rc;
+    rc = step_done(st, ST_OB_ADD_ID, "outbox add");
+    if (rc == 0 && sqlite3_changes(st->db) > 0) {
+        st->tx_rows++;
+        st->tx_bytes += (int64_t)r->len;
+        st->tx_written++;
     }
-    o->id = sqlite3_last_insert_rowid(st->db);
-    st->tx_rows++;
-    st->tx_bytes += (int64_t)o->len;
+    return rc;
+}
 
-    s = st->stmt[ST_SEQ_SET];
-    rc = bind_text(s, 1, o->device);
+/* Sets (device, seq) in statement `which` (ST_SEQ_SET, ST_SEQ_MAX or ST_RESERVE_SET). */
+static int set_device_seq(smp_store_t *st, int which, const char *device, uint64_t seq)
+{
+    sqlite3_stmt *s = st->stmt[which];
+    int rc = bind_text(s, 1, device);
     if (rc == SQLITE_OK) {
-        rc = sqlite3_bind_int64(s, 2, (int64_t)o->seq);
+        rc = sqlite3_bind_int64(s, 2, (int64_t)seq);
     }
     if (rc != SQLITE_OK) {
         return sql_fail(st, rc, "device seq");
     }
-    return step_done(st, ST_SEQ_SET, "device seq");
+    return step_done(st, which, "device seq");
+}
+
+/* An outbox row straight into the database (o->id assigned by the caller). */
+static int apply_add(smp_store_t *st, op_t *o)
+{
+    smp_ring_rec_t r = {.id = o->id,
+                        .seq = o->seq,
+                        .ts_ms = wall_ms(),
+                        .device = o->device,
+                        .topic = o->name,
+                        .payload = o->payload,
+                        .len = o->len};
+    int rc = insert_outbox(st, &r);
+    if (rc != 0) {
+        return rc;
+    }
+    return set_device_seq(st, ST_SEQ_SET, o->device, o->seq);
 }
 
 static int apply_ack_one(smp_store_t *st, int64_t id)
@@ -619,69 +879,6 @@ static int apply_audit(smp_store_t *st, op_t *o)
     return step_done(st, ST_AUDIT, "audit");
 }
 
-static bool is_read(const op_t *o)
-{
-    return o->kind == OP_OUTBOX_FETCH || o->kind == OP_HISTORY;
-}
-
-/* Applies the write ops [from, end) in one transaction. They succeed or fail together: the
- * errors that can happen here (disk full, I/O, read-only, corrupt) are about the database, not
- * about one row. */
-static void run_writes(smp_store_t *st, op_t *from, const op_t *end)
-{
-    bool any = false;
-    for (op_t *o = from; o != end; o = o->next) {
-        any |= o->status == 0;
-    }
-    if (!any) {
-        return;
-    }
-    int rc = tx_begin(st);
-    if (rc == 0) {
-        for (op_t *o = from; o != end && rc == 0; o = o->next) {
-            if (o->status != 0) {
-                continue;
-            }
-            switch (o->kind) {
-            case OP_PUT_VALUE:
-                rc = apply_put(st, o);
-                break;
-            case OP_OUTBOX_ADD:
-                rc = apply_add(st, o);
-                break;
-            case OP_OUTBOX_ACK:
-                rc = apply_ack(st, o);
-                break;
-            case OP_CMD_PUT:
-                rc = apply_cmd_put(st, o);
-                break;
-            case OP_AUDIT:
-                rc = apply_audit(st, o);
-                break;
-            default:
-                break;
-            }
-        }
-        if (rc == 0 && st->outbox_max > 0 && st->ob_bytes + st->tx_bytes > st->outbox_max) {
-            rc = outbox_trim(st);
-        }
-        if (rc == 0) {
-            rc = tx_commit(st);
-        }
-        if (rc != 0) {
-            tx_rollback(st);
-        }
-    }
-    if (rc != 0) {
-        for (op_t *o = from; o != end; o = o->next) {
-            if (o->status == 0) {
-                o->status = rc;
-                o->id = 0;
-            }
-        }
-    }
-}
-
 /* A growable byte buffer for read results; rows refer to it by offset until it stops moving. */
 typedef struct rbuf {
     char *p;
@@ -732,6 +929,390 @@ static int grow_array(void **arr, size_t *cap, size_t need, size_t elem)
     return 0;
 }
 
+static void list_push(op_t **head, op_t **tail, op_t *o)
+{
+    o->next = NULL;
+    if (*tail != NULL) {
+        (*tail)->next = o;
+    } else {
+        *head = o;
+    }
+    *tail = o;
+}
+
+static int tx_ensure(smp_store_t *st)
+{
+    if (st->tx_open) {
+        return 0;
+    }
+    int rc = tx_begin(st);
+    st->tx_open = rc == 0;
+    return rc;
+}
+
+/* Ends the open transaction: commits it (rc == 0) or rolls it back. The ops whose callback
+ * waited for it become ready with the outcome; outbox adds that waited for a seq reservation
+ * go to the staging list (they are staged in the ring either way: the ring protects them
+ * against a crash, and a failing database is reported by the errors). Returns 0 if committed. */
+static int tx_end(smp_store_t *st, int rc)
+{
+    if (st->tx_open) {
+        if (rc == 0 && st->outbox_max > 0 && st->ob_bytes + st->tx_bytes > st->outbox_max) {
+            rc = outbox_trim(st);
+        }
+        if (rc == 0) {
+            rc = tx_commit(st);
+        }
+        if (rc != 0) {
+            tx_rollback(st);
+        }
+        st->tx_open = false;
+    }
+    st->commit_now = false;
+    op_t *o = st->w_head;
+    st->w_head = st->w_tail = NULL;
+    while (o != NULL) {
+        op_t *next = o->next;
+        if (o->kind == OP_OUTBOX_ADD && o->reserve != 0) {
+            if (rc != 0) {
+                o->reserve = 0; /* not durable: the loop's limit stays where it was */
+            }
+            list_push(&st->s_head, &st->s_tail, o);
+        } else {
+            if (rc != 0 && o->status == 0 && !o->done) {
+                o->status = rc;
+                o->id = 0;
+            }
+            list_push(&st->r_head, &st->r_tail, o);
+        }
+        o = next;
+    }
+    return rc;
+}
+
+static int late_push(smp_store_t *st, int64_t id)
+{
+    if (grow_array((void **)&st->late, &st->late_cap, st->late_n + 1, sizeof *st->late) != 0) {
+        return -ENOMEM; /* the row stays: sent again after a restart (at-least-once) */
+    }
+    st->late[st->late_n++] = id;
+    return 0;
+}
+
+/* Deletes the rows acked while commit_tick was writing them. */
+static int apply_late(smp_store_t *st)
+{
+    int rc = st->late_n > 0 ? tx_ensure(st) : 0;
+    for (size_t k = 0; k < st->late_n && rc == 0; k++) {
+        rc = apply_ack_one(st, st->late[k]);
+    }
+    st->late_n = 0;
+    return rc;
+}
+
+static uint64_t headroom(const struct dseq *d)
+{
+    uint64_t rate = d->staged > d->committed ? d->staged - d->committed : 0;
+    return rate * 4 > seq_headroom_min ? rate * 4 : seq_headroom_min;
+}
+
+/* The seq state of a device, created on first use. Caller holds ring_mu. */
+static struct dseq *dseq_get(smp_store_t *st, const char *device)
+{
+    void **slot = sm_slot(st->dseq, device, true);
+    if (slot != NULL && *slot == NULL) {
+        *slot = calloc(1, sizeof(struct dseq));
+    }
+    return slot != NULL ? *slot : NULL;
+}
+
+static void snap_add(void *arg, const smp_ring_rec_t *rec)
+{
+    smp_store_t *st = arg;
+    size_t cap = st->snap_cap;
+    if (grow_array((void **)&st->snap, &cap, st->snap_n + 1, sizeof *st->snap) != 0 ||
+        grow_array((void **)&st->snap_ins, &st->snap_cap, st->snap_n + 1, sizeof *st->snap_ins) !=
+            0) {
+        st->snap_oom = true;
+        return;
+    }
+    st->snap[st->snap_n] = *rec;
+    st->snap_ins[st->snap_n++] = false;
+}
+
+struct dirty_dev {
+    const char *name; /* a key of st->dseq: stable, entries are never removed */
+    uint64_t seq, upto;
+};
+
+/* Takes the ring's part of an interval commit (under ring_mu): switches regions when the
+ * retired one is free, snapshots each device's staged seq, collects the retired region's
+ * records (every record when `final`). Returns the region to reset after the commit, or -1. */
+static int tick_snapshot(smp_store_t *st, bool final)
+{
+    smp_ring_t *r = st->ring;
+    int act = smp__ring_active(r), old = 1 - act;
+    bool took = final;
+    if (!final && smp__ring_empty(r, old) && !smp__ring_empty(r, act)) {
+        smp__ring_switch(r);
+        old = act;
+        took = true;
+    }
+    st->dirty_n = 0;
+    for (size_t i = 0; i < st->dseq->cap; i++) {
+        struct dseq *d = st->dseq->vals[i];
+        if (d == NULL) {
+            continue;
+        }
+        if (took && (d->staged > d->committed || final)) {
+            d->snap = d->staged;
+            d->dirty = true;
+        }
+        if (d->dirty && grow_array((void **)&st->dirty, &st->dirty_cap, st->dirty_n + 1,
+                                   sizeof *st->dirty) == 0) {
+            uint64_t head = headroom(d);
+            st->dirty[st->dirty_n++] = (struct dirty_dev){
+                st->dseq->keys[i], d->snap,
+                final ? d->snap : (d->snap + head > d->upto ? d->snap + head : d->upto)};
+        }
+    }
+    st->snap_n = 0;
+    st->snap_oom = false;
+    smp__ring_scan(r, final ? -1 : old, snap_add, st);
+    return st->snap_oom ? -2 : old;
+}
+
+/* After a successful interval commit (under ring_mu): rows acked while they were being written
+ * are deleted in the next transaction, the retired region is reset, limits move up. */
+static void tick_done(smp_store_t *st, int old, bool final)
+{
+    for (size_t k = 0; k < st->snap_n; k++) {
+        if (!st->snap_ins[k]) {
+            continue;
+        }
+        int was = smp__ring_set_state(st->ring, st->snap[k].id, SMP_RING_ACKED);
+        if (was == SMP_RING_ACKED) {
+            late_push(st, st->snap[k].id);
+        } else if (st->ring_live > 0) {
+            st->ring_live--; /* counted in the database rows now */
+        }
+    }
+    if (final) {
+        smp__ring_reset(st->ring, 0);
+        smp__ring_reset(st->ring, 1);
+    } else if (old >= 0) {
+        smp__ring_reset(st->ring, old);
+    }
+    for (size_t k = 0; k < st->dirty_n; k++) {
+        void **slot = sm_slot(st->dseq, st->dirty[k].name, false);
+        struct dseq *d = slot != NULL ? *slot : NULL;
+        if (d != NULL) {
+            d->committed = st->dirty[k].seq;
+            d->upto = st->dirty[k].upto > d->upto || final ? st->dirty[k].upto : d->upto;
+            d->dirty = false;
+        }
+    }
+    st->snap_n = 0;
+}
+
+/* The interval commit: the still-unacknowledged messages of the retired ring region, the
+ * devices' seq (and their reservation ahead), late acks and, when due, the last values join
+ * the open transaction, which is then committed. `final` (close): everything, exact seqs. */
+static void commit_tick(smp_store_t *st, bool final)
+{
+    uint64_t now = mono_ms();
+    if (st->commit_interval_ms > 0) {
+        uint64_t iv = (uint64_t)st->commit_interval_ms;
+        st->next_tick_ms = (now / iv + 1) * iv;
+    }
+    int old = -1;
+    st->snap_n = 0;
+    st->dirty_n = 0;
+    if (st->ring != NULL) {
+        uv_mutex_lock(&st->ring_mu);
+        old = tick_snapshot(st, final);
+        uv_mutex_unlock(&st->ring_mu);
+    }
+    bool lv = st->lv->n > 0 && (final || lv_due(st));
+    if (!st->tx_open && st->snap_n == 0 && st->dirty_n == 0 && st->late_n == 0 && !lv) {
+        if (old >= 0 && st->ring != NULL && !st->snap_oom) {
+            uv_mutex_lock(&st->ring_mu);
+            tick_done(st, old, final); /* a region of acked records only */
+            uv_mutex_unlock(&st->ring_mu);
+        }
+        return;
+    }
+    int rc = old == -2 ? -ENOMEM : tx_ensure(st);
+    for (size_t k = 0; k < st->snap_n && rc == 0; k++) {
+        if (st->snap[k].state == SMP_RING_LIVE) {
+            rc = insert_outbox(st, &st->snap[k]);
+            st->snap_ins[k] = true;
+        }
+    }
+    for (size_t k = 0; k < st->dirty_n && rc == 0; k++) {
+        rc = set_device_seq(st, ST_SEQ_MAX, st->dirty[k].name, st->dirty[k].seq);
+        if (rc == 0) {
+            rc = set_device_seq(st, final ? ST_RESERVE_EXACT : ST_RESERVE_SET, st->dirty[k].name,
+                                st->dirty[k].upto);
+        }
+    }
+    if (rc == 0) {
+        rc = apply_late(st);
+    }
+    if (rc == 0 && lv) {
+        rc = lv_flush(st);
+    }
+    rc = tx_end(st, rc);
+    if (rc == 0 && lv) {
+        sm_clear(st->lv);
+        st->lv_flushed_ms = now;
+    }
+    if (rc == 0 && st->ring != NULL) {
+        uv_mutex_lock(&st->ring_mu);
+        tick_done(st, old, final);
+        uv_mutex_unlock(&st->ring_mu);
+    }
+    st->final_ok = rc == 0;
+}
+
+static bool tick_due(const smp_store_t *st)
+{
+    return st->commit_interval_ms > 0 && mono_ms() >= st->next_tick_ms;
+}
+
+/* Stages a writer-path add in the ring (ring_mu taken here). The reservation it waited for, if
+ * committed, raises the device's limit first. Returns 0 or -ENOSPC and friends. */
+static int stage_from_writer(smp_store_t *st, op_t *o)
+{
+    uv_mutex_lock(&st->ring_mu);
+    struct dseq *d = dseq_get(st, o->device);
+    if (d != NULL && o->reserve > d->upto) {
+        d->upto = o->reserve;
+    }
+    int64_t id = st->next_id;
+    int rc =
+        smp__ring_append(st->ring, id, o->device, o->seq, o->name, o->payload, o->len, wall_ms());
+    if (rc == 0) {
+        st->next_id++;
+        o->id = id;
+        st->ring_staged++;
+        st->ring_live++;
+        if (d != NULL) {
+            d->staged = o->seq > d->staged ? o->seq : d->staged;
+            d->in_writer -= d->in_writer > 0;
+        }
+    }
+    uv_mutex_unlock(&st->ring_mu);
+    return rc;
+}
+
+/* A finished op: ready now, or behind the ops still waiting for a commit, so that callbacks
+ * run in queue order. */
+static void finish(smp_store_t *st, op_t *o)
+{
+    if (st->w_head != NULL) {
+        o->done = true;
+        list_push(&st->w_head, &st->w_tail, o);
+    } else {
+        list_push(&st->r_head, &st->r_tail, o);
+    }
+}
+
+/* Writes an add straight into the database (the ring cannot take it); its callback waits for
+ * the commit. */
+static void spill_add(smp_store_t *st, op_t *o)
+{
+    uv_mutex_lock(&st->ring_mu);
+    o->id = st->next_id++;
+    struct dseq *d = st->ring != NULL ? dseq_get(st, o->device) : NULL;
+    if (d != NULL) {
+        d->staged = o->seq > d->staged ? o->seq : d->staged;
+        d->in_writer -= d->in_writer > 0;
+    }
+    uv_mutex_unlock(&st->ring_mu);
+    int rc = tx_ensure(st);
+    if (rc == 0) {
+        rc = apply_add(st, o);
+    }
+    if (rc != 0) {
+        tx_end(st, rc);
+        o->status = rc;
+        o->id = 0;
+        finish(st, o);
+        return;
+    }
+    list_push(&st->w_head, &st->w_tail, o);
+    st->commit_now = true;
+}
+
+/* Stages an add whose seq is covered by a durable reservation; a full ring gets an early
+ * interval commit (which frees a region) before the message goes to the database instead. */
+static void add_stage(smp_store_t *st, op_t *o)
+{
+    int rc = stage_from_writer(st, o);
+    if (rc == -ENOSPC && st->commit_interval_ms > 0) {
+        commit_tick(st, false);
+        rc = stage_from_writer(st, o);
+    }
+    if (rc == 0) {
+        finish(st, o);
+    } else {
+        spill_add(st, o);
+    }
+}
+
+/* An outbox add that came through the queue: without a ring it is committed before its
+ * callback (commit-before-publish); with one, a seq beyond the device's durable reservation
+ * first reserves a new range (committed now), then the message is staged. */
+static void add_op(smp_store_t *st, op_t *o)
+{
+    if (st->ring == NULL) {
+        spill_add(st, o);
+        return;
+    }
+    uv_mutex_lock(&st->ring_mu);
+    struct dseq *d = dseq_get(st, o->device);
+    bool need = d == NULL || o->seq > d->upto || d->pending > 0;
+    uint64_t upto = o->seq + (d != NULL ? headroom(d) : seq_headroom_min);
+    if (need && d != NULL) {
+        d->pending++;
+    }
+    uv_mutex_unlock(&st->ring_mu);
+    if (!need) {
+        add_stage(st, o);
+        return;
+    }
+    int rc = tx_ensure(st);
+    if (rc == 0) {
+        rc = set_device_seq(st, ST_RESERVE_SET, o->device, upto);
+    }
+    o->reserve = upto;
+    list_push(&st->w_head, &st->w_tail, o);
+    st->commit_now = true;
+    if (rc != 0) {
+        tx_end(st, rc);
+    }
+}
+
+/* Stages the adds whose reservation commit has ended. */
+static void process_staging(smp_store_t *st)
+{
+    op_t *o = st->s_head;
+    st->s_head = st->s_tail = NULL;
+    while (o != NULL) {
+        op_t *next = o->next;
+        uv_mutex_lock(&st->ring_mu);
+        void **slot = sm_slot(st->dseq, o->device, false);
+        struct dseq *d = slot != NULL ? *slot : NULL;
+        if (d != NULL && d->pending > 0) {
+            d->pending--;
+        }
+        uv_mutex_unlock(&st->ring_mu);
+        add_stage(st, o);
+        o = next;
+    }
+}
+
 static int64_t clamp_limit(size_t n)
 {
     return n > (size_t)INT64_MAX ? INT64_MAX : (int64_t)n;
@@ -750,13 +1331,72 @@ struct fetch_tmp {
     size_t dev, topic, pay, len;
 };
 
+/* Ring records merged into a fetch: the live ones above the cursor, oldest first. */
+struct fetch_ctx {
+    struct fetch_tmp **tmp;
+    size_t *n, *cap;
+    rbuf_t *b;
+    int64_t after;
+    size_t max, taken;
+    int err;
+};
+
+static void fetch_ring_rec(void *arg, const smp_ring_rec_t *rec)
+{
+    struct fetch_ctx *c = arg;
+    if (c->err != 0 || rec->state != SMP_RING_LIVE || rec->id <= c->after || c->taken >= c->max) {
+        return;
+    }
+    if ((c->err = grow_array((void **)c->tmp, c->cap, *c->n + 1, sizeof **c->tmp)) != 0) {
+        return;
+    }
+    struct fetch_tmp *r = &(*c->tmp)[*c->n];
+    r->id = rec->id;
+    r->seq = rec->seq;
+    r->len = rec->len;
+    if ((c->err = rbuf_add(c->b, rec->device, strlen(rec->device), true, &r->dev)) != 0 ||
+        (c->err = rbuf_add(c->b, rec->topic, strlen(rec->topic), true, &r->topic)) != 0 ||
+        (c->err = rbuf_add(c->b, rec->payload, rec->len, false, &r->pay)) != 0) {
+        return;
+    }
+    (*c->n)++;
+    c->taken++;
+}
+
+static int fetch_tmp_cmp(const void *a, const void *b)
+{
+    int64_t x = ((const struct fetch_tmp *)a)->id, y = ((const struct fetch_tmp *)b)->id;
+    return (x > y) - (x < y);
+}
+
+/* Adds the ring's live records to a fetch's database rows and keeps the `max` oldest. */
+static int fetch_merge_ring(smp_store_t *st, op_t *o, struct fetch_tmp **tmp, size_t *n,
+                            size_t *cap, rbuf_t *b)
+{
+    size_t from_db = *n;
+    struct fetch_ctx c = {tmp, n, cap, b, o->id, o->max, 0, 0};
+    uv_mutex_lock(&st->ring_mu);
+    smp__ring_scan(st->ring, -1, fetch_ring_rec, &c);
+    uv_mutex_unlock(&st->ring_mu);
+    if (c.err == 0 && c.taken > 0 && from_db > 0) {
+        qsort(*tmp, *n, sizeof **tmp, fetch_tmp_cmp);
+    }
+    if (*n > o->max) {
+        *n = o->max;
+    }
+    return c.err;
+}
+
 static int read_fetch(smp_store_t *st, op_t *o)
 {
     sqlite3_stmt *s = st->stmt[ST_OB_FETCH];
     struct fetch_tmp *tmp = NULL;
     size_t n = 0, cap = 0;
     rbuf_t b = {0};
-    int err = 0;
+    int err = apply_late(st); /* acked rows must not be sent again */
+    if (err != 0) {
+        return err;
+    }
     int rc = sqlite3_bind_int64(s, 1, o->id);
     if (rc == SQLITE_OK) {
         rc = sqlite3_bind_int64(s, 2, clamp_limit(o->max));
@@ -787,6 +1427,9 @@ static int read_fetch(smp_store_t *st, op_t *o)
     sqlite3_reset(s);
     if (err == 0 && rc != SQLITE_DONE) {
         err = sql_fail(st, rc, "outbox fetch");
+    }
+    if (err == 0 && st->ring != NULL) {
+        err = fetch_merge_ring(st, o, &tmp, &n, &cap, &b);
     }
     smp_outbox_row_t *rows = NULL;
     if (err == 0 && n > 0 && (rows = malloc(n * sizeof *rows)) == NULL) {
@@ -892,36 +1535,105 @@ static bool prune_due(const smp_store_t *st)
     return st->prune_more || mono_ms() - st->last_prune_ms >= prune_interval_ms;
 }
 
-/* Applies one batch in queue order: runs of writes become one transaction each, a read ends
- * the run before it (committing it) so reads see only committed rows. */
+/* Applies one batch in queue order into the open transaction (reads see it too). Each op
+ * ends up ready (its callback may run now), waiting for the commit, or being staged. */
 static void apply_batch(smp_store_t *st, op_t *ops)
 {
-    op_t *o = ops;
-    while (o != NULL) {
-        if (is_read(o)) {
-            if (o->status == 0) {
-                o->status = o->kind == OP_OUTBOX_FETCH ? read_fetch(st, o) : read_history(st, o);
-            }
-            o = o->next;
+    while (ops != NULL) {
+        op_t *o = ops;
+        ops = o->next;
+        o->next = NULL;
+        int rc = o->status;
+        bool write = true, wait = false;
+        if (rc == 0 && o->kind == OP_OUTBOX_ADD) {
+            add_op(st, o);
             continue;
         }
-        op_t *end = o;
-        while (end != NULL && !is_read(end)) {
-            end = end->next;
+        if (rc == 0) {
+            if (o->kind == OP_OUTBOX_FETCH || o->kind == OP_HISTORY) {
+                write = false;
+                rc = o->kind == OP_OUTBOX_FETCH ? read_fetch(st, o) : read_history(st, o);
+            } else {
+                rc = tx_ensure(st);
+            }
         }
-        run_writes(st, o, end);
-        o = end;
+        if (rc == 0 && write) {
+            switch (o->kind) {
+            case OP_PUT_VALUE:
+                rc = apply_put(st, o);
+                break;
+            case OP_OUTBOX_ACK:
+                rc = apply_ack(st, o);
+                break;
+            case OP_CMD_PUT:
+                rc = apply_cmd_put(st, o);
+                /* "accepted" (no result yet) is durable before the device is written. */
+                wait = true;
+                st->commit_now |= o->value_json == NULL;
+                break;
+            case OP_AUDIT:
+                rc = apply_audit(st, o);
+                break;
+            default:
+                break;
+            }
+        }
+        if (rc != 0 && o->status == 0) {
+            o->status = rc;
+            o->id = 0;
+            if (write) {
+                tx_end(st, rc);
+            }
+        }
+        if (wait && rc == 0) {
+            list_push(&st->w_head, &st->w_tail, o);
+        } else {
+            finish(st, o);
+        }
     }
-    if (prune_due(st)) {
+}
+
+/* Commits what the batch needs committed: an op waiting for durability, every batch when
+ * there is no interval, the interval commit when due; then stages the adds whose
+ * reservation committed (which can need another commit, hence the loop). */
+static void after_batch(smp_store_t *st)
+{
+    for (int round = 0; round < 8; round++) {
+        if (st->commit_now || (st->commit_interval_ms == 0 && st->tx_open)) {
+            if (st->lv->n > 0 && lv_due(st) && tx_ensure(st) == 0) {
+                int rc = lv_flush(st);
+                if (tx_end(st, rc) == 0) {
+                    sm_clear(st->lv);
+                    st->lv_flushed_ms = mono_ms();
+                }
+            } else {
+                tx_end(st, 0);
+            }
+        } else if (tick_due(st)) {
+            commit_tick(st, false);
+        }
+        if (st->s_head == NULL) {
+            break;
+        }
+        process_staging(st);
+    }
+    if (!st->tx_open && prune_due(st)) {
         prune_old(st);
     }
+}
+
+static op_t *take_ready(smp_store_t *st)
+{
+    op_t *o = st->r_head;
+    st->r_head = st->r_tail = NULL;
+    return o;
 }
 
 /* Work for quiet periods: pruning, and a PASSIVE checkpoint so the WAL is folded back into the
  * database while nobody is waiting (it never blocks and never waits for readers). */
 static void idle_work(smp_store_t *st)
 {
-    if (prune_due(st)) {
+    if (!st->tx_open && prune_due(st)) {
         prune_old(st);
     }
     if (st->commits_since_ckpt > 0 && !st->in_memory && !st->ckpt_started) {
@@ -944,6 +1656,20 @@ static void free_op(op_t *o)
     free(o);
 }
 
+/* Appends finished ops to the done list and wakes the loop thread, which runs their callbacks. */
+static void done_append(smp_store_t *st, op_t *head, op_t *tail)
+{
+    uv_mutex_lock(&st->done_mu);
+    if (st->d_tail != NULL) {
+        st->d_tail->next = head;
+    } else {
+        st->d_head = head;
+    }
+    st->d_tail = tail;
+    uv_mutex_unlock(&st->done_mu);
+    uv_async_send(&st->async);
+}
+
 /* Finished ops: those without a callback are freed here; the others go to the loop thread. */
 static void deliver(smp_store_t *st, op_t *ops)
 {
@@ -963,18 +1689,9 @@ static void deliver(smp_store_t *st, op_t *ops)
         }
         ops = next;
     }
-    if (head == NULL) {
-        return;
+    if (head != NULL) {
+        done_append(st, head, tail);
     }
-    uv_mutex_lock(&st->done_mu);
-    if (st->d_tail != NULL) {
-        st->d_tail->next = head;
-    } else {
-        st->d_head = head;
-    }
-    st->d_tail = tail;
-    uv_mutex_unlock(&st->done_mu);
-    uv_async_send(&st->async);
 }
 
 /* Takes up to `max` ops off the queue. Caller holds mu. */
@@ -993,6 +1710,17 @@ static op_t *take_batch(smp_store_t *st, size_t max)
     return head;
 }
 
+static uint64_t writer_wait_ms(const smp_store_t *st)
+{
+    uint64_t wait_ms = st->prune_more ? prune_backlog_ms : idle_tick_ms;
+    if (st->commit_interval_ms > 0) {
+        uint64_t now = mono_ms();
+        uint64_t until = st->next_tick_ms > now ? st->next_tick_ms - now : 0;
+        wait_ms = until < wait_ms ? until : wait_ms;
+    }
+    return wait_ms;
+}
+
 static void writer_main(void *arg)
 {
     smp_store_t *st = arg;
@@ -1003,13 +1731,17 @@ static void writer_main(void *arg)
             if (st->stopping) {
                 break;
             }
-            uint64_t wait_ms = st->prune_more ? prune_backlog_ms : idle_tick_ms;
-            int r = uv_cond_timedwait(&st->cond, &st->mu, wait_ms * 1000000u);
+            uint64_t wait_ms = writer_wait_ms(st);
+            int r = wait_ms > 0 ? uv_cond_timedwait(&st->cond, &st->mu, wait_ms * 1000000u)
+                                : UV_ETIMEDOUT;
             if (r == UV_ETIMEDOUT && st->q_head == NULL && !st->stopping) {
                 uv_mutex_unlock(&st->mu);
                 uv_mutex_lock(&st->db_mu);
+                after_batch(st);
                 idle_work(st);
+                op_t *ready = take_ready(st);
                 uv_mutex_unlock(&st->db_mu);
+                deliver(st, ready);
                 uv_mutex_lock(&st->mu);
             }
             continue;
@@ -1018,8 +1750,10 @@ static void writer_main(void *arg)
         uv_mutex_unlock(&st->mu);
         uv_mutex_lock(&st->db_mu);
         apply_batch(st, batch);
+        after_batch(st);
+        op_t *ready = take_ready(st);
         uv_mutex_unlock(&st->db_mu);
-        deliver(st, batch);
+        deliver(st, ready);
         uv_mutex_lock(&st->mu);
     }
     uv_mutex_unlock(&st->mu);
@@ -1188,6 +1922,11 @@ static void checkpointer_start(smp_store_t *st)
         return;
     }
     int rc = sqlite3_open_v2(st->path, &st->ckpt_db, SQLITE_OPEN_READWRITE, NULL);
+    if (rc == SQLITE_OK) {
+        char sql[64];
+        snprintf(sql, sizeof sql, "PRAGMA cache_size = -%d", ckpt_cache_kib);
+        (void)sqlite3_exec(st->ckpt_db, sql, NULL, NULL, NULL);
+    }
     if (rc == SQLITE_OK && uv_thread_create(&st->ckpt_thread, checkpointer_main, st) == 0) {
         st->ckpt_started = true;
         return;
@@ -1330,7 +2069,9 @@ static int try_open(smp_store_t *st, const char *path)
     }
     if (rc == SQLITE_OK) {
         char sql[64];
-        snprintf(sql, sizeof sql, "PRAGMA cache_size = -%d", cache_kib);
+        /* mmap off: pages are read into the (small) cache instead of mapping the whole file
+         * into the process, which would count in its RSS. */
+        snprintf(sql, sizeof sql, "PRAGMA cache_size = -%d; PRAGMA mmap_size = 0", cache_kib);
         why = "cache size";
         rc = exec_sql(st, sql);
     }
@@ -1473,6 +2214,7 @@ static int open_db(smp_store_t *st)
 {
     if (strcmp(st->path, ":memory:") == 0) {
         st->in_memory = true;
+        st->lost_state = true;
         return try_open(st, ":memory:");
     }
     make_parent_dir(st->path);
@@ -1489,6 +2231,7 @@ static int open_db(smp_store_t *st)
         LOG_ERR(SCOPE, "cannot use %s (%s): moving it aside and starting a new database", st->path,
                 strerror(-rc));
         if (move_aside(st->path) == 0) {
+            st->lost_state = true; /* its seqs are gone with it: the clock floor takes over */
             rc = try_open(st, st->path);
             if (rc == 0) {
                 LOG_WARN(SCOPE, "started a new, empty database at %s", st->path);
@@ -1501,6 +2244,7 @@ static int open_db(smp_store_t *st)
             "seq numbers and the outbox will NOT survive a restart",
             st->path, strerror(-rc));
     st->in_memory = true;
+    st->lost_state = true;
     return try_open(st, ":memory:");
 }
 
@@ -1529,6 +2273,16 @@ static void free_store(smp_store_t *st)
 {
     checkpointer_stop(st);
     db_close(st);
+    smp__ring_close(st->ring, st->final_ok);
+    sm_clear(st->lv);
+    sm_clear(st->dseq);
+    free(st->lv);
+    free(st->dseq);
+    free(st->snap);
+    free(st->snap_ins);
+    free(st->dirty);
+    free(st->late);
+    uv_mutex_destroy(&st->ring_mu);
     uv_cond_destroy(&st->ckpt_cond);
     uv_mutex_destroy(&st->ckpt_mu);
     uv_cond_destroy(&st->cond);
@@ -1538,6 +2292,160 @@ static void free_store(smp_store_t *st)
     free(st->path);
     free(st->runtime_dir);
     free(st);
+}
+
+/* Recovery of a ring left by a process that did not stop cleanly (kill -9, OOM, watchdog):
+ * its unacknowledged messages go into the outbox with their ids, ts and seq, acked ones that
+ * had reached the outbox leave it, and each device's seq continues exactly. */
+struct recover_ctx {
+    smp_store_t *st;
+    int rc;
+    uint64_t live, acked;
+};
+
+static void recover_rec(void *arg, const smp_ring_rec_t *rec)
+{
+    struct recover_ctx *c = arg;
+    if (c->rc != 0) {
+        return;
+    }
+    if (rec->state == SMP_RING_LIVE) {
+        c->rc = insert_outbox(c->st, rec);
+        c->live++;
+    } else {
+        c->rc = apply_ack_one(c->st, rec->id);
+        c->acked++;
+    }
+    if (c->rc == 0) {
+        c->rc = set_device_seq(c->st, ST_SEQ_MAX, rec->device, rec->seq);
+    }
+}
+
+static void ring_recover(smp_store_t *st)
+{
+    struct recover_ctx c = {st, tx_begin(st), 0, 0};
+    smp__ring_scan(st->ring, -1, recover_rec, &c);
+    if (c.rc == 0) {
+        c.rc = tx_commit(st);
+    }
+    if (c.rc != 0) {
+        tx_rollback(st);
+        LOG_ERR(SCOPE, "cannot move the ring's messages into the database (%s); they stay in %s",
+                strerror(-c.rc), smp__ring_path(st->ring));
+        return;
+    }
+    smp__ring_reset(st->ring, 0);
+    smp__ring_reset(st->ring, 1);
+    if (c.live + c.acked > 0) {
+        LOG_WARN(SCOPE,
+                 "the last run did not stop cleanly: recovered %" PRIu64
+                 " unacknowledged messages from %s (%" PRIu64 " acked ones dropped)",
+                 c.live, smp__ring_path(st->ring), c.acked);
+    }
+}
+
+/* Without a ring from the last run (power cut, or runtime_dir lost), every seq a device had
+ * reserved beyond its last committed one may have been published and lost: logged per device,
+ * counted, and never used again. */
+static void powercut_check(smp_store_t *st)
+{
+    static const char sql[] = "SELECT r.device, coalesce(s.seq, 0), r.upto FROM seq_reserve r"
+                              " LEFT JOIN device_seq s USING (device) WHERE r.upto > "
+                              "coalesce(s.seq, 0)";
+    sqlite3_stmt *q = NULL;
+    int rc = tx_begin(st);
+    if (rc == 0 && sqlite3_prepare_v2(st->db, sql, -1, &q, NULL) != SQLITE_OK) {
+        rc = -EIO;
+    }
+    uint64_t lost = 0, devices = 0;
+    while (rc == 0 && sqlite3_step(q) == SQLITE_ROW) {
+        const char *dev = (const char *)sqlite3_column_text(q, 0);
+        uint64_t seq = (uint64_t)sqlite3_column_int64(q, 1);
+        uint64_t upto = (uint64_t)sqlite3_column_int64(q, 2);
+        LOG_WARN(SCOPE,
+                 "power cut (or runtime_dir lost): %s seq %" PRIu64 "..%" PRIu64
+                 " were reserved but not committed: up to %" PRIu64 " messages lost",
+                 dev, seq + 1, upto, upto - seq);
+        lost += upto - seq;
+        devices++;
+        rc = set_device_seq(st, ST_SEQ_MAX, dev, upto);
+    }
+    sqlite3_finalize(q);
+    if (rc == 0 && devices > 0) {
+        rc = tx_commit(st);
+    }
+    if (rc != 0 || devices == 0) {
+        tx_rollback(st);
+    }
+    if (devices > 0) {
+        LOG_WARN(SCOPE,
+                 "telemetry lost to a power cut: at most %" PRIu64 " messages of %" PRIu64
+                 " devices (at most commit_interval_ms of unacknowledged data)",
+                 lost, devices);
+        st->stats.powercut_lost = lost;
+        st->stats.powercut_events = 1;
+    }
+}
+
+/* The next outbox id: above every id the table ever had (AUTOINCREMENT's sqlite_sequence). */
+static int64_t max_outbox_id(smp_store_t *st)
+{
+    char text[32];
+    if (query_text(
+            st,
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+            " coalesce((SELECT max(id) FROM outbox), 0))",
+            text, sizeof text) != SQLITE_OK) {
+        return 0;
+    }
+    return strtoll(text, NULL, 10);
+}
+
+static void max_ring_id(void *arg, const smp_ring_rec_t *rec)
+{
+    int64_t *next = arg;
+    if (rec->id >= *next) {
+        *next = rec->id + 1;
+    }
+}
+
+/* Opens the ring in runtime_dir (interval mode, file database), recovers or reports what the
+ * last run left, and sets the next outbox id. */
+static void ring_setup(smp_store_t *st, const smp_store_opts_t *opts)
+{
+    bool tmpfs = false, existed = false;
+    if (st->commit_interval_ms > 0 && !st->in_memory) {
+        const char *dir = opts->runtime_dir;
+        int rc = dir != NULL && dir[0] != '\0'
+                     ? smp__ring_open(dir, st->path, ring_region_bytes, &tmpfs, &existed, &st->ring)
+                     : -ENOENT;
+        if (rc != 0) {
+            LOG_ERR(SCOPE,
+                    "no outbox ring in runtime_dir %s (%s): every message is committed before "
+                    "it is published, as with commit_interval_ms 0",
+                    dir != NULL ? dir : "(none)", strerror(-rc));
+        } else if (!tmpfs) {
+            LOG_WARN(SCOPE,
+                     "runtime_dir %s is NOT on tmpfs: the outbox ring there writes to the disk "
+                     "and survives a power cut only by chance; use a tmpfs such as /run or "
+                     "/dev/shm",
+                     dir);
+        }
+    }
+    if (st->ring != NULL && existed) {
+        ring_recover(st);
+    } else {
+        powercut_check(st);
+    }
+    st->next_id = max_outbox_id(st) + 1;
+    if (st->ring != NULL) {
+        /* Records the recovery could not move into the database keep their ids. */
+        smp__ring_scan(st->ring, -1, max_ring_id, &st->next_id);
+    }
+    if (st->commit_interval_ms > 0) {
+        uint64_t iv = (uint64_t)st->commit_interval_ms;
+        st->next_tick_ms = (mono_ms() / iv + 1) * iv;
+    }
 }
 
 int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **out)
@@ -1569,6 +2477,7 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
     st->history_max = opts->history_max_bytes > 0 ? opts->history_max_bytes : 0;
     st->history_chunk_ms = opts->history_chunk_max_s > 0 ? opts->history_chunk_max_s * 1000 : 0;
     st->runtime_dir = opts->runtime_dir != NULL ? strdup(opts->runtime_dir) : NULL;
+    st->commit_interval_ms = opts->commit_interval_ms > 0 ? opts->commit_interval_ms : 0;
     if (uv_mutex_init(&st->mu) != 0) {
         free(st->path);
         free(st);
@@ -1595,9 +2504,13 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
         free(st);
         return -ENOMEM;
     }
-    if (uv_mutex_init(&st->ckpt_mu) != 0 || uv_cond_init(&st->ckpt_cond) != 0) {
+    st->lv = calloc(1, sizeof *st->lv);
+    st->dseq = calloc(1, sizeof *st->dseq);
+    if (uv_mutex_init(&st->ckpt_mu) != 0 || uv_cond_init(&st->ckpt_cond) != 0 ||
+        uv_mutex_init(&st->ring_mu) != 0 || st->lv == NULL || st->dseq == NULL) {
         abort(); /* only fails for lack of resources at start-up */
     }
+    st->lv_flushed_ms = mono_ms();
 
     int rc = open_db(st);
     if (rc == 0 && st->outbox_max > 0 && st->ob_bytes > st->outbox_max) {
@@ -1614,6 +2527,7 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
         free_store(st);
         return rc;
     }
+    ring_setup(st, opts);
     publish_stats(st);
 
     rc = uv_async_init(loop, &st->async, on_async);
@@ -1663,10 +2577,21 @@ void smp_store_close(smp_store_t *st)
     }
 
     /* Callbacks may queue more work. Apply it here (the writer is gone, so this thread may use
-     * the connection), a bounded number of rounds; after that, cancel. */
+     * the connection), a bounded number of rounds; after that, cancel. When nothing is left,
+     * the last commit writes the ring's unacknowledged messages, exact seqs and last values. */
+    bool final_done = false;
     for (int round = 0;; round++) {
         run_callbacks(st);
         op_t *q = take_all(st);
+        if (q == NULL && !final_done) {
+            final_done = true;
+            uv_mutex_lock(&st->db_mu);
+            commit_tick(st, true);
+            op_t *ready = take_ready(st);
+            uv_mutex_unlock(&st->db_mu);
+            deliver(st, ready);
+            continue;
+        }
         if (q == NULL) {
             break;
         }
@@ -1680,8 +2605,10 @@ void smp_store_close(smp_store_t *st)
                 rest->next = NULL;
                 uv_mutex_lock(&st->db_mu);
                 apply_batch(st, q);
+                after_batch(st);
+                op_t *ready = take_ready(st);
                 uv_mutex_unlock(&st->db_mu);
-                deliver(st, q);
+                deliver(st, ready);
                 q = next;
             }
         } else if (round < 2 * close_apply_rounds) {
@@ -1753,28 +2680,70 @@ int smp_store_load_last(smp_store_t *st, smp_store_last_cb cb, void *arg)
     return err;
 }
 
-uint64_t smp_store_load_seq(smp_store_t *st, const char *device)
+/* A seq above every seq a device can have used since any earlier floor: wall ms x 1000
+ * (a device sends far fewer than 1000 messages per millisecond). Below 2^53 until the year
+ * 2255, so platforms that read JSON numbers as doubles keep it exact. */
+static uint64_t seq_floor(void)
 {
-    if (st == NULL || device == NULL) {
-        return 0;
-    }
-    uint64_t seq = 0;
-    uv_mutex_lock(&st->db_mu);
-    sqlite3_stmt *s = st->stmt[ST_LOAD_SEQ];
+    return (uint64_t)wall_ms() * 1000u;
+}
+
+static int read_seq_row(smp_store_t *st, int which, const char *device, uint64_t *out)
+{
+    sqlite3_stmt *s = st->stmt[which];
+    *out = 0;
     int rc = bind_text(s, 1, device);
     if (rc == SQLITE_OK) {
         rc = sqlite3_step(s);
         if (rc == SQLITE_ROW) {
-            seq = (uint64_t)sqlite3_column_int64(s, 0);
+            *out = (uint64_t)sqlite3_column_int64(s, 0);
             rc = SQLITE_DONE;
         }
     }
     sqlite3_reset(s);
-    if (rc != SQLITE_DONE) {
-        sql_fail(st, rc, "loading seq");
+    return rc == SQLITE_DONE ? 0 : sql_fail(st, rc, "loading seq");
+}
+
+int smp_store_load_seq(smp_store_t *st, const char *device, uint64_t *seq)
+{
+    if (seq != NULL) {
+        *seq = seq_floor();
+    }
+    if (st == NULL || device == NULL || seq == NULL) {
+        return -EINVAL;
+    }
+    uint64_t last = 0, upto = 0;
+    uv_mutex_lock(&st->db_mu);
+    int rc = read_seq_row(st, ST_LOAD_SEQ, device, &last);
+    if (rc == 0) {
+        rc = read_seq_row(st, ST_LOAD_RESERVE, device, &upto);
     }
     uv_mutex_unlock(&st->db_mu);
-    return seq;
+    if (rc != 0) {
+        LOG_ERR(SCOPE,
+                "%s: cannot read its last seq (%s): continuing from the clock floor %" PRIu64,
+                device, strerror(-rc), *seq);
+        last = *seq;
+        upto = 0;
+    } else if (st->lost_state) {
+        uint64_t floor = seq_floor();
+        if (last < floor) {
+            LOG_WARN(SCOPE, "%s: the store lost its seqs; continuing from the clock floor %" PRIu64,
+                     device, floor);
+            last = floor;
+        }
+    }
+    *seq = last;
+    if (st->ring != NULL) {
+        uv_mutex_lock(&st->ring_mu);
+        struct dseq *d = dseq_get(st, device);
+        if (d != NULL) {
+            d->staged = d->committed = last;
+            d->upto = upto > last ? upto : last;
+        }
+        uv_mutex_unlock(&st->ring_mu);
+    }
+    return rc;
 }
 
 void smp_store_put_value(smp_store_t *st, const char *device, const char *tag,
@@ -1793,10 +2762,56 @@ void smp_store_put_value(smp_store_t *st, const char *device, const char *tag,
     enqueue(st, o);
 }
 
+/* Loop thread: runs an op's callback through the done list, as if the writer had finished it. */
+static void complete_now(smp_store_t *st, op_t *o)
+{
+    if (st->pending_cbs++ == 0 && !st->async_closing) {
+        uv_ref((uv_handle_t *)&st->async);
+    }
+    done_append(st, o, o);
+}
+
+/* Loop thread: stages a message in the ring when its seq is covered by the device's durable
+ * reservation and nothing of that device waits in the writer. Returns the id, or 0. */
+static int64_t stage_direct(smp_store_t *st, const char *device, uint64_t seq, const char *topic,
+                            const void *payload, size_t len)
+{
+    int64_t id = 0;
+    uv_mutex_lock(&st->ring_mu);
+    struct dseq *d = dseq_get(st, device);
+    if (d != NULL && d->in_writer == 0 && seq <= d->upto &&
+        smp__ring_append(st->ring, st->next_id, device, seq, topic, payload, len, wall_ms()) == 0) {
+        id = st->next_id++;
+        d->staged = seq > d->staged ? seq : d->staged;
+        st->ring_staged++;
+        st->ring_live++;
+    } else if (d != NULL) {
+        d->in_writer++; /* the caller queues it for the writer */
+    }
+    uv_mutex_unlock(&st->ring_mu);
+    return id;
+}
+
 void smp_store_outbox_add(smp_store_t *st, const char *device, uint64_t seq, const char *topic,
                           const void *payload, size_t len, smp_store_added_cb cb, void *arg)
 {
     bool bad = st == NULL || device == NULL || topic == NULL || (payload == NULL && len > 0);
+    if (!bad && st->ring != NULL) {
+        op_t *c = cb != NULL ? op_new(OP_OUTBOX_ADD, NULL, NULL, 0) : NULL;
+        int64_t id =
+            cb == NULL || c != NULL ? stage_direct(st, device, seq, topic, payload, len) : 0;
+        if (id != 0) {
+            if (c != NULL) {
+                c->id = id;
+                c->has_cb = true;
+                c->cb.added = cb;
+                c->arg = arg;
+                complete_now(st, c);
+            }
+            return;
+        }
+        free(c);
+    }
     op_t *o = st != NULL ? op_new(OP_OUTBOX_ADD, (const char *[OP_NSTRS]){device, topic},
                                   bad ? NULL : payload, bad ? 0 : len)
                          : NULL;
@@ -1815,9 +2830,23 @@ void smp_store_outbox_add(smp_store_t *st, const char *device, uint64_t seq, con
     enqueue(st, o);
 }
 
+/* Loop thread: an ack of a message still in the ring only flips its state there (no disk
+ * write at all). Returns true when that was the case. */
+static bool ring_ack(smp_store_t *st, int64_t id)
+{
+    if (st->ring == NULL) {
+        return false;
+    }
+    uv_mutex_lock(&st->ring_mu);
+    int old = smp__ring_set_state(st->ring, id, SMP_RING_ACKED);
+    st->ring_live -= old == SMP_RING_LIVE && st->ring_live > 0;
+    uv_mutex_unlock(&st->ring_mu);
+    return old == SMP_RING_LIVE || old == SMP_RING_ACKED;
+}
+
 void smp_store_outbox_ack(smp_store_t *st, int64_t id)
 {
-    if (st == NULL) {
+    if (st == NULL || ring_ack(st, id)) {
         return;
     }
     op_t *o = op_new(OP_OUTBOX_ACK, NULL, NULL, 0);
@@ -1840,6 +2869,19 @@ void smp_store_outbox_ack_many(smp_store_t *st, const int64_t *ids, size_t n)
         LOG_ERR(SCOPE, "outbox ack of %zu rows: out of memory", n);
         return;
     }
+    /* Keep only the ids that are rows of the database. */
+    size_t w = 0;
+    for (size_t k = 0; k < n; k++) {
+        if (!ring_ack(st, ids[k])) {
+            memcpy((char *)o->payload + w * sizeof *ids, &ids[k], sizeof *ids);
+            w++;
+        }
+    }
+    if (w == 0) {
+        free_op(o);
+        return;
+    }
+    o->len = w * sizeof *ids;
     enqueue(st, o);
 }
 
@@ -1896,6 +2938,10 @@ void smp_store_stats(smp_store_t *st, smp_store_stats_t *out)
     uv_mutex_lock(&st->done_mu);
     *out = st->stats;
     uv_mutex_unlock(&st->done_mu);
+    uv_mutex_lock(&st->ring_mu);
+    out->ring_messages = st->ring_staged;
+    out->outbox_rows += st->ring_live;
+    uv_mutex_unlock(&st->ring_mu);
 }
 
 void smp_store_cmd_put(smp_store_t *st, const char *device, const char *id, const char *result_json,

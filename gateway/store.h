@@ -5,10 +5,12 @@
  *
  * Threads. smp_store_open/close and the smp_store_load_* functions run on the main thread
  * before/after the loop runs and may block. Everything else is called on the loop thread and
- * never blocks it: calls queue an operation for the store's writer thread, which applies all
- * queued operations in one transaction per batch and then runs completion callbacks back on the
- * loop thread (uv_async). Operations are applied in the order they were queued. Strings passed
- * in are copied.
+ * never blocks it: calls queue an operation for the store's writer thread, which applies the
+ * queued operations into one open transaction, committed at most once per commit interval (at
+ * once for what needs durability), and runs completion callbacks back on the loop thread
+ * (uv_async). Outbox messages are staged by the loop thread itself in a ring file on tmpfs
+ * (gateway/ring.h). Operations are applied in the order they were queued. Strings passed in
+ * are copied.
  *
  * Errors. SQLite errors are logged once per episode and turned into negative codes (-EIO,
  * -ENOSPC, -EROFS, ...). A database that cannot be opened or is corrupt at start is moved aside
@@ -43,6 +45,14 @@ typedef struct smp_store_opts {
      * on tmpfs (NULL: memory only, a kill -9 loses open chunks). */
     int64_t history_max_bytes;
     int history_chunk_max_s;
+    /* 0: every outbox message is committed before its callback runs (commit-before-publish).
+     * > 0: telemetry, history and last values are committed at most once per interval, in
+     * one transaction; outbox messages are staged in a ring file in runtime_dir and only those
+     * not acknowledged when the interval ends reach the database (docs/store.md). */
+    int commit_interval_ms;
+    /* A directory that outlives the process but not the power (tmpfs) for the outbox ring.
+     * NULL, or a directory that cannot be used: no ring (as commit_interval_ms 0 for the
+     * outbox). */
     const char *runtime_dir;
 } smp_store_opts_t;
 
@@ -62,8 +72,13 @@ bool smp_store_degraded(const smp_store_t *st);
 typedef void (*smp_store_last_cb)(void *arg, const char *device, const char *tag,
                                   const char *value_json, int64_t ts_ms);
 int smp_store_load_last(smp_store_t *st, smp_store_last_cb cb, void *arg);
-/* Last seq used for a device (0 when none). */
-uint64_t smp_store_load_seq(smp_store_t *st, const char *device);
+/* The seq to continue from for a device: the next message gets *seq + 1. 0 for a device the
+ * store has never seen. Never a seq that may already have been published: after a power cut it
+ * is the end of the range reserved ahead; when the store lost its memory (database moved
+ * aside, in-memory store) or cannot read it, a floor from the clock (wall ms x 1000, see
+ * docs/contract.md). Returns 0, or a negative code when the read failed (*seq is then the
+ * floor, safe to use). */
+int smp_store_load_seq(smp_store_t *st, const char *device, uint64_t *seq);
 
 /* --- loop-thread operations --- */
 /* Records a tag's new value: upserts last value and appends a history row. */
@@ -105,6 +120,10 @@ typedef struct smp_store_stats {
     uint64_t errors;          /* SQLite errors seen */
     uint64_t history_bytes;   /* history on disk (chunks and their index, estimated) */
     uint64_t history_samples; /* samples in the history, stored or in open chunks */
+    uint64_t outbox_written;  /* outbox messages written to the database (unacked at a commit) */
+    uint64_t ring_messages;   /* messages staged in the ring since start */
+    uint64_t powercut_lost;   /* seqs reserved but not committed before a power cut (at open) */
+    uint64_t powercut_events; /* 1 when this start followed a power cut with seqs at risk */
 } smp_store_stats_t;
 void smp_store_stats(smp_store_t *st, smp_store_stats_t *out);
 

@@ -52,6 +52,51 @@ class RestartTest(h.TestCase):
         # replayed with their own seq, so nothing already published is ever reused.
         assert max(after) > last
 
+    def run_store_lost(self, damage, cfg_extra=None, wrapper=()):
+        """A store that loses its memory between two runs must never make seq repeat: what a
+        platform de-duplicating on (device, seq) saw before is never shadowed."""
+        b = self.broker()
+        sim = self.sim(["--pumps", "1", "--lights", "0"])
+        cfg = h.base_config(self.workdir, b.port, [counter_device(sim.port)])
+        cfg["store"].update(cfg_extra or {})
+        topic = "simpul/gw-test/pump-01/data"
+        sub = self.subscriber(b.port, [topic])
+        g = self.gateway(cfg)
+        h.wait_for(lambda: len(sub.messages(topic)) >= 5, 20, "5 messages")
+        g.stop()
+        before = [j["seq"] for j in sub.json(topic)]
+        sub.clear()
+        damage(cfg)
+        g2 = self.gateway(cfg, name="simpul2", wrapper=list(wrapper))
+        h.wait_for(lambda: len(sub.messages(topic)) >= 3, 20, "messages after restart")
+        after = [j["seq"] for j in sub.json(topic)]
+        g2.stop()
+        assert min(after) > max(before), (before[-3:], after[:3])
+        assert after == list(range(after[0], after[0] + len(after))), after[:10]
+        return g2
+
+    def test_seq_never_repeats_after_store_moved_aside(self):
+        def truncate(cfg):
+            path = cfg["store"]["path"]
+            with open(path, "r+b") as f:
+                f.truncate(1000)
+        g2 = self.run_store_lost(truncate)
+        assert "moved" in g2.proc.output()
+
+    def test_seq_never_repeats_with_in_memory_store(self):
+        self.run_store_lost(lambda cfg: None, {"path": ":memory:"})
+
+    def test_seq_never_repeats_with_read_only_store(self):
+        # root ignores file modes, so the second run is nobody against a root-owned database.
+        def read_only(cfg):
+            os.chmod(self.workdir, 0o755)
+            for ext in ("", "-wal", "-shm"):
+                if os.path.exists(cfg["store"]["path"] + ext):
+                    os.chmod(cfg["store"]["path"] + ext, 0o444)
+        g2 = self.run_store_lost(read_only, wrapper=["setpriv", "--reuid=65534", "--regid=65534",
+                                                     "--clear-groups"])
+        assert "memory" in g2.proc.output().lower()
+
     def test_state_cache_survives_restart(self):
         b = self.broker()
         sim = self.sim(["--pumps", "1", "--lights", "0"])

@@ -939,6 +939,30 @@ static void test_store_history_keys(void **state)
     res_free(&r);
 }
 
+static void test_store_commit_interval_and_runtime_dir(void **state)
+{
+    (void)state;
+    unsetenv("RUNTIME_DIRECTORY");
+    res_t r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": []}");
+    assert_int_equal(r.n, 0);
+    assert_int_equal(r.cfg->store.commit_interval_ms, 1000);
+    assert_string_equal(r.cfg->store.runtime_dir, "/dev/shm/simpul-gw-1");
+    res_free(&r);
+    setenv("RUNTIME_DIRECTORY", "/run/simpul", 1); /* systemd's RuntimeDirectory= */
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": "
+             "{\"commit_interval_ms\": 0}}");
+    unsetenv("RUNTIME_DIRECTORY");
+    assert_int_equal(r.n, 0);
+    assert_int_equal(r.cfg->store.commit_interval_ms, 0);
+    assert_string_equal(r.cfg->store.runtime_dir, "/run/simpul");
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": "
+             "{\"runtime_dir\": \"/tmp/rt\", \"commit_interval_ms\": 60001}}");
+    expect_errors(&r, 1);
+    expect_line(&r, "t.json:1:102: store.commit_interval_ms: 60001 is out of range 0..60000");
+    res_free(&r);
+}
+
 static void test_out_of_range(void **state)
 {
     (void)state;
@@ -1532,6 +1556,7 @@ int main(void)
         cmocka_unit_test(test_commands_section),
         cmocka_unit_test(test_store_choices),
         cmocka_unit_test(test_store_history_keys),
+        cmocka_unit_test(test_store_commit_interval_and_runtime_dir),
         cmocka_unit_test(test_missing_required),
         cmocka_unit_test(test_bad_plugin_keys),
         cmocka_unit_test(test_type_restrictions),

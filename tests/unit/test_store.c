@@ -21,6 +21,14 @@
 
 #define DEADLINE_MS 30000
 
+/* The seq a device continues from; fails the test when the store reports a read error. */
+static uint64_t load_seq_ok(smp_store_t *st, const char *device)
+{
+    uint64_t seq = 0;
+    assert_int_equal(smp_store_load_seq(st, device, &seq), 0);
+    return seq;
+}
+
 static char g_dir[256];
 static char g_path[512];
 static uv_loop_t g_loop;
@@ -432,7 +440,7 @@ static void test_seq_persisted(void **state)
     smp_store_t *st = open_default();
     adds_t a;
     adds_init(&a);
-    assert_int_equal(smp_store_load_seq(st, "pump-01"), 0);
+    assert_int_equal(load_seq_ok(st, "pump-01"), 0);
     smp_store_outbox_add(st, "pump-01", 41, "simpul/gw/pump-01/data", "{}", 2, on_added, &a);
     smp_store_outbox_add(st, "pump-01", 42, "simpul/gw/pump-01/data", "{}", 2, on_added, &a);
     smp_store_outbox_add(st, "light-07", UINT64_MAX, "simpul/gw/light-07/data", "{}", 2, on_added,
@@ -442,9 +450,9 @@ static void test_seq_persisted(void **state)
     smp_store_close(st);
 
     st = open_default();
-    assert_int_equal(smp_store_load_seq(st, "pump-01"), 42);
-    assert_true(smp_store_load_seq(st, "light-07") == UINT64_MAX);
-    assert_int_equal(smp_store_load_seq(st, "nobody"), 0);
+    assert_int_equal(load_seq_ok(st, "pump-01"), 42);
+    assert_true(load_seq_ok(st, "light-07") == UINT64_MAX);
+    assert_int_equal(load_seq_ok(st, "nobody"), 0);
     smp_store_close(st);
 }
 
@@ -808,7 +816,8 @@ static void test_unusable_path_falls_back_to_memory(void **state)
     fetched_t *f = fetch_sync(st, 0, 10);
     assert_int_equal(f->n, 1);
     free(f);
-    assert_int_equal(smp_store_load_seq(st, "d"), 5);
+    /* An in-memory store keeps nothing across restarts: seq continues from the clock floor. */
+    assert_true(load_seq_ok(st, "d") >= (uint64_t)(wall_ms() - 60000) * 1000u);
     smp_store_close(st);
     assert_false(file_exists(path));
 }
@@ -1099,7 +1108,7 @@ static void test_burst_100k(void **state)
     /* Batched: far fewer transactions than operations. */
     print_message("100k ops in %" PRIu64 " commits\n", s.commits);
     assert_true(s.commits <= 2 * N / 10);
-    assert_int_equal(smp_store_load_seq(st, "pump-01"), N - 1);
+    assert_int_equal(load_seq_ok(st, "pump-01"), N - 1);
     smp_store_close(st);
     assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), N);
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM last_value"), 100);
@@ -1269,6 +1278,228 @@ static void test_schema_tables(void **state)
                      1);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Interval commits and the outbox ring */
+
+static char g_run[600];
+
+static void on_poll_tick(uv_timer_t *t)
+{
+    (void)t;
+}
+
+/* WAIT_FOR for conditions outside the loop (rows another connection sees): a 10 ms timer
+ * makes each loop iteration return. */
+#define WAIT_POLL(expr)                                                                            \
+    do {                                                                                           \
+        uv_timer_t tick_;                                                                          \
+        uv_timer_init(&g_loop, &tick_);                                                            \
+        uv_timer_start(&tick_, on_poll_tick, 10, 10);                                              \
+        WAIT_LOOP(&g_loop, expr);                                                                  \
+        uv_close((uv_handle_t *)&tick_, NULL);                                                     \
+        uv_run(&g_loop, UV_RUN_NOWAIT);                                                            \
+        assert_true(expr);                                                                         \
+    } while (0)
+
+static smp_store_t *open_ring(int interval_ms)
+{
+    snprintf(g_run, sizeof g_run, "%s/run", g_dir);
+    smp_store_opts_t o = {.path = g_path,
+                          .history_retention_h = 168,
+                          .outbox_max_bytes = 256 * 1024 * 1024,
+                          .commit_interval_ms = interval_ms,
+                          .runtime_dir = g_run};
+    smp_store_t *st = NULL;
+    assert_int_equal(smp_store_open(&g_loop, &o, &st), 0);
+    assert_non_null(st->ring);
+    return st;
+}
+
+static void add_n(smp_store_t *st, adds_t *a, const char *dev, uint64_t from, int n)
+{
+    for (int k = 0; k < n; k++) {
+        smp_store_outbox_add(st, dev, from + (uint64_t)k, "t", "{\"v\":1}", 7, on_added, a);
+    }
+}
+
+static void test_ring_acked_never_written(void **state)
+{
+    (void)state;
+    smp_store_t *st = open_ring(300);
+    assert_int_equal(load_seq_ok(st, "d"), 0);
+    adds_t a;
+    adds_init(&a);
+    add_n(st, &a, "d", 1, 50);
+    WAIT_FOR(a.n == 50);
+    assert_int_equal(a.errors, 0);
+    assert_true(a.increasing);
+    smp_store_outbox_ack_many(st, a.ids, 50);
+    /* The interval commit recorded the seq, and nothing else. */
+    WAIT_POLL(count_rows(g_path, "SELECT seq FROM device_seq WHERE device = 'd'") == 50);
+    smp_store_stats_t ss;
+    smp_store_stats(st, &ss);
+    assert_int_equal(ss.outbox_written, 0);
+    assert_int_equal(ss.ring_messages, 50);
+    smp_store_close(st);
+    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 0);
+    assert_int_equal(count_rows(g_path, "SELECT seq FROM device_seq WHERE device = 'd'"), 50);
+    /* A clean stop leaves no reservation beyond what was used, and no ring. */
+    assert_int_equal(count_rows(g_path, "SELECT upto FROM seq_reserve WHERE device = 'd'"), 50);
+    DIR *d = opendir(g_run);
+    assert_non_null(d);
+    struct dirent *e;
+    int files = 0;
+    while ((e = readdir(d)) != NULL) {
+        files += e->d_name[0] != '.';
+    }
+    closedir(d);
+    assert_int_equal(files, 0);
+}
+
+static void test_ring_unacked_reach_db_on_interval(void **state)
+{
+    (void)state;
+    smp_store_t *st = open_ring(200);
+    load_seq_ok(st, "d");
+    adds_t a;
+    adds_init(&a);
+    add_n(st, &a, "d", 1, 20);
+    WAIT_FOR(a.n == 20);
+    /* Seen by another connection, before any close: the interval commit wrote them. */
+    WAIT_POLL(count_rows(g_path, "SELECT count(*) FROM outbox") == 20);
+    fetched_t *f = fetch_sync(st, 0, 100);
+    assert_int_equal(f->n, 20);
+    assert_int_equal(f->seq[0], 1);
+    assert_int_equal(f->seq[19], 20);
+    free(f);
+    /* A fetch merges the ring: new messages appear at once, after the database's rows. */
+    add_n(st, &a, "d", 21, 5);
+    WAIT_FOR(a.n == 25);
+    f = fetch_sync(st, 0, 100);
+    assert_int_equal(f->n, 25);
+    for (size_t k = 1; k < f->n; k++) {
+        assert_true(f->id[k] > f->id[k - 1]);
+    }
+    free(f);
+    smp_store_outbox_ack_many(st, a.ids, 25);
+    smp_store_close(st);
+    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 0);
+}
+
+/* The child stages messages and dies without closing the store, as kill -9 would. */
+static void crash_child(int interval_ms, int n, bool wait_commit)
+{
+    snprintf(g_run, sizeof g_run, "%s/run", g_dir);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        uv_loop_t loop;
+        uv_loop_init(&loop);
+        smp_store_opts_t o = {.path = g_path,
+                              .history_retention_h = 168,
+                              .commit_interval_ms = interval_ms,
+                              .runtime_dir = g_run};
+        smp_store_t *st = NULL;
+        if (smp_store_open(&loop, &o, &st) != 0) {
+            _exit(2);
+        }
+        uint64_t seq = 0;
+        smp_store_load_seq(st, "d", &seq);
+        adds_t a;
+        adds_init(&a);
+        for (int k = 0; k < n; k++) {
+            smp_store_outbox_add(st, "d", seq + 1 + (uint64_t)k, "t", "x", 1, on_added, &a);
+        }
+        while (a.n < (size_t)n) {
+            uv_run(&loop, UV_RUN_ONCE);
+        }
+        smp_store_outbox_ack(st, a.ids[0]); /* the first one was delivered */
+        while (wait_commit && count_rows(g_path, "SELECT count(*) FROM outbox") < n - 1) {
+            usleep(10000);
+        }
+        _exit(0);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+static void test_ring_recovered_after_crash(void **state)
+{
+    (void)state;
+    crash_child(60000, 10, false);
+    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 0);
+    smp_store_t *st = open_ring(60000);
+    /* Nine unacknowledged messages came back with their seq; seq goes on without a gap. */
+    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 9);
+    assert_int_equal(count_rows(g_path, "SELECT min(seq) FROM outbox"), 2);
+    assert_int_equal(load_seq_ok(st, "d"), 10);
+    smp_store_stats_t ss;
+    smp_store_stats(st, &ss);
+    assert_int_equal(ss.powercut_lost, 0);
+    smp_store_close(st);
+}
+
+static int rm_tree(const char *dir)
+{
+    return nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static void test_powercut_reported_and_seq_skips(void **state)
+{
+    (void)state;
+    crash_child(100, 10, true);
+    int64_t upto = count_rows(g_path, "SELECT upto FROM seq_reserve WHERE device = 'd'");
+    assert_true(upto >= 10);
+    /* The power cut: the tmpfs ring is gone, the database keeps its last commit. */
+    rm_tree(g_run);
+    logcap_t lc;
+    logcap_start(&lc);
+    smp_store_t *st = open_ring(100);
+    char *log = logcap_stop(&lc);
+    assert_non_null(strstr(log, "power cut"));
+    free(log);
+    smp_store_stats_t ss;
+    smp_store_stats(st, &ss);
+    assert_true(ss.powercut_events == 1);
+    /* Every seq that may have been published is skipped: seq never repeats. */
+    assert_true(load_seq_ok(st, "d") == (uint64_t)upto);
+    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 9);
+    smp_store_close(st);
+}
+
+static void test_moved_aside_store_seq_floor(void **state)
+{
+    (void)state;
+    smp_store_t *st = open_default();
+    adds_t a;
+    adds_init(&a);
+    add_n(st, &a, "d", 1, 3);
+    WAIT_FOR(a.n == 3);
+    smp_store_close(st);
+    assert_int_equal(write_file(g_path, "garbage, not a database", 23), 0);
+    st = open_default();
+    uint64_t seq = load_seq_ok(st, "d");
+    assert_true(seq >= (uint64_t)(wall_ms() - 60000) * 1000u);
+    smp_store_close(st);
+}
+
+static void test_commands_commit_at_once_in_interval_mode(void **state)
+{
+    (void)state;
+    smp_store_t *st = open_ring(60000);
+    adds_t a;
+    adds_init(&a);
+    smp_store_put_value(st, "d", "v", "1", 1);
+    smp_store_cmd_put(st, "d", "c-1", NULL, wall_ms(), on_added, &a);
+    WAIT_FOR(a.n == 1);
+    assert_int_equal(a.errors, 0);
+    /* The "accepted" row is committed long before the 60 s interval. */
+    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM cmd_result"), 1);
+    smp_store_close(st);
+    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM last_value"), 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1295,6 +1526,13 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_burst_100k, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cmd_results_and_audit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cmd_results_pruned, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ring_acked_never_written, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ring_unacked_reach_db_on_interval, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ring_recovered_after_crash, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_powercut_reported_and_seq_skips, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_moved_aside_store_seq_floor, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_commands_commit_at_once_in_interval_mode, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
