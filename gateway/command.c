@@ -867,6 +867,9 @@ bool smp__engine_commands_acked(smp_engine_t *e, uint64_t token)
     if ((token & SMP_CMD_ANSWER_TOKEN) == 0) {
         return false;
     }
+    if (e->cmds == NULL) {
+        return true;
+    }
     for (struct unsent **pp = &e->cmds->sent; *pp != NULL; pp = &(*pp)->next) {
         if ((*pp)->token == token) {
             struct unsent *u = *pp;

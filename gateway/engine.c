@@ -1205,11 +1205,11 @@ static void on_acks_check(uv_check_t *c)
 static void on_mqtt_ack(void *arg, uint64_t token)
 {
     smp_engine_t *e = arg;
-    e->stats.acked++;
     if (smp__engine_commands_acked(e, token)) {
-        flush_reserved(e);
+        flush_reserved(e); /* an answer: not an outbox row, not counted in "acked" */
         return;
     }
+    e->stats.acked++;
     flush_reserved(e);
     /* A burst of PUBACKs arrives in one read: delete them with one store operation, after the
      * loop iteration (uv_check), rather than waking the writer thread once per ack. */

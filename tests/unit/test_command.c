@@ -251,6 +251,44 @@ static void test_scale_multiple_large_raw(void **state)
     assert_int_equal(raw.v.i, 2000000000001LL);
 }
 
+/* A delivery's classification: the device from the topic, refusals before any parsing. */
+static void test_delivery(void **state)
+{
+    (void)state;
+    smp_cmd_delivery_t dv;
+    smp_mqtt_props_t props = {0};
+    assert_int_equal(smp_cmd_delivery("simpul/gw/pump-01/cmd", NULL, "simpul", "gw", &dv), 0);
+    assert_string_equal(dv.device, "pump-01");
+    assert_null(dv.refusal_code);
+    assert_int_equal(smp_cmd_delivery("simpul/gw/pump-01/data", NULL, "simpul", "gw", &dv),
+                     -EINVAL);
+    assert_int_equal(smp_cmd_delivery("simpul/gw2/pump-01/cmd", NULL, "simpul", "gw", &dv),
+                     -EINVAL);
+    assert_int_equal(smp_cmd_delivery("simpul/gw//cmd", NULL, "simpul", "gw", &dv), -EINVAL);
+    props.retained = true;
+    assert_int_equal(smp_cmd_delivery("simpul/gw/p/cmd", &props, "simpul", "gw", &dv), 0);
+    assert_string_equal(dv.refusal_code, "stale_retained");
+    props.retained = false;
+    props.response_topic = "simpul/gw/reply/op-1";
+    assert_int_equal(smp_cmd_delivery("simpul/gw/p/cmd", &props, "simpul", "gw", &dv), 0);
+    assert_null(dv.refusal_code);
+    assert_true(dv.use_response_topic);
+    static const char *const bad[] = {"simpul/gw/p2/data",
+                                      "simpul/gw/reply/",
+                                      "simpul/gw/replyx",
+                                      "simpul/gw2/reply/x",
+                                      "other/reply/x",
+                                      "simpul/gw/reply/#",
+                                      ""};
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        props.response_topic = bad[k];
+        assert_int_equal(smp_cmd_delivery("simpul/gw/p/cmd", &props, "simpul", "gw", &dv), 0);
+        assert_non_null(dv.refusal_code);
+        assert_string_equal(dv.refusal_code, "bad_request");
+        assert_false(dv.use_response_topic);
+    }
+}
+
 static void test_raw_equal(void **state)
 {
     (void)state;
@@ -274,9 +312,13 @@ static void test_raw_equal(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_parse_valid),        cmocka_unit_test(test_parse_bad),
-        cmocka_unit_test(test_validate),           cmocka_unit_test(test_raw_equal),
-        cmocka_unit_test(test_64bit_bounds_exact), cmocka_unit_test(test_scale_multiple_large_raw),
+        cmocka_unit_test(test_parse_valid),
+        cmocka_unit_test(test_parse_bad),
+        cmocka_unit_test(test_validate),
+        cmocka_unit_test(test_raw_equal),
+        cmocka_unit_test(test_64bit_bounds_exact),
+        cmocka_unit_test(test_delivery),
+        cmocka_unit_test(test_scale_multiple_large_raw),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
