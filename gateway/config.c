@@ -894,7 +894,8 @@ static void get_choice(vctx_t *v, json_t *obj, const char *key, const char *no, 
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
     static const char *const keys[] = {
-        "path", "history_retention_h", "outbox_max_mb", "synchronous", "on_error", NULL};
+        "path", "history_retention_h", "outbox_max_mb", "synchronous", "on_error", "quick_check",
+        NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -912,6 +913,7 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
     }
     get_choice(v, st, "synchronous", "full", "normal", &cfg->store.sync_normal);
     get_choice(v, st, "on_error", "degraded", "refuse", &cfg->store.on_error_refuse);
+    get_choice(v, st, "quick_check", "start", "off", &cfg->store.skip_check);
     double mb;
     if (get_num(v, st, "outbox_max_mb", false, &mb)) {
         /* A number, not only an integer: a small site (or a test) may want less than 1 MB. */

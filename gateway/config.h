@@ -75,6 +75,7 @@ typedef struct smp_config {
         double outbox_max_mb;    /* default 256; fractions allowed (0.01 .. 1048576) */
         bool sync_normal;        /* "synchronous": "normal" (true) or "full" (false, default) */
         bool on_error_refuse;    /* "on_error": "refuse" (true) or "degraded" (false, default) */
+        bool skip_check;         /* "quick_check": "off"; main also sets it for a reload's config */
     } store;
     smp_device_cfg_t *devices;
     size_t ndevices;

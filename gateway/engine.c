@@ -1196,6 +1196,7 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .history_retention_h = cfg->store.history_retention_h,
         .outbox_max_bytes = (int64_t)(cfg->store.outbox_max_mb * 1024.0 * 1024.0),
         .sync_normal = cfg->store.sync_normal,
+        .skip_check = cfg->store.skip_check,
     };
     int rc = smp_store_open(loop, &so, &e->store);
     if (rc == 0 && smp_store_degraded(e->store)) {

@@ -420,6 +420,9 @@ int main(int argc, char **argv)
             smp_config_free(a.cfg);
             a.cfg = a.next_cfg;
             a.next_cfg = NULL;
+            /* The store was checked at start and in use since: a reload reopens it without
+             * reading every page again (store.quick_check: at start only). */
+            a.cfg->store.skip_check = true;
             a.reloading = false;
             apply_log_level(&a, a.cfg);
             LOG_INFO("main", "config reloaded");

@@ -185,6 +185,7 @@ struct smp_store {
     int64_t retention_ms; /* 0: keep history forever */
     int64_t outbox_max;   /* 0: unbounded */
     bool sync_normal;     /* PRAGMA synchronous = NORMAL instead of FULL */
+    bool skip_check;      /* no PRAGMA quick_check at open (smp_store_opts_t) */
 
     uv_thread_t writer;
     bool writer_started;
@@ -1381,7 +1382,7 @@ static int try_open(smp_store_t *st, const char *path)
         why = "wal hook";
         sqlite3_wal_hook(st->db, on_wal_commit, st);
     }
-    if (rc == SQLITE_OK) {
+    if (rc == SQLITE_OK && !st->skip_check) {
         why = "integrity check";
         rc = query_text(st, "PRAGMA quick_check", text, sizeof text);
         if (rc == SQLITE_OK && strcmp(text, "ok") != 0) {
@@ -1591,6 +1592,7 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
         opts->history_retention_h > 0 ? (int64_t)opts->history_retention_h * 3600000 : 0;
     st->outbox_max = opts->outbox_max_bytes > 0 ? opts->outbox_max_bytes : 0;
     st->sync_normal = opts->sync_normal;
+    st->skip_check = opts->skip_check;
     if (uv_mutex_init(&st->mu) != 0) {
         free(st->path);
         free(st);

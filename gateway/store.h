@@ -33,6 +33,9 @@ typedef struct smp_store_opts {
      * runs, so a power cut loses nothing acknowledged. true: NORMAL, faster commits that
      * survive a crash of the process but not of the machine. */
     bool sync_normal;
+    /* true: open without PRAGMA quick_check (it reads every page: seconds to minutes on a big
+     * store and slow flash). The engine sets it for a reload and for store.quick_check "off". */
+    bool skip_check;
 } smp_store_opts_t;
 
 /* Opens (creating/migrating the schema), starts the writer thread. Returns 0 or a negative
