@@ -174,6 +174,8 @@ struct smp_engine {
     struct smp_command_state *cmds;
     bool store_degraded; /* store.on_error "degraded" in effect: write commands are refused */
     smp_episode_t fetch_errors; /* failed outbox reads (log.h) */
+    char **retired;             /* removed devices whose offline status is still to publish */
+    size_t nretired;
 };
 
 uint64_t smp__wall_ms(void);

@@ -106,6 +106,44 @@ class ReloadTest(h.TestCase):
               (size / 1e6, read / 1e6, time.monotonic() - t0, gap))
         g.stop()
 
+    def test_added_removed_changed_and_bad(self):
+        b = self.broker()
+        sim = self.sim(["--counter", "--pumps", "4", "--lights", "0"])
+        speed = dict(h.SPEED_TAG)
+
+        def dev(name, unit, tags=(HEARTBEAT,)):
+            return h.tcp_device(name, sim.port, list(tags), unit=unit, interval_ms=50)
+        cfg = h.base_config(self.workdir, b.port, [dev("pump-01", 1), dev("pump-02", 2),
+                                                   dev("pump-04", 4)])
+        sub = self.subscriber(b.port, [P + "/+/data"])
+        g = self.gateway(cfg)
+        h.wait_for(lambda: all(len(sub.messages(P + "/%s/data" % d)) >= 5
+                               for d in ("pump-01", "pump-02", "pump-04")), 20, "data")
+        # A bad config is rejected; the running one goes on.
+        with open(g.config_path, "w") as f:
+            f.write('{"gateway": {"id": "gw-test"}, "devices": [{"name": "x"}]}')
+        g.proc.signal(signal.SIGHUP)
+        h.wait_for(lambda: "reload rejected" in g.proc.output(), 10, "reload rejected")
+        # pump-02 removed, pump-03 added, pump-04 changed (one more tag), pump-01 as it was.
+        cfg["devices"] = [dev("pump-01", 1), dev("pump-03", 3), dev("pump-04", 4,
+                                                                   (HEARTBEAT, speed))]
+        g.config = cfg
+        g.write_config()
+        g.proc.signal(signal.SIGHUP)
+        h.wait_for(lambda: "config reloaded" in g.proc.output(), 20, "reload applied")
+        h.wait_for(lambda: sub.messages(P + "/pump-03/data"), 10, "the added device")
+        h.wait_for(lambda: any("speed_rpm" in j["values"] for j in sub.json(P + "/pump-04/data")),
+                   10, "the changed device's new tag")
+        late = self.subscriber(b.port, [P + "/pump-02/status"])
+        st = late.wait_json(P + "/pump-02/status", lambda j: j["state"] == "offline", 10,
+                            "the removed device's retained offline status")
+        if st.get("error") != "removed from the config":
+            raise h.Failure("removed device status: %r" % st)
+        seqs = sorted(j["seq"] for j in sub.json(P + "/pump-01/data"))
+        if seqs != list(range(seqs[0], seqs[-1] + 1)):
+            raise h.Failure("seq gap for the unchanged device: %r" % seqs[-20:])
+        g.stop()
+
 
 if __name__ == "__main__":
     ReloadTest().run_all()
