@@ -894,11 +894,17 @@ static void get_choice(vctx_t *v, json_t *obj, const char *key, const char *no, 
 
 static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
-    static const char *const keys[] = {"path",           "history_retention_h",
-                                       "outbox_max_mb",  "synchronous",
-                                       "on_error",       "commit_interval_ms",
-                                       "history_max_mb", "history_chunk_max_s",
-                                       "runtime_dir",    NULL};
+    static const char *const keys[] = {"path",
+                                       "history_retention_h",
+                                       "outbox_max_mb",
+                                       "synchronous",
+                                       "on_error",
+                                       "commit_interval_ms",
+                                       "history_max_mb",
+                                       "history_chunk_max_s",
+                                       "runtime_dir",
+                                       "quick_check",
+                                       NULL};
     long long x;
     json_t *st = get(v, root, "store", W_OBJECT, false);
     if (st == NULL) {
@@ -924,6 +930,7 @@ static void parse_store(vctx_t *v, smp_config_t *cfg, json_t *root)
         free(cfg->store.runtime_dir);
         cfg->store.runtime_dir = resolve(v, s);
     }
+    get_choice(v, st, "quick_check", "start", "off", &cfg->store.skip_check);
     double mb;
     if (get_num(v, st, "outbox_max_mb", false, &mb)) {
         /* A number, not only an integer: a small site (or a test) may want less than 1 MB. */

@@ -1161,6 +1161,54 @@ static void on_pump_timer(uv_timer_t *t)
 /* ------------------------------------------------------------------------------------------ */
 /* Bridge callbacks                                                                            */
 
+int smp_engine_retire(smp_engine_t *e, const char *const *names, size_t n)
+{
+    e->retired = calloc(n ? n : 1, sizeof *e->retired);
+    if (e->retired == NULL) {
+        return -ENOMEM;
+    }
+    for (size_t k = 0; k < n; k++) {
+        e->retired[k] = strdup(names[k]);
+        if (e->retired[k] == NULL) {
+            return -ENOMEM; /* the ones copied are still published; smp_engine_free frees */
+        }
+        e->nretired++;
+    }
+    return 0;
+}
+
+static void free_retired(smp_engine_t *e)
+{
+    for (size_t k = 0; k < e->nretired; k++) {
+        free(e->retired[k]);
+    }
+    free(e->retired);
+    e->retired = NULL;
+    e->nretired = 0;
+}
+
+/* Once, at the first connect after a reload that removed devices. */
+static void publish_retired(smp_engine_t *e)
+{
+    for (size_t k = 0; k < e->nretired; k++) {
+        char *topic = xasprintf("%s/%s/%s/status", e->cfg->mqtt.topic_prefix, e->cfg->gateway.id,
+                                e->retired[k]);
+        if (topic != NULL) {
+            smp_buf_t b;
+            smp_buf_init(&b);
+            smp_buf_printf(&b,
+                           "{\"state\":\"offline\",\"ts\":%" PRIu64
+                           ",\"error\":\"removed from the config\"}",
+                           smp__wall_ms());
+            publish_direct(e, topic, &b, true);
+            smp_buf_free(&b);
+            LOG_INFO("engine", "%s: removed from the config, status offline", e->retired[k]);
+        }
+        free(topic);
+    }
+    free_retired(e);
+}
+
 static void on_mqtt_connect(void *arg)
 {
     smp_engine_t *e = arg;
@@ -1176,6 +1224,7 @@ static void on_mqtt_connect(void *arg)
         publish_device_status(e, d);
         d->need_full = true; /* the platform may have missed changes: send everything */
     }
+    publish_retired(e);
     pump(e);
 }
 
@@ -1474,6 +1523,7 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .history_chunk_max_s = cfg->store.history_chunk_max_s,
         .commit_interval_ms = cfg->store.commit_interval_ms,
         .runtime_dir = cfg->store.runtime_dir,
+        .skip_check = cfg->store.skip_check,
     };
     int rc = smp_store_open(loop, &so, &e->store);
     if (rc == 0 && smp_store_degraded(e->store)) {
@@ -1829,6 +1879,7 @@ int smp_engine_free(smp_engine_t *e)
     e->store = NULL;
     smp_bridge_free(e->bridge);
     smp__engine_commands_free(e);
+    free_retired(e);
     for (size_t k = 0; k < e->ndevs; k++) {
         free_device(&e->devs[k]);
     }

@@ -33,6 +33,12 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
  * caller must end the process (_exit) rather than go on. */
 int smp_engine_free(smp_engine_t *e);
 
+/* Devices the previous config had and this one has not (a reload): at the next MQTT connect
+ * each one's retained status becomes {"state":"offline","ts":...,"error":"removed from the
+ * config"}, so the platform does not see a removed device online forever. `names` and its
+ * strings are copied. Call before smp_engine_start. Returns 0 or -ENOMEM. */
+int smp_engine_retire(smp_engine_t *e, const char *const *names, size_t n);
+
 /* What the service manager is told (systemd's readiness and STATUS= line). */
 typedef struct smp_engine_health {
     size_t devices;        /* configured */

@@ -190,6 +190,8 @@ struct smp_engine {
     /* smp__engine_emit's buffers, reused from message to message */
     smp_buf_t emit_vals, emit_errs, emit_msg;
     smp_episode_t fetch_errors; /* failed outbox reads (log.h) */
+    char **retired;             /* removed devices whose offline status is still to publish */
+    size_t nretired;
 };
 
 uint64_t smp__wall_ms(void);

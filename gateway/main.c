@@ -83,6 +83,8 @@ struct app {
     bool sd_ready;       /* READY=1 sent for the running engine */
     uint64_t sd_since;   /* loop time the running engine started */
     char sd_status[160]; /* the last STATUS= sent */
+    char **removed;      /* device names a reload dropped (for smp_engine_retire) */
+    size_t nremoved;
 };
 
 static void apply_log_level(struct app *a, const smp_config_t *cfg)
@@ -272,6 +274,30 @@ static void on_hup(uv_signal_t *s, int signum)
     a->reload_pending = true;
 }
 
+static void free_removed(struct app *a)
+{
+    for (size_t k = 0; k < a->nremoved; k++) {
+        free(a->removed[k]);
+    }
+    free(a->removed);
+    a->removed = NULL;
+    a->nremoved = 0;
+}
+
+/* The devices of `old` that `next` does not have: their status must say so (a reload). */
+static void removed_devices(struct app *a, const smp_config_t *old, const smp_config_t *next)
+{
+    free_removed(a);
+    a->removed = calloc(old->ndevices ? old->ndevices : 1, sizeof *a->removed);
+    for (size_t k = 0; a->removed != NULL && k < old->ndevices; k++) {
+        const char *name = old->devices[k].name;
+        if (smp_config_device(next, name) == NULL) {
+            a->removed[a->nremoved] = strdup(name);
+            a->nremoved += a->removed[a->nremoved] != NULL;
+        }
+    }
+}
+
 /* Frees the stopped engine. When a worker thread is stuck in a driver call past the stop
  * deadline its memory cannot be freed safely: the store is already committed, so the process
  * ends here. After a reload request that is exit 1, so that systemd (Restart=always) starts
@@ -436,6 +462,10 @@ int main(int argc, char **argv)
             sd_watchdog_for_reload(&a, true);
         }
         int rc = smp_engine_new(a.loop, a.cfg, &a.engine);
+        if (rc == 0 && a.nremoved > 0) {
+            rc = smp_engine_retire(a.engine, (const char *const *)a.removed, a.nremoved);
+        }
+        free_removed(&a);
         if (rc == 0) {
             rc = smp_engine_start(a.engine);
             sd_engine_started(&a);
@@ -456,9 +486,13 @@ int main(int argc, char **argv)
         uv_run(a.loop, UV_RUN_DEFAULT);
         engine_free_or_exit(&a);
         if (a.reloading && !a.stopping) {
+            removed_devices(&a, a.cfg, a.next_cfg);
             smp_config_free(a.cfg);
             a.cfg = a.next_cfg;
             a.next_cfg = NULL;
+            /* The store was checked at start and in use since: a reload reopens it without
+             * reading every page again (store.quick_check: at start only). */
+            a.cfg->store.skip_check = true;
             a.reloading = false;
             apply_log_level(&a, a.cfg);
             LOG_INFO("main", "config reloaded");

@@ -212,6 +212,7 @@ struct smp_store {
     int64_t history_max; /* bytes; 0: unbounded */
     int64_t history_chunk_ms;
     char *runtime_dir; /* staging file of open history chunks; NULL: memory */
+    bool skip_check;   /* no PRAGMA quick_check at open (smp_store_opts_t) */
 
     uv_thread_t writer;
     bool writer_started;
@@ -2082,7 +2083,7 @@ static int try_open(smp_store_t *st, const char *path)
         why = "wal hook";
         sqlite3_wal_hook(st->db, on_wal_commit, st);
     }
-    if (rc == SQLITE_OK) {
+    if (rc == SQLITE_OK && !st->skip_check) {
         why = "integrity check";
         rc = query_text(st, "PRAGMA quick_check", text, sizeof text);
         if (rc == SQLITE_OK && strcmp(text, "ok") != 0) {
@@ -2478,6 +2479,7 @@ int smp_store_open(uv_loop_t *loop, const smp_store_opts_t *opts, smp_store_t **
     st->history_chunk_ms = opts->history_chunk_max_s > 0 ? opts->history_chunk_max_s * 1000 : 0;
     st->runtime_dir = opts->runtime_dir != NULL ? strdup(opts->runtime_dir) : NULL;
     st->commit_interval_ms = opts->commit_interval_ms > 0 ? opts->commit_interval_ms : 0;
+    st->skip_check = opts->skip_check;
     if (uv_mutex_init(&st->mu) != 0) {
         free(st->path);
         free(st);

@@ -54,6 +54,9 @@ typedef struct smp_store_opts {
      * NULL, or a directory that cannot be used: no ring (as commit_interval_ms 0 for the
      * outbox). */
     const char *runtime_dir;
+    /* true: open without PRAGMA quick_check (it reads every page: seconds to minutes on a big
+     * store and slow flash). The engine sets it for a reload and for store.quick_check "off". */
+    bool skip_check;
 } smp_store_opts_t;
 
 /* Opens (creating/migrating the schema), starts the writer thread. Returns 0 or a negative

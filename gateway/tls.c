@@ -38,9 +38,12 @@ static void on_info(const SSL *ssl, int where, int ret)
     if (d == NULL || d->refusal[0] != '\0') {
         return;
     }
+    const char *desc = SSL_alert_desc_string_long(ret);
+    if ((ret & 0xff) == 116) {
+        desc = "certificate required"; /* TLS 1.3's; OpenSSL 3.0 names it "unknown" */
+    }
     snprintf(d->refusal, sizeof d->refusal, "TLS alert %s: %.100s",
-             (where & SSL_CB_READ) ? "from the broker" : "to the broker",
-             SSL_alert_desc_string_long(ret));
+             (where & SSL_CB_READ) ? "from the broker" : "to the broker", desc);
 }
 
 /* The first OpenSSL error, for a log line (the queue is cleared). */

@@ -272,9 +272,10 @@ class CommandsTest(h.TestCase):
         r = self.cmd({"id": "off-1", "op": "write", "tag": "raw_sp", "value": 9})
         assert r["ok"] is False and r["error"]["code"] == "device_offline", r
         # Bring the device back: the refused write must never happen.
+        # Cleared first: the device may be back online before start() returns.
+        self.sub.clear()
         pm2 = h.PyModbus(self.workdir, dict(PEER_SPEC, write_log=self.wlog), self.pm.port).start()
         self.defer(pm2.stop)
-        self.sub.clear()
         self.sub.wait_json(P + "/pump-01/status", lambda j: j["state"] == "online", 40)
         self.sub.wait_json(P + "/pump-01/data", lambda j: True, 10)
         assert write_lines(self.wlog) == [], write_lines(self.wlog)

@@ -871,15 +871,18 @@ static void test_store_choices(void **state)
 {
     (void)state;
     res_t r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": "
-                   "{\"synchronous\": \"normal\", \"on_error\": \"refuse\"}}");
+                   "{\"synchronous\": \"normal\", \"on_error\": \"refuse\", "
+                   "\"quick_check\": \"off\"}}");
     assert_int_equal(r.n, 0);
     assert_true(r.cfg->store.sync_normal);
     assert_true(r.cfg->store.on_error_refuse);
+    assert_true(r.cfg->store.skip_check);
     res_free(&r);
     r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": []}");
     assert_int_equal(r.n, 0);
     assert_false(r.cfg->store.sync_normal);     /* full is the default: power cuts lose nothing */
     assert_false(r.cfg->store.on_error_refuse); /* degraded is the default: keep polling */
+    assert_false(r.cfg->store.skip_check);      /* checked at start by default */
     res_free(&r);
     r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"store\": {\"synchronous\": "
              "\"off\", \"on_error\": \"exit\"}}");
