@@ -45,6 +45,9 @@ typedef struct smp_device_cfg {
     size_t ntags;
 } smp_device_cfg_t;
 
+/* mqtt.format: which contracts the gateway speaks (docs/sparkplug.md). */
+enum { SMP_FORMAT_JSON = 1, SMP_FORMAT_SPARKPLUG = 2, SMP_FORMAT_BOTH = 3 };
+
 typedef struct smp_config {
     char *path; /* the file loaded */
     struct {
@@ -67,6 +70,13 @@ typedef struct smp_config {
         char *password_file;
         char *tls_ca_file, *tls_cert_file, *tls_key_file;
         int inflight_max; /* QoS 1 messages awaiting PUBACK, default 256 */
+        int format;       /* SMP_FORMAT_JSON (default), SMP_FORMAT_SPARKPLUG, SMP_FORMAT_BOTH */
+        struct {
+            char *group_id;        /* required with a sparkplug format */
+            char *edge_node_id;    /* default gateway.id */
+            char *primary_host_id; /* NULL when absent */
+            bool use_aliases;      /* default true */
+        } sparkplug;
     } mqtt;
     struct {
         char *path;              /* default data_dir + "/simpul.db" */
