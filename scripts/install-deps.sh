@@ -10,6 +10,7 @@ PKGS=(
   mosquitto mosquitto-clients sqlite3
   python3 python3-pymodbus python3-serial python3-serial-asyncio python3-paho-mqtt python3-jsonschema
   socat mbpoll valgrind procps openssl util-linux
+  libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf # Sparkplug B (#13)
 )
 
 missing=()
