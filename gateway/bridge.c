@@ -129,6 +129,11 @@ struct smp_bridge {
     pending_t *pending; /* open addressing, capacity pending_mask + 1 (a power of two) */
     size_t pending_mask;
     size_t inflight;
+
+    smp_bridge_session_t ses; /* Sparkplug: ses.will != NULL (smp_bridge_set_session) */
+    const char *will_topic;   /* the current connection's Will (Sparkplug) */
+    const void *will_payload;
+    size_t will_len;
 };
 
 static void begin_attempt(smp_bridge_t *b);
@@ -543,6 +548,15 @@ static int do_publish(smp_bridge_t *b, const char *topic, const void *payload, s
 
 static int publish_status(smp_bridge_t *b, const char *state)
 {
+    if (b->ses.will != NULL) {
+        /* Sparkplug has no status topic: its clean stop is the NDEATH, published here on MQTT
+         * 3.1.1; on MQTT 5 the DISCONNECT with reason 0x04 has the broker send the Will. */
+        if (strcmp(state, "offline") != 0 || b->version == MQTT_PROTOCOL_V5) {
+            return 0;
+        }
+        return do_publish(b, b->will_topic, b->will_payload, b->will_len, /* qos = */ 1,
+                          /* retain = */ false, /* token = */ 0, NULL);
+    }
     char payload[96];
     int n = snprintf(payload, sizeof payload,
                      "{\"state\":\"%s\",\"version\":\"%s\",\"ts\":%" PRIu64 "}", state, SMP_VERSION,
@@ -565,7 +579,11 @@ static void teardown_conn(smp_bridge_t *b, bool send_disconnect)
             /* Queues DISCONNECT and, the socket permitting, writes it (and whatever was queued
              * before it) right now. If the socket cannot take it, the socket is closed below
              * without it and the broker publishes the Will, which says offline as well. */
-            mosquitto_disconnect(b->mosq);
+            if (b->ses.will != NULL && b->version == MQTT_PROTOCOL_V5) {
+                mosquitto_disconnect_v5(b->mosq, MQTT_RC_DISCONNECT_WITH_WILL_MSG, NULL);
+            } else {
+                mosquitto_disconnect(b->mosq);
+            }
         }
         mosquitto_destroy(b->mosq);
         b->mosq = NULL;
@@ -637,7 +655,13 @@ static int configure(smp_bridge_t *b, struct mosquitto *m)
     int n =
         snprintf(will, sizeof will, "{\"state\":\"offline\",\"version\":\"%s\",\"ts\":%" PRIu64 "}",
                  SMP_VERSION, wall_ms());
-    rc = mosquitto_will_set(m, b->status_topic, n, will, /* qos = */ 1, /* retain = */ true);
+    if (b->ses.will != NULL) {
+        b->ses.will(b->ses.arg, &b->will_topic, &b->will_payload, &b->will_len);
+        rc = mosquitto_will_set(m, b->will_topic, (int)b->will_len, b->will_payload,
+                                /* qos = */ 1, /* retain = */ false);
+    } else {
+        rc = mosquitto_will_set(m, b->status_topic, n, will, /* qos = */ 1, /* retain = */ true);
+    }
     if (rc != MOSQ_ERR_SUCCESS) {
         return rc;
     }
@@ -1181,6 +1205,22 @@ int smp_bridge_publish(smp_bridge_t *b, const char *topic, const void *payload, 
         return -EAGAIN;
     }
     return do_publish(b, topic, payload, len, qos, retain, token, props);
+}
+
+int smp_bridge_set_session(smp_bridge_t *b, const smp_bridge_session_t *s)
+{
+    if (b == NULL || s == NULL || s->will == NULL || s->client_id == NULL || b->state != ST_IDLE) {
+        return -EINVAL;
+    }
+    char *id = dup_str(s->client_id);
+    if (id == NULL) {
+        return -ENOMEM;
+    }
+    free(b->client_id);
+    b->client_id = id;
+    b->ses = *s;
+    b->ses.client_id = b->client_id;
+    return 0;
 }
 
 bool smp_bridge_connected(const smp_bridge_t *b)

@@ -166,6 +166,7 @@ struct smp_engine {
     void (*stop_cb)(void *arg);
     void *stop_arg;
     struct smp_command_state *cmds;
+    struct smp_sparkplug *spb; /* sparkplug.c; NULL with mqtt.format "json" */
 };
 
 uint64_t smp__wall_ms(void);

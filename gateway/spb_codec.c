@@ -185,7 +185,7 @@ int smp_spb_encode(uint64_t ts, int64_t seq, const smp_spb_metric_t *metrics, si
         m->alias = in->alias;
         m->has_timestamp = in->has_ts;
         m->timestamp = in->ts;
-        m->has_datatype = in->datatype != SMP_SPB_UNKNOWN;
+        m->has_datatype = in->datatype != SMP_SPB_UNKNOWN && !in->omit_datatype;
         m->datatype = in->datatype;
         if (in->is_historical) {
             m->has_is_historical = m->is_historical = true;

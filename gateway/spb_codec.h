@@ -44,8 +44,9 @@ typedef struct smp_spb_metric {
     uint64_t alias;
     bool has_ts;
     uint64_t ts;
-    uint32_t datatype; /* SMP_SPB_*; SMP_SPB_UNKNOWN: not sent */
-    bool is_null;      /* the value is unknown (value ignored) */
+    uint32_t datatype;  /* SMP_SPB_*; SMP_SPB_UNKNOWN: not sent */
+    bool omit_datatype; /* the value is encoded by datatype, which is left out (DATA) */
+    bool is_null;       /* the value is unknown (value ignored) */
     bool is_historical;
     const smp_eval_t *value; /* NULL or SMP_EV_NONE: is_null */
 } smp_spb_metric_t;

@@ -132,8 +132,9 @@ static void test_null_historical_and_no_seq(void **state)
         {.has_alias = true,
          .alias = 6,
          .datatype = SMP_SPB_UINT16,
+         .omit_datatype = true,
          .is_historical = true,
-         .value = &(smp_eval_t){.kind = SMP_EV_UINT, .u = 7}},
+         .value = &(smp_eval_t){.kind = SMP_EV_INT, .i = 7}},
     };
     uint8_t *buf = NULL;
     size_t len = 0;
@@ -146,6 +147,7 @@ static void test_null_historical_and_no_seq(void **state)
     assert_true(p.metrics[0].is_null);
     assert_int_equal(p.metrics[0].value.kind, SMP_EV_NONE);
     assert_true(p.metrics[1].is_historical);
+    assert_false(p.metrics[1].has_datatype); /* DATA leaves the datatype to the birth */
     assert_true(p.metrics[1].value.u == 7);
     smp_spb_payload_free(&p);
 
