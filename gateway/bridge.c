@@ -134,6 +134,7 @@ struct smp_bridge {
     const char *will_topic;   /* the current connection's Will (Sparkplug) */
     const void *will_payload;
     size_t will_len;
+    bool keep_backoff; /* the last connection was dropped on purpose (smp_bridge_drop) */
 };
 
 static void begin_attempt(smp_bridge_t *b);
@@ -866,7 +867,10 @@ static void on_connected(smp_bridge_t *b)
     b->in_outage = false;
     b->ever_connected = true;
     b->failed_attempts = 0;
-    b->backoff_ms = BACKOFF_MIN_MS;
+    if (!b->keep_backoff) {
+        b->backoff_ms = BACKOFF_MIN_MS;
+    }
+    b->keep_backoff = false;
 
     /* Subscriptions go out before the online status: the broker handles one client's packets
      * in order, so a platform that sees "online" can send commands and they are delivered. */
@@ -1221,6 +1225,16 @@ int smp_bridge_set_session(smp_bridge_t *b, const smp_bridge_session_t *s)
     b->ses = *s;
     b->ses.client_id = b->client_id;
     return 0;
+}
+
+void smp_bridge_drop(smp_bridge_t *b, const char *reason)
+{
+    if (b == NULL || b->state != ST_CONNECTED || b->stopping || b->ev_lost) {
+        return;
+    }
+    b->keep_backoff = true;
+    b->ev_lost = true;
+    copy_reason(b->lost_reason, sizeof b->lost_reason, reason);
 }
 
 bool smp_bridge_connected(const smp_bridge_t *b)

@@ -73,6 +73,10 @@ typedef struct smp_bridge_session {
     void *arg;
 } smp_bridge_session_t;
 int smp_bridge_set_session(smp_bridge_t *b, const smp_bridge_session_t *s);
+/* Ends the current connection without a DISCONNECT, so the broker publishes the Will, and
+ * reconnects after the backoff, which keeps growing across such drops (Sparkplug: a primary
+ * host went offline). Takes effect when the current callback returns, or within 500 ms. */
+void smp_bridge_drop(smp_bridge_t *b, const char *reason);
 
 /* Builds P/G/status payloads: {"state":"online","version":"1.0.0","ts":...}. */
 #define SMP_VERSION "1.0.0"

@@ -593,11 +593,14 @@ static void on_state(smp_sparkplug_t *s, const void *payload, size_t len)
         LOG_INFO(SCOPE, "primary host %s online", s->cfg->mqtt.sparkplug.primary_host_id);
         s->host_online = true;
         maybe_births(s);
-    } else if (!online && s->host_online) {
-        LOG_WARN(SCOPE, "primary host %s offline: holding DATA until it is back",
+    } else if (!online && s->connected) {
+        /* Sparkplug 3.0: end the session (the broker publishes our NDEATH) and try again;
+         * DATA is kept for the replay after the next births. */
+        LOG_WARN(SCOPE, "primary host %s offline: disconnecting, DATA held until it is back",
                  s->cfg->mqtt.sparkplug.primary_host_id);
         s->host_online = false;
         s->live = false;
+        smp_bridge_drop(s->bridge, "the primary host is offline");
     }
 }
 
