@@ -494,7 +494,7 @@ static uint64_t fnv1a64(uint64_t h, const void *p, size_t n)
  * otherwise handed to the command path as a JSON write whose id is derived from (device,
  * metric, value, timestamp), so a redelivered DCMD is never written twice. */
 static void dcmd_metric(smp_sparkplug_t *s, struct device *d, const smp_spb_in_metric_t *m,
-                        uint64_t payload_ts)
+                        uint64_t payload_ts, const smp_mqtt_props_t *props)
 {
     int t = find_tag(d, s, m);
     if (t < 0) {
@@ -533,14 +533,17 @@ static void dcmd_metric(smp_sparkplug_t *s, struct device *d, const smp_spb_in_m
     if (text != NULL) {
         LOG_INFO(SCOPE, "DCMD %s on %s: %s = %s", id, d->cfg->name, tc->name,
                  vtext != NULL ? vtext : "?");
-        smp__engine_command(s->e, s->devs[dev_index(s, d)].t_cmd_json, text, strlen(text), NULL);
+        /* The delivery's properties go along, so the command path's rules for them apply
+         * to a DCMD as to a JSON command. */
+        smp__engine_command(s->e, s->devs[dev_index(s, d)].t_cmd_json, text, strlen(text), props);
     }
     free(text);
     free(vtext);
     json_decref(cmd);
 }
 
-static void on_dcmd(smp_sparkplug_t *s, const char *dev_name, const smp_spb_payload_t *p)
+static void on_dcmd(smp_sparkplug_t *s, const char *dev_name, const smp_spb_payload_t *p,
+                    const smp_mqtt_props_t *props)
 {
     struct device *d = NULL;
     for (size_t k = 0; k < s->e->ndevs; k++) {
@@ -553,7 +556,7 @@ static void on_dcmd(smp_sparkplug_t *s, const char *dev_name, const smp_spb_payl
         return;
     }
     for (size_t k = 0; k < p->n; k++) {
-        dcmd_metric(s, d, &p->metrics[k], p->has_ts ? p->ts : 0);
+        dcmd_metric(s, d, &p->metrics[k], p->has_ts ? p->ts : 0, props);
     }
 }
 
@@ -625,7 +628,6 @@ static void on_disconnect(void *arg)
 static void on_message(void *arg, const char *topic, const void *payload, size_t len,
                        const smp_mqtt_props_t *props)
 {
-    (void)props;
     smp_sparkplug_t *s = arg;
     if (s->t_state != NULL && strcmp(topic, s->t_state) == 0) {
         on_state(s, payload, len);
@@ -641,7 +643,7 @@ static void on_message(void *arg, const char *topic, const void *payload, size_t
     if (strcmp(topic, s->t_ncmd) == 0) {
         on_ncmd(s, &p);
     } else if (strncmp(topic, s->t_dcmd_sub, lp) == 0 && strchr(topic + lp, '/') == NULL) {
-        on_dcmd(s, topic + lp, &p);
+        on_dcmd(s, topic + lp, &p, props);
     }
     smp_spb_payload_free(&p);
 }
