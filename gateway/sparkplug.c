@@ -99,9 +99,11 @@ static int bdseq_load(const char *path)
     return v;
 }
 
-/* A few bytes, once per CONNECT attempt (at most one a second): written in place, without
- * fsync, so the loop never waits on the flash. A power cut may repeat a bdSeq; hosts compare
- * a session's NDEATH with its own NBIRTH, which always agree. */
+/* A few bytes, once per established session (CONNACK): a bdSeq that only went out in the Will
+ * of a refused or failed attempt never reached a host, so it need not survive a restart, and
+ * a broker that stays down costs no flash writes. Written in place, without fsync, so the loop
+ * never waits on the flash: a power cut may repeat a bdSeq; hosts compare a session's NDEATH
+ * with its own NBIRTH, which always agree. */
 static void bdseq_save(const char *path, int v)
 {
     int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -122,7 +124,6 @@ static void on_will(void *arg, const char **topic, const void **payload, size_t 
 {
     smp_sparkplug_t *s = arg;
     s->bdseq = (s->bdseq + 1) % 256;
-    bdseq_save(s->bdseq_path, s->bdseq);
     smp_eval_t v = {.kind = SMP_EV_INT, .i = s->bdseq};
     smp_spb_metric_t m = {.name = "bdSeq", .datatype = SMP_SPB_INT64, .value = &v};
     uint8_t *buf = NULL;
@@ -614,6 +615,7 @@ static void on_connect(void *arg)
     smp_sparkplug_t *s = arg;
     s->connected = true;
     s->live = false;
+    bdseq_save(s->bdseq_path, s->bdseq);
     maybe_births(s);
 }
 

@@ -233,6 +233,8 @@ class SparkplugTests(h.TestCase):
         m = by_name(nb)
         assert m["bdSeq"].datatype == DT["Int64"], m["bdSeq"]
         bdseq = m["bdSeq"].long_value
+        with open(os.path.join(self.workdir, "sparkplug-bdseq")) as f:
+            assert int(f.read()) == bdseq, "bdSeq persisted at CONNACK"
         assert m["Node Control/Rebirth"].datatype == DT["Boolean"]
         assert m["Node Control/Rebirth"].boolean_value is False
         for mm in nb.metrics:  # name, alias, datatype, value and timestamp on every metric
