@@ -136,6 +136,12 @@ struct smp_bridge {
     pending_t *pending; /* open addressing, capacity pending_mask + 1 (a power of two) */
     size_t pending_mask;
     size_t inflight;
+
+    smp_bridge_session_t ses; /* Sparkplug: ses.will != NULL (smp_bridge_set_session) */
+    const char *will_topic;   /* the current connection's Will (Sparkplug) */
+    const void *will_payload;
+    size_t will_len;
+    bool keep_backoff; /* the last connection was dropped on purpose (smp_bridge_drop) */
 };
 
 static void begin_attempt(smp_bridge_t *b);
@@ -593,6 +599,15 @@ static int do_publish(smp_bridge_t *b, const char *topic, const void *payload, s
 
 static int publish_status(smp_bridge_t *b, const char *state)
 {
+    if (b->ses.will != NULL) {
+        /* Sparkplug has no status topic: its clean stop is the NDEATH, published here on MQTT
+         * 3.1.1; on MQTT 5 the DISCONNECT with reason 0x04 has the broker send the Will. */
+        if (strcmp(state, "offline") != 0 || b->version == MQTT_PROTOCOL_V5) {
+            return 0;
+        }
+        return do_publish(b, b->will_topic, b->will_payload, b->will_len, /* qos = */ 1,
+                          /* retain = */ false, /* token = */ 0, NULL);
+    }
     /* Online but deaf to what it cannot subscribe to: the status says so. */
     const sub_t *bad = NULL;
     for (size_t i = 0; i < b->nsubs && strcmp(state, "online") == 0; i++) {
@@ -672,7 +687,11 @@ static void teardown_conn(smp_bridge_t *b, bool send_disconnect)
             /* Queues DISCONNECT and, the socket permitting, writes it (and whatever was queued
              * before it) right now. If the socket cannot take it, the socket is closed below
              * without it and the broker publishes the Will, which says offline as well. */
-            mosquitto_disconnect(b->mosq);
+            if (b->ses.will != NULL && b->version == MQTT_PROTOCOL_V5) {
+                mosquitto_disconnect_v5(b->mosq, MQTT_RC_DISCONNECT_WITH_WILL_MSG, NULL);
+            } else {
+                mosquitto_disconnect(b->mosq);
+            }
         }
         mosquitto_destroy(b->mosq);
         b->mosq = NULL;
@@ -748,7 +767,13 @@ static int configure(smp_bridge_t *b, struct mosquitto *m)
     int n =
         snprintf(will, sizeof will, "{\"state\":\"offline\",\"version\":\"%s\",\"ts\":%" PRIu64 "}",
                  SMP_VERSION, wall_ms());
-    rc = mosquitto_will_set(m, b->status_topic, n, will, /* qos = */ 1, /* retain = */ true);
+    if (b->ses.will != NULL) {
+        b->ses.will(b->ses.arg, &b->will_topic, &b->will_payload, &b->will_len);
+        rc = mosquitto_will_set(m, b->will_topic, (int)b->will_len, b->will_payload,
+                                /* qos = */ 1, /* retain = */ false);
+    } else {
+        rc = mosquitto_will_set(m, b->status_topic, n, will, /* qos = */ 1, /* retain = */ true);
+    }
     if (rc != MOSQ_ERR_SUCCESS) {
         return rc;
     }
@@ -975,7 +1000,10 @@ static void on_connected(smp_bridge_t *b)
     b->in_outage = false;
     b->ever_connected = true;
     b->failed_attempts = 0;
-    b->backoff_ms = BACKOFF_MIN_MS;
+    if (!b->keep_backoff) {
+        b->backoff_ms = BACKOFF_MIN_MS;
+    }
+    b->keep_backoff = false;
 
     /* Subscriptions go out before the online status: the broker handles one client's packets
      * in order, so a platform that sees "online" can send commands and they are delivered. */
@@ -1337,6 +1365,32 @@ int smp_bridge_publish_reserved(smp_bridge_t *b, const char *topic, const void *
 {
     size_t window = b != NULL ? (size_t)b->inflight_max + SMP_BRIDGE_RESERVED : 0;
     return publish_within(b, window, topic, payload, len, qos, retain, token, props);
+}
+
+int smp_bridge_set_session(smp_bridge_t *b, const smp_bridge_session_t *s)
+{
+    if (b == NULL || s == NULL || s->will == NULL || s->client_id == NULL || b->state != ST_IDLE) {
+        return -EINVAL;
+    }
+    char *id = dup_str(s->client_id);
+    if (id == NULL) {
+        return -ENOMEM;
+    }
+    free(b->client_id);
+    b->client_id = id;
+    b->ses = *s;
+    b->ses.client_id = b->client_id;
+    return 0;
+}
+
+void smp_bridge_drop(smp_bridge_t *b, const char *reason)
+{
+    if (b == NULL || b->state != ST_CONNECTED || b->stopping || b->ev_lost) {
+        return;
+    }
+    b->keep_backoff = true;
+    b->ev_lost = true;
+    copy_reason(b->lost_reason, sizeof b->lost_reason, reason);
 }
 
 bool smp_bridge_connected(const smp_bridge_t *b)

@@ -71,6 +71,24 @@ void smp_bridge_stop(smp_bridge_t *b, uint32_t timeout_ms);
 /* Frees after on_stopped. smp_bridge_free(NULL) is a no-op. */
 void smp_bridge_free(smp_bridge_t *b);
 
+/* A Sparkplug session (sparkplug.c) instead of the JSON one: its own client id, no P/G/status
+ * messages, and a Will asked for before every CONNECT (Sparkplug's NDEATH carries a bdSeq
+ * that changes with each one), sent with QoS 1, not retained. At a clean stop the Will's
+ * payload is published (MQTT 3.1.1) or the broker is asked to publish the Will by a DISCONNECT
+ * with reason 0x04 (MQTT 5). Call before smp_bridge_start; `s` is copied (client_id too). */
+typedef struct smp_bridge_session {
+    const char *client_id;
+    /* Fills the Will for the next CONNECT; topic and payload stay the callee's and must live
+     * until the next call or smp_bridge_free. */
+    void (*will)(void *arg, const char **topic, const void **payload, size_t *len);
+    void *arg;
+} smp_bridge_session_t;
+int smp_bridge_set_session(smp_bridge_t *b, const smp_bridge_session_t *s);
+/* Ends the current connection without a DISCONNECT, so the broker publishes the Will, and
+ * reconnects after the backoff, which keeps growing across such drops (Sparkplug: a primary
+ * host went offline). Takes effect when the current callback returns, or within 500 ms. */
+void smp_bridge_drop(smp_bridge_t *b, const char *reason);
+
 /* Builds P/G/status payloads: {"state":"online","version":"1.0.0","ts":...}. */
 #define SMP_VERSION "1.0.0"
 

@@ -810,11 +810,59 @@ static void parse_tls(vctx_t *v, smp_config_t *cfg, json_t *mqtt)
     pop(v, old);
 }
 
+/* A Sparkplug id becomes a topic level: no '/', '+' or '#'. */
+static void get_spb_id(vctx_t *v, json_t *o, const char *key, bool required, char **dst)
+{
+    const char *s = get_str(v, o, key, required);
+    if (s != NULL && strpbrk(s, "/+#") != NULL) {
+        err_key(v, key, AT_VALUE, "must not contain '/', '+' or '#' (it is a topic level)");
+    } else {
+        set_str(v, dst, s);
+    }
+}
+
+/* mqtt.format and mqtt.sparkplug (docs/sparkplug.md). */
+static void parse_sparkplug(vctx_t *v, smp_config_t *cfg, json_t *m)
+{
+    static const char *const keys[] = {"group_id", "edge_node_id", "primary_host_id", "use_aliases",
+                                       NULL};
+    const char *f = get_str(v, m, "format", false);
+    if (f != NULL) {
+        if (strcmp(f, "json") == 0) {
+            cfg->mqtt.format = SMP_FORMAT_JSON;
+        } else if (strcmp(f, "sparkplug") == 0) {
+            cfg->mqtt.format = SMP_FORMAT_SPARKPLUG;
+        } else if (strcmp(f, "both") == 0) {
+            cfg->mqtt.format = SMP_FORMAT_BOTH;
+        } else {
+            char sb[SHOW_MAX + 6];
+            err_key(v, "format", AT_VALUE,
+                    "unknown format %s (use \"json\", \"sparkplug\" or \"both\")",
+                    show(f, sb, sizeof sb));
+        }
+    }
+    json_t *sp = get(v, m, "sparkplug", W_OBJECT, false);
+    if (sp == NULL) {
+        if (cfg->mqtt.format != SMP_FORMAT_JSON) {
+            err_key(v, "format", AT_VALUE, "a sparkplug format needs mqtt.sparkplug.group_id");
+        }
+        return;
+    }
+    size_t old = push_key(v, "sparkplug");
+    check_known(v, sp, keys);
+    get_spb_id(v, sp, "group_id", true, &cfg->mqtt.sparkplug.group_id);
+    get_spb_id(v, sp, "edge_node_id", false, &cfg->mqtt.sparkplug.edge_node_id);
+    get_spb_id(v, sp, "primary_host_id", false, &cfg->mqtt.sparkplug.primary_host_id);
+    get_bool(v, sp, "use_aliases", &cfg->mqtt.sparkplug.use_aliases);
+    pop(v, old);
+}
+
 static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
 {
     static const char *const keys[] = {
-        "host",    "port",     "client_id",     "topic_prefix", "qos",          "keepalive_s",
-        "version", "username", "password_file", "tls",          "inflight_max", NULL};
+        "host",      "port",     "client_id",     "topic_prefix", "qos",          "keepalive_s",
+        "version",   "username", "password_file", "tls",          "inflight_max", "format",
+        "sparkplug", NULL};
     char sb[SHOW_MAX + 6];
     long long x;
     json_t *m = get(v, root, "mqtt", W_OBJECT, false);
@@ -873,6 +921,7 @@ static void parse_mqtt(vctx_t *v, smp_config_t *cfg, json_t *root)
     if (get_int(v, m, "inflight_max", 1, 65535, false, &x)) {
         cfg->mqtt.inflight_max = (int)x;
     }
+    parse_sparkplug(v, cfg, m);
     pop(v, old);
 }
 
@@ -1802,6 +1851,8 @@ static int set_defaults(vctx_t *v, smp_config_t *cfg)
     cfg->mqtt.keepalive_s = 30;
     cfg->mqtt.version = 4;
     cfg->mqtt.inflight_max = 256;
+    cfg->mqtt.format = SMP_FORMAT_JSON;
+    cfg->mqtt.sparkplug.use_aliases = true;
     cfg->store.history_retention_h = 168;
     cfg->store.outbox_max_mb = 256;
     for (size_t k = 0; k < sizeof command_keys / sizeof command_keys[0]; k++) {
@@ -1822,6 +1873,9 @@ static void finish(vctx_t *v, smp_config_t *cfg)
         if (cfg->mqtt.client_id != NULL) {
             snprintf(cfg->mqtt.client_id, n, "simpul-%s", cfg->gateway.id);
         }
+    }
+    if (cfg->mqtt.sparkplug.edge_node_id == NULL && cfg->gateway.id != NULL) {
+        cfg->mqtt.sparkplug.edge_node_id = xstrdup(v, cfg->gateway.id);
     }
     if (cfg->store.path == NULL && cfg->gateway.data_dir != NULL) {
         size_t n = strlen(cfg->gateway.data_dir) + sizeof "/simpul.db";
@@ -2079,6 +2133,9 @@ void smp_config_free(smp_config_t *cfg)
     free(cfg->mqtt.tls_key_file);
     free(cfg->store.path);
     free(cfg->store.runtime_dir);
+    free(cfg->mqtt.sparkplug.group_id);
+    free(cfg->mqtt.sparkplug.edge_node_id);
+    free(cfg->mqtt.sparkplug.primary_host_id);
     /* Last: the devices above borrowed the plugins' tables. */
     smp_plugin_set_free(cfg->plugins);
     free(cfg);

@@ -49,6 +49,9 @@ typedef struct smp_device_cfg {
     bool tags_shared; /* tags belong to an earlier device with the same profile and protocol */
 } smp_device_cfg_t;
 
+/* mqtt.format: which contracts the gateway speaks (docs/sparkplug.md). */
+enum { SMP_FORMAT_JSON = 1, SMP_FORMAT_SPARKPLUG = 2, SMP_FORMAT_BOTH = 3 };
+
 typedef struct smp_config {
     char *path; /* the file loaded */
     struct {
@@ -72,6 +75,13 @@ typedef struct smp_config {
         char *tls_ca_file, *tls_cert_file, *tls_key_file;
         bool tls_no_verify; /* tls.verify false: the broker's certificate is not checked */
         int inflight_max;   /* QoS 1 messages awaiting PUBACK, default 256 */
+        int format;         /* SMP_FORMAT_JSON (default), SMP_FORMAT_SPARKPLUG, SMP_FORMAT_BOTH */
+        struct {
+            char *group_id;        /* required with a sparkplug format */
+            char *edge_node_id;    /* default gateway.id */
+            char *primary_host_id; /* NULL when absent */
+            bool use_aliases;      /* default true */
+        } sparkplug;
     } mqtt;
     struct {
         char *path;              /* default data_dir + "/simpul.db" */

@@ -20,6 +20,7 @@
 #include "engine_internal.h"
 #include "log.h"
 #include "plugin_host.h"
+#include "sparkplug.h"
 #include "store.h"
 #include "value.h"
 
@@ -591,6 +592,7 @@ static void set_device_state(smp_engine_t *e, struct device *d, bool online, con
     }
     d->status_ts = smp__wall_ms();
     publish_device_status(e, d);
+    smp__sparkplug_device_state(e->spb, d);
 }
 
 /* Live ids published ahead of the replay cursor, so the replay skips them. */
@@ -839,6 +841,7 @@ static void record_value(smp_engine_t *e, struct device *d, size_t t, uint64_t t
  * lists the tags this poll read (all tags are candidates on a full refresh). */
 void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
 {
+    smp__sparkplug_emit(e->spb, d, ts); /* reads the dirty flags the loop below clears */
     /* The engine's buffers, reused: a message costs no allocation but its outbox copy. */
     smp_buf_t *vals = &e->emit_vals, *errs = &e->emit_errs;
     smp_buf_reset(vals);
@@ -868,7 +871,7 @@ void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
             e->stats.values++;
         }
     }
-    if (!vfirst || !efirst) {
+    if ((!vfirst || !efirst) && e->cfg->mqtt.format != SMP_FORMAT_SPARKPLUG) {
         smp_buf_t *b = &e->emit_msg;
         smp_buf_reset(b);
         d->seq++;
@@ -1604,6 +1607,9 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
         .on_stopped = on_bridge_stopped,
     };
     rc = smp_bridge_new(loop, cfg, &cbs, e, &e->bridge);
+    if (rc == 0) {
+        rc = smp__sparkplug_new(e, &e->spb);
+    }
     if (rc < 0) {
         goto fail;
     }
@@ -1654,8 +1660,11 @@ int smp_engine_start(smp_engine_t *e)
         1000u;
     uv_timer_start(&e->metrics_timer, on_metrics_timer, mi, mi);
     uv_timer_start(&e->pump_timer, on_pump_timer, 1000, 1000);
-    smp_bridge_subscribe(e->bridge, e->topic_cmd_sub, 1);
-    int rc = smp_bridge_start(e->bridge);
+    int rc = smp__sparkplug_start(e->spb);
+    if (rc == 0 && e->cfg->mqtt.format != SMP_FORMAT_SPARKPLUG) {
+        smp_bridge_subscribe(e->bridge, e->topic_cmd_sub, 1);
+        rc = smp_bridge_start(e->bridge);
+    }
     if (rc < 0) {
         LOG_ERR("engine", "mqtt start failed: %s", strerror(-rc));
         return rc;
@@ -1721,11 +1730,12 @@ void smp__engine_stop_progress(smp_engine_t *e)
         uint32_t wait = left < 1500 ? (uint32_t)left : 1500;
         e->bridge_stop_called = true;
         smp_bridge_stop(e->bridge, wait < 200 ? 200 : wait);
+        smp__sparkplug_stop(e->spb, wait < 200 ? 200 : wait);
         return;
     }
     /* Done only once the bridge has closed its handles: its callbacks use the engine. The
      * bridge's stop is bounded by the wait given above. */
-    if (!e->bridge_stopped && !e->bridge_abandoned) {
+    if ((!e->bridge_stopped || !smp__sparkplug_stopped(e->spb)) && !e->bridge_abandoned) {
         return;
     }
     e->stop_done = true;
@@ -1878,6 +1888,7 @@ int smp_engine_free(smp_engine_t *e)
     smp_store_close(e->store);
     e->store = NULL;
     smp_bridge_free(e->bridge);
+    smp__sparkplug_free(e->spb);
     smp__engine_commands_free(e);
     free_retired(e);
     for (size_t k = 0; k < e->ndevs; k++) {

@@ -192,6 +192,7 @@ struct smp_engine {
     smp_episode_t fetch_errors; /* failed outbox reads (log.h) */
     char **retired;             /* removed devices whose offline status is still to publish */
     size_t nretired;
+    struct smp_sparkplug *spb; /* sparkplug.c; NULL with mqtt.format "json" */
 };
 
 uint64_t smp__wall_ms(void);

@@ -13,6 +13,7 @@ PKGS=(
   libsnmp-dev snmpd snmp  # SNMP driver (#11)
   debhelper dpkg-dev lintian systemd libssl-dev  # issue 12: Debian package, systemd-analyze, TLS
   collectd-core linux-perf  # issue #9: the city bench runs collectd side by side; perf profiles
+  libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf # Sparkplug B (#13)
 )
 
 missing=()

@@ -1028,6 +1028,58 @@ static void test_reconnects_after_broker_killed(void **state)
     bridge_stop_and_free(b, &r);
 }
 
+/* A Sparkplug session (smp_bridge_set_session): its own client id, no status topic, a Will
+ * asked for before every CONNECT; smp_bridge_drop ends the connection without DISCONNECT (the
+ * broker publishes that Will) and reconnects; a clean stop on MQTT 3.1.1 publishes the Will's
+ * payload itself. */
+struct will_ctx {
+    int calls;
+    char payload[32];
+};
+
+static void test_will(void *arg, const char **topic, const void **payload, size_t *len)
+{
+    struct will_ctx *w = arg;
+    w->calls++;
+    snprintf(w->payload, sizeof w->payload, "death-%d", w->calls);
+    *topic = "spBv1.0/G/NDEATH/E";
+    *payload = w->payload;
+    *len = strlen(w->payload);
+}
+
+static void test_session_will_drop_and_stop(void **state)
+{
+    (void)state;
+    broker_start_default(&fx.broker);
+    smp_config_t cfg = base_cfg(fx.broker.port);
+    rec_t r = {0};
+    r.child_fd = -1;
+    struct will_ctx w = {0};
+    smp_bridge_t *b = NULL;
+    assert_int_equal(smp_bridge_new(&fx.loop, &cfg, &test_cbs, &r, &b), 0);
+    r.b = b;
+    smp_bridge_session_t ses = {.client_id = "simpul-gw1-spb", .will = test_will, .arg = &w};
+    assert_int_equal(smp_bridge_set_session(b, &ses), 0);
+    obs_t *o = obs_start(fx.broker.port);
+    obs_subscribe(o, "spBv1.0/#");
+    obs_subscribe(o, STATUS_TOPIC);
+    WAIT_UNTIL(obs_subacks(o) >= 2, 5000);
+    assert_int_equal(smp_bridge_start(b), 0);
+    WAIT_UNTIL(r.connects > 0, 5000);
+    assert_int_equal(w.calls, 1);
+
+    smp_bridge_drop(b, "test drop");
+    WAIT_UNTIL(obs_find(o, "spBv1.0/G/NDEATH/E", "death-1") != NULL, 5000);
+    assert_false(obs_find(o, "spBv1.0/G/NDEATH/E", "death-1")->retain);
+    WAIT_UNTIL(r.connects > 1, 8000); /* after the backoff, with the next Will */
+    assert_int_equal(w.calls, 2);
+
+    bridge_stop_and_free(b, &r);
+    WAIT_UNTIL(obs_find(o, "spBv1.0/G/NDEATH/E", "death-2") != NULL, 5000);
+    assert_null(obs_find(o, STATUS_TOPIC, NULL)); /* no JSON status from a Sparkplug session */
+    obs_stop(o);
+}
+
 /* Messages on subscribed topics reach on_message with topic and payload intact: subscriptions
  * made before start (sent on connect) and while connected (sent at once). MQTT 3.1.1 has no
  * properties: both fields are NULL/0. */
@@ -1439,6 +1491,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_will_published_when_process_killed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_connect_publishes_retained_online, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_session_will_drop_and_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_publish_qos1_acked_with_token, setup, teardown),
         cmocka_unit_test_setup_teardown(test_inflight_window_full_is_eagain, setup, teardown),
         cmocka_unit_test_setup_teardown(test_enotconn_while_broker_down, setup, teardown),

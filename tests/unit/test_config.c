@@ -966,6 +966,47 @@ static void test_store_commit_interval_and_runtime_dir(void **state)
     res_free(&r);
 }
 
+static void test_sparkplug(void **state)
+{
+    (void)state;
+    res_t r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": []}");
+    assert_int_equal(r.n, 0);
+    assert_int_equal(r.cfg->mqtt.format, SMP_FORMAT_JSON);
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"mqtt\": {\"format\": "
+             "\"both\", \"sparkplug\": {\"group_id\": \"G\"}}}");
+    assert_int_equal(r.n, 0);
+    assert_int_equal(r.cfg->mqtt.format, SMP_FORMAT_BOTH);
+    assert_string_equal(r.cfg->mqtt.sparkplug.group_id, "G");
+    assert_string_equal(r.cfg->mqtt.sparkplug.edge_node_id, "gw-1"); /* default: gateway.id */
+    assert_null(r.cfg->mqtt.sparkplug.primary_host_id);
+    assert_true(r.cfg->mqtt.sparkplug.use_aliases);
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [], \"mqtt\": {\"format\": "
+             "\"sparkplug\", \"sparkplug\": {\"group_id\": \"G\", \"edge_node_id\": \"E\", "
+             "\"primary_host_id\": \"scada\", \"use_aliases\": false}}}");
+    assert_int_equal(r.n, 0);
+    assert_int_equal(r.cfg->mqtt.format, SMP_FORMAT_SPARKPLUG);
+    assert_string_equal(r.cfg->mqtt.sparkplug.edge_node_id, "E");
+    assert_string_equal(r.cfg->mqtt.sparkplug.primary_host_id, "scada");
+    assert_false(r.cfg->mqtt.sparkplug.use_aliases);
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [],\n"
+             "\"mqtt\": {\"format\": \"sparkplug\"}}");
+    expect_errors(&r, 1);
+    expect_line(&r, "t.json:2:20: mqtt.format: a sparkplug format needs mqtt.sparkplug.group_id");
+    res_free(&r);
+    r = load("{\"gateway\": {\"id\": \"gw-1\"}, \"devices\": [],\n"
+             "\"mqtt\": {\"format\": \"xml\", \"sparkplug\": {\"edge_node_id\": \"a/b\", "
+             "\"x\": 1}}}");
+    expect_errors(&r, 4);
+    expect_line(&r, "t.json:2:20: mqtt.format: unknown format \"xml\" (use \"json\", "
+                    "\"sparkplug\" or \"both\")");
+    expect_line(&r, "t.json:2:57: mqtt.sparkplug.edge_node_id: must not contain '/', '+' or '#' "
+                    "(it is a topic level)");
+    res_free(&r);
+}
+
 static void test_out_of_range(void **state)
 {
     (void)state;
@@ -1560,6 +1601,7 @@ int main(void)
         cmocka_unit_test(test_store_choices),
         cmocka_unit_test(test_store_history_keys),
         cmocka_unit_test(test_store_commit_interval_and_runtime_dir),
+        cmocka_unit_test(test_sparkplug),
         cmocka_unit_test(test_missing_required),
         cmocka_unit_test(test_bad_plugin_keys),
         cmocka_unit_test(test_type_restrictions),
