@@ -1168,7 +1168,9 @@ static int qres_chunk(struct qres *r, int enc, int64_t t_first, const uint8_t *d
 /* Sorts and keeps the first `limit`: what is cut off can never come back into the answer. */
 static void qres_trim(struct qres *r, size_t limit)
 {
-    qsort(r->v, r->n, sizeof *r->v, cmp_sample);
+    if (r->n > 1) { /* r->v is NULL while empty: qsort must not see it */
+        qsort(r->v, r->n, sizeof *r->v, cmp_sample);
+    }
     if (r->n > limit) {
         r->n = limit;
     }
