@@ -391,6 +391,18 @@ class TestCase:
         self.defer(b.stop)
         return b
 
+    def pty_pair(self):
+        """A socat pty pair in the workdir, (simulator's end, gateway's end), stopped at cleanup."""
+        socat = shutil.which("socat")
+        assert socat, "socat is required (scripts/install-deps.sh installs it)"
+        sim_tty = os.path.join(self.workdir, "sim-tty")
+        gw_tty = os.path.join(self.workdir, "gw-tty")
+        pty = Proc("socat", [socat, "-d", "-d", "pty,raw,echo=0,link=" + sim_tty,
+                             "pty,raw,echo=0,link=" + gw_tty], self.workdir)
+        self.defer(pty.stop)
+        wait_for(lambda: os.path.exists(sim_tty) and os.path.exists(gw_tty), 10, "pty pair")
+        return sim_tty, gw_tty
+
     def sim(self, args=(), port=None, name="sim"):
         s = Sim(self.workdir, args, port, name).start()
         self.defer(s.stop)

@@ -2,7 +2,6 @@
 simpul polls the other, two units on one bus (one connection, one worker)."""
 import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -13,14 +12,7 @@ P = "simpul/gw-test"
 
 class RtuTest(h.TestCase):
     def test_rtu_bus_poll_and_write(self):
-        socat = shutil.which("socat")
-        assert socat, "socat is required (scripts/install-deps.sh installs it)"
-        sim_tty = os.path.join(self.workdir, "sim-tty")
-        gw_tty = os.path.join(self.workdir, "gw-tty")
-        pty = h.Proc("socat", [socat, "-d", "-d", "pty,raw,echo=0,link=" + sim_tty,
-                               "pty,raw,echo=0,link=" + gw_tty], self.workdir)
-        self.defer(pty.stop)
-        h.wait_for(lambda: os.path.exists(sim_tty) and os.path.exists(gw_tty), 10, "pty pair")
+        sim_tty, gw_tty = self.pty_pair()
         wlog = os.path.join(self.workdir, "writes.log")
         sim = h.Proc("sim-rtu", [h.SIMPUL_SIM, "--rtu", sim_tty, "--baud", "19200",
                                  "--pumps", "2", "--lights", "0", "--static",

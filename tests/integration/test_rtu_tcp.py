@@ -11,7 +11,6 @@ transparent serial server (Moxa NPort, USR-TCP232) carries them.
 import json
 import os
 import shutil
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -216,14 +215,7 @@ class RtuTcpTest(h.TestCase):
                              {"transport": "rtu_tcp", "host": "127.0.0.1", "port": sim.port})
 
     def test_late_reply_is_drained_on_a_serial_line(self):
-        socat = shutil.which("socat")
-        assert socat, "socat is required (scripts/install-deps.sh installs it)"
-        sim_tty = os.path.join(self.workdir, "sim-tty")
-        gw_tty = os.path.join(self.workdir, "gw-tty")
-        pty = h.Proc("socat", [socat, "-d", "-d", "pty,raw,echo=0,link=" + sim_tty,
-                               "pty,raw,echo=0,link=" + gw_tty], self.workdir)
-        self.defer(pty.stop)
-        h.wait_for(lambda: os.path.exists(sim_tty) and os.path.exists(gw_tty), 10, "pty pair")
+        sim_tty, gw_tty = self.pty_pair()
         wlog = os.path.join(self.workdir, "writes.log")
         sim = h.Proc("sim-rtu", [h.SIMPUL_SIM, "--rtu", sim_tty, "--baud", "19200",
                                  "--write-log", wlog] + self.LATE, self.workdir)
