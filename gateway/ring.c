@@ -26,7 +26,22 @@ struct file_hdr {
     uint32_t active;
     uint64_t region_bytes;
     uint64_t end[2]; /* bytes of records in each region; moved only after a record is complete */
+    uint64_t seq_n;  /* version 2: seq slots in use (moved only after a slot is complete) */
 };
+
+/* Version 2 adds, after the two regions, a table of each device's last staged seq: what a
+ * kill -9 must resume from exactly, kept here so the database needs it only at a clean stop
+ * and when a device's seq reservation moves (docs/store.md, "seq"). A version 1 file (older
+ * simpul) has no table: its seqs were committed at every interval, and this run writes them
+ * the same way (smp__ring_seq_slot returns -1). */
+#define SEQ_MAGIC 0x51455331u /* "SEQ1" */
+struct seq_slot {
+    uint64_t seq;
+    uint32_t magic; /* stored last when the slot is taken */
+    uint16_t len;
+    char name[66]; /* NUL-terminated */
+};
+_Static_assert(sizeof(struct seq_slot) == 80, "seq slot layout");
 
 struct rec_hdr {
     uint32_t magic;
@@ -54,7 +69,13 @@ struct smp_ring {
     uint64_t region_bytes;
     struct idx *ix[2]; /* records of each region, in id order */
     size_t ix_n[2], ix_cap[2];
+    struct seq_slot *seq; /* NULL: a version 1 file */
 };
+
+static size_t seq_bytes(void)
+{
+    return (size_t)SMP_RING_SEQ_SLOTS * sizeof(struct seq_slot);
+}
 
 static unsigned char *region_base(const smp_ring_t *r, int k)
 {
@@ -128,6 +149,7 @@ static int index_region(smp_ring_t *r, int k)
 
 static int map_file(smp_ring_t *r, size_t region_bytes, bool *existed)
 {
+    uint32_t version = 2;
     struct stat sb;
     if (fstat(r->fd, &sb) != 0) {
         return -errno;
@@ -138,15 +160,17 @@ static int map_file(smp_ring_t *r, size_t region_bytes, bool *existed)
         if (pread(r->fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
             return -EIO;
         }
-        fresh = memcmp(h.magic, RING_MAGIC, 8) != 0 || h.version != 1 || h.region_bytes < 4096 ||
-                h.region_bytes > (1ull << 30) || h.region_bytes % 8 != 0 ||
-                (uint64_t)sb.st_size < HDR_BYTES + 2 * h.region_bytes;
+        fresh = memcmp(h.magic, RING_MAGIC, 8) != 0 || (h.version != 1 && h.version != 2) ||
+                h.region_bytes < 4096 || h.region_bytes > (1ull << 30) || h.region_bytes % 8 != 0 ||
+                (uint64_t)sb.st_size <
+                    HDR_BYTES + 2 * h.region_bytes + (h.version == 2 ? seq_bytes() : 0);
         if (!fresh) {
             region_bytes = (size_t)h.region_bytes;
+            version = h.version;
         }
     }
     *existed = !fresh;
-    size_t len = HDR_BYTES + 2 * region_bytes;
+    size_t len = HDR_BYTES + 2 * region_bytes + (version == 2 ? seq_bytes() : 0);
     if (fresh && ftruncate(r->fd, 0) != 0) {
         return -errno;
     }
@@ -163,11 +187,17 @@ static int map_file(smp_ring_t *r, size_t region_bytes, bool *existed)
     r->region_bytes = region_bytes;
     if (fresh) {
         memset(r->hdr, 0, sizeof *r->hdr);
-        r->hdr->version = 1;
+        r->hdr->version = 2;
         r->hdr->region_bytes = region_bytes;
         memcpy(r->hdr->magic, RING_MAGIC, 8);
     }
     r->hdr->active &= 1u;
+    if (version == 2) {
+        r->seq = (struct seq_slot *)(r->map + HDR_BYTES + 2 * region_bytes);
+        if (r->hdr->seq_n > SMP_RING_SEQ_SLOTS) {
+            r->hdr->seq_n = SMP_RING_SEQ_SLOTS;
+        }
+    }
     return 0;
 }
 
@@ -372,4 +402,50 @@ void smp__ring_reset(smp_ring_t *r, int region)
 size_t smp__ring_used(const smp_ring_t *r, int region)
 {
     return (size_t)r->hdr->end[region];
+}
+
+int smp__ring_seq_slot(smp_ring_t *r, const char *device)
+{
+    size_t len = strlen(device);
+    uint64_t n = r->hdr->seq_n;
+    if (r->seq == NULL || n >= SMP_RING_SEQ_SLOTS || len >= sizeof r->seq[0].name) {
+        return -1;
+    }
+    struct seq_slot *s = &r->seq[n];
+    s->seq = 0;
+    s->len = (uint16_t)len;
+    memcpy(s->name, device, len + 1);
+    __atomic_store_n(&s->magic, SEQ_MAGIC, __ATOMIC_RELEASE);
+    __atomic_store_n(&r->hdr->seq_n, n + 1, __ATOMIC_RELEASE);
+    return (int)n;
+}
+
+void smp__ring_seq_set(smp_ring_t *r, int slot, uint64_t seq)
+{
+    if (r->seq != NULL && slot >= 0 && (uint64_t)slot < r->hdr->seq_n) {
+        __atomic_store_n(&r->seq[slot].seq, seq, __ATOMIC_RELEASE);
+    }
+}
+
+void smp__ring_seq_scan(smp_ring_t *r, smp_ring_seq_cb cb, void *arg)
+{
+    for (uint64_t i = 0; r->seq != NULL && i < r->hdr->seq_n; i++) {
+        const struct seq_slot *s = &r->seq[i];
+        if (s->magic == SEQ_MAGIC && s->len < sizeof s->name && s->name[s->len] == '\0' &&
+            strlen(s->name) == s->len) {
+            cb(arg, s->name, s->seq);
+        }
+    }
+}
+
+void smp__ring_seq_clear(smp_ring_t *r)
+{
+    if (r->seq != NULL) {
+        __atomic_store_n(&r->hdr->seq_n, 0, __ATOMIC_RELEASE);
+    }
+}
+
+bool smp__ring_has_seq(const smp_ring_t *r)
+{
+    return r->seq != NULL;
 }

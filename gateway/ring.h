@@ -66,4 +66,18 @@ void smp__ring_reset(smp_ring_t *r, int region);
 /* Bytes used by records in `region`. */
 size_t smp__ring_used(const smp_ring_t *r, int region);
 
+/* Each device's last staged seq, in the same file (it outlives a kill -9 like the records, and
+ * a power cut takes it with them). A slot per device name, taken once and set at every staged
+ * seq; a name longer than 65 bytes, a full table or a file of an older simpul gets -1. */
+enum { SMP_RING_SEQ_SLOTS = 16384 };
+int smp__ring_seq_slot(smp_ring_t *r, const char *device);
+void smp__ring_seq_set(smp_ring_t *r, int slot, uint64_t seq);
+typedef void (*smp_ring_seq_cb)(void *arg, const char *device, uint64_t seq);
+/* Calls cb for every slot, in the order they were taken (a name may appear twice). */
+void smp__ring_seq_scan(smp_ring_t *r, smp_ring_seq_cb cb, void *arg);
+/* Forgets every slot (once the database holds what they said). */
+void smp__ring_seq_clear(smp_ring_t *r);
+/* Whether the file has the seq table (false: a file of an older simpul). */
+bool smp__ring_has_seq(const smp_ring_t *r);
+
 #endif

@@ -54,8 +54,9 @@ static int wal_autocheckpoint_pages = 1000;
 static int cache_kib = 2048;     /* page cache of the writer's connection (docs/store.md) */
 static int ckpt_cache_kib = 256; /* the checkpointer reads pages once: it needs no cache */
 static size_t ring_region_bytes = 4 * 1024 * 1024; /* per ring region; sparse, on tmpfs */
-static uint64_t lv_flush_ms = 300000; /* last values written this often (and at stop) */
-static uint64_t seq_headroom_min = 8; /* seqs reserved ahead of the last committed one */
+static uint64_t lv_flush_ms = 300000;   /* last values written this often (and at stop) */
+static uint64_t seq_headroom_min = 8;   /* seqs reserved ahead of the last committed one */
+static uint64_t seq_reserve_blocks = 8; /* a reservation spans this many headrooms */
 
 enum op_kind {
     OP_PUT_VALUE,
@@ -290,9 +291,11 @@ struct smp_store {
  * which nothing may be published before a new reservation commits. */
 struct dseq {
     uint64_t staged, committed, upto, snap;
-    bool dirty;         /* snap taken at a region switch and not yet committed */
-    unsigned in_writer; /* adds of this device routed through the writer, not yet staged */
-    unsigned pending;   /* of those, waiting for a reservation's commit */
+    uint64_t tick_staged, rate; /* staged at the last interval commit, and seqs per interval */
+    int slot;                   /* its seq slot in the ring (kill -9 resumes from it), -1 none */
+    bool dirty;                 /* snap taken at a region switch and not yet committed */
+    unsigned in_writer;         /* adds of this device routed through the writer, not yet staged */
+    unsigned pending;           /* of those, waiting for a reservation's commit */
 };
 
 struct lv {
@@ -1011,20 +1014,44 @@ static int apply_late(smp_store_t *st)
     return rc;
 }
 
+/* Seqs a device must always have reserved ahead: four intervals' worth (at least 8). */
 static uint64_t headroom(const struct dseq *d)
 {
-    uint64_t rate = d->staged > d->committed ? d->staged - d->committed : 0;
-    return rate * 4 > seq_headroom_min ? rate * 4 : seq_headroom_min;
+    return d->rate * 4 > seq_headroom_min ? d->rate * 4 : seq_headroom_min;
 }
 
-/* The seq state of a device, created on first use. Caller holds ring_mu. */
+/* Where a new reservation ends: a block of seq_reserve_blocks headrooms, so that a device
+ * publishing steadily moves its reservation (two small rows) once per ~60 intervals, not at
+ * every interval. A power cut can leave up to this many reserved numbers unused. */
+static uint64_t reserve_end(const struct dseq *d, uint64_t seq)
+{
+    return seq + (d != NULL ? headroom(d) : seq_headroom_min) * seq_reserve_blocks;
+}
+
+/* The seq state of a device, created on first use, with its seq slot in the ring. Caller
+ * holds ring_mu. */
 static struct dseq *dseq_get(smp_store_t *st, const char *device)
 {
     void **slot = sm_slot(st->dseq, device, true);
     if (slot != NULL && *slot == NULL) {
-        *slot = calloc(1, sizeof(struct dseq));
+        struct dseq *d = calloc(1, sizeof(struct dseq));
+        if (d != NULL) {
+            d->slot = st->ring != NULL ? smp__ring_seq_slot(st->ring, device) : -1;
+        }
+        *slot = d;
     }
     return slot != NULL ? *slot : NULL;
+}
+
+/* A device's seq was staged (or loaded): kept in its ring slot, which a kill -9 leaves. */
+static void dseq_staged(smp_store_t *st, struct dseq *d, uint64_t seq)
+{
+    if (seq > d->staged) {
+        d->staged = seq;
+    }
+    if (st->ring != NULL) {
+        smp__ring_seq_set(st->ring, d->slot, d->staged);
+    }
 }
 
 static void snap_add(void *arg, const smp_ring_rec_t *rec)
@@ -1065,7 +1092,15 @@ static int tick_snapshot(smp_store_t *st, bool final)
         if (d == NULL) {
             continue;
         }
-        if (took && (d->staged > d->committed || final)) {
+        if (took) {
+            d->rate = d->staged - d->tick_staged;
+            d->tick_staged = d->staged;
+        }
+        /* A device with a seq slot needs the database only when its reservation runs low
+         * (or at the final commit): a kill -9 resumes from the slot, a power cut after the
+         * reservation. Without a slot its seq is committed at every interval. */
+        bool renew = d->staged + headroom(d) > d->upto;
+        if (took && (final || (d->staged > d->committed && (d->slot < 0 || renew)))) {
             d->snap = d->staged;
             d->dirty = true;
         }
@@ -1074,7 +1109,7 @@ static int tick_snapshot(smp_store_t *st, bool final)
             uint64_t head = headroom(d);
             st->dirty[st->dirty_n++] = (struct dirty_dev){
                 st->dseq->keys[i], d->snap,
-                final ? d->snap : (d->snap + head > d->upto ? d->snap + head : d->upto)};
+                final ? d->snap : (d->snap + head > d->upto ? reserve_end(d, d->snap) : d->upto)};
         }
     }
     st->snap_n = 0;
@@ -1199,7 +1234,7 @@ static int stage_from_writer(smp_store_t *st, op_t *o)
         st->ring_staged++;
         st->ring_live++;
         if (d != NULL) {
-            d->staged = o->seq > d->staged ? o->seq : d->staged;
+            dseq_staged(st, d, o->seq);
             d->in_writer -= d->in_writer > 0;
         }
     }
@@ -1227,7 +1262,7 @@ static void spill_add(smp_store_t *st, op_t *o)
     o->id = st->next_id++;
     struct dseq *d = st->ring != NULL ? dseq_get(st, o->device) : NULL;
     if (d != NULL) {
-        d->staged = o->seq > d->staged ? o->seq : d->staged;
+        dseq_staged(st, d, o->seq);
         d->in_writer -= d->in_writer > 0;
     }
     uv_mutex_unlock(&st->ring_mu);
@@ -1274,7 +1309,7 @@ static void add_op(smp_store_t *st, op_t *o)
     uv_mutex_lock(&st->ring_mu);
     struct dseq *d = dseq_get(st, o->device);
     bool need = d == NULL || o->seq > d->upto || d->pending > 0;
-    uint64_t upto = o->seq + (d != NULL ? headroom(d) : seq_headroom_min);
+    uint64_t upto = reserve_end(d, o->seq);
     if (need && d != NULL) {
         d->pending++;
     }
@@ -2322,10 +2357,19 @@ static void recover_rec(void *arg, const smp_ring_rec_t *rec)
     }
 }
 
+static void recover_seq(void *arg, const char *device, uint64_t seq)
+{
+    struct recover_ctx *c = arg;
+    if (c->rc == 0 && seq > 0) {
+        c->rc = set_device_seq(c->st, ST_SEQ_MAX, device, seq);
+    }
+}
+
 static void ring_recover(smp_store_t *st)
 {
     struct recover_ctx c = {st, tx_begin(st), 0, 0};
     smp__ring_scan(st->ring, -1, recover_rec, &c);
+    smp__ring_seq_scan(st->ring, recover_seq, &c);
     if (c.rc == 0) {
         c.rc = tx_commit(st);
     }
@@ -2337,6 +2381,7 @@ static void ring_recover(smp_store_t *st)
     }
     smp__ring_reset(st->ring, 0);
     smp__ring_reset(st->ring, 1);
+    smp__ring_seq_clear(st->ring);
     if (c.live + c.acked > 0) {
         LOG_WARN(SCOPE,
                  "the last run did not stop cleanly: recovered %" PRIu64
@@ -2740,8 +2785,18 @@ int smp_store_load_seq(smp_store_t *st, const char *device, uint64_t *seq)
         uv_mutex_lock(&st->ring_mu);
         struct dseq *d = dseq_get(st, device);
         if (d != NULL) {
-            d->staged = d->committed = last;
-            d->upto = upto > last ? upto : last;
+            /* Already known (a device restarted by a reload): the database may be behind. */
+            d->committed = last > d->committed ? last : d->committed;
+            if (d->staged > last) {
+                last = d->staged;
+                *seq = last;
+            }
+            if (d->tick_staged == 0) {
+                d->tick_staged = last;
+            }
+            dseq_staged(st, d, last);
+            d->upto = upto > d->upto ? upto : d->upto;
+            d->upto = d->upto > last ? d->upto : last;
         }
         uv_mutex_unlock(&st->ring_mu);
     }
@@ -2784,7 +2839,7 @@ static int64_t stage_direct(smp_store_t *st, const char *device, uint64_t seq, c
     if (d != NULL && d->in_writer == 0 && seq <= d->upto &&
         smp__ring_append(st->ring, st->next_id, device, seq, topic, payload, len, wall_ms()) == 0) {
         id = st->next_id++;
-        d->staged = seq > d->staged ? seq : d->staged;
+        dseq_staged(st, d, seq);
         st->ring_staged++;
         st->ring_live++;
     } else if (d != NULL) {
