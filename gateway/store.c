@@ -33,6 +33,7 @@
 
 #include "history.h"
 #include "log.h"
+#include "obpack.h"
 #include "ring.h"
 
 #define SCOPE          "store"
@@ -57,6 +58,7 @@ static size_t ring_region_bytes = 4 * 1024 * 1024; /* per ring region; sparse, o
 static uint64_t lv_flush_ms = 300000;   /* last values written this often (and at stop) */
 static uint64_t seq_headroom_min = 8;   /* seqs reserved ahead of the last committed one */
 static uint64_t seq_reserve_blocks = 8; /* a reservation spans this many headrooms */
+static size_t pack_min_msgs = 16;       /* fewer unacked messages at a commit: one row each */
 
 enum op_kind {
     OP_PUT_VALUE,
@@ -123,6 +125,10 @@ enum {
     ST_RESERVE_SET,
     ST_LOAD_RESERVE,
     ST_RESERVE_EXACT,
+    ST_PK_ADD,
+    ST_PK_DEL,
+    ST_PK_MEMBERS,
+    ST_PK_DATA,
     ST_COUNT
 };
 
@@ -167,6 +173,11 @@ static const char *const stmt_sql[ST_COUNT] = {
     [ST_LOAD_RESERVE] = "SELECT upto FROM seq_reserve WHERE device = ?1",
     [ST_RESERVE_EXACT] = "INSERT INTO seq_reserve(device, upto) VALUES(?1, ?2)"
                          " ON CONFLICT(device) DO UPDATE SET upto = excluded.upto",
+    [ST_PK_ADD] = "INSERT OR IGNORE INTO outbox_pack(first_id, last_id, raw_len, members, data)"
+                  " VALUES(?1, ?2, ?3, ?4, ?5)",
+    [ST_PK_DEL] = "DELETE FROM outbox_pack WHERE first_id = ?1",
+    [ST_PK_MEMBERS] = "UPDATE outbox_pack SET members = ?2 WHERE first_id = ?1",
+    [ST_PK_DATA] = "SELECT raw_len, data FROM outbox_pack WHERE first_id = ?1",
 };
 
 /* The tables of schema version 1 except `history`, which version 2 replaced with chunks
@@ -191,7 +202,11 @@ static const char schema_v1[] =
     "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(received_ms);"
     /* Added without a version bump: an older simpul ignores a table it does not know. */
     "CREATE TABLE IF NOT EXISTS seq_reserve ("
-    " device TEXT PRIMARY KEY NOT NULL, upto INTEGER NOT NULL) WITHOUT ROWID;";
+    " device TEXT PRIMARY KEY NOT NULL, upto INTEGER NOT NULL) WITHOUT ROWID;"
+    /* An interval's outage backlog in one deflated row (obpack.h); also without a bump. */
+    "CREATE TABLE IF NOT EXISTS outbox_pack ("
+    " first_id INTEGER PRIMARY KEY, last_id INTEGER NOT NULL, raw_len INTEGER NOT NULL,"
+    " members BLOB NOT NULL, data BLOB NOT NULL);";
 
 struct smp_store {
     uv_loop_t *loop;
@@ -231,6 +246,8 @@ struct smp_store {
     /* Writer state: used under db_mu (the writer, and the start-up reads that may log an
      * error), or by open/close while the writer is not running. */
     int64_t ob_rows, ob_bytes;             /* committed outbox totals */
+    smp_obpack_index_t packs;              /* outbox packs in the database (writer thread) */
+    smp_obpack_index_t tx_packs;           /* packs the open interval commit inserts */
     int64_t tx_rows, tx_bytes, tx_dropped; /* changes by the open transaction */
     int64_t tx_written;                    /* outbox rows written by it */
     uint64_t ob_dropped;                   /* since start */
@@ -601,18 +618,36 @@ static int tx_commit(smp_store_t *st)
 /* Drops the oldest outbox rows until the payload total is within the limit. Runs inside the
  * open transaction: walks ids upward summing lengths (length() of a blob does not read it),
  * then deletes the whole prefix with one range delete. */
+static int pack_drop_oldest(smp_store_t *st, int64_t *freed);
+
 static int outbox_trim(smp_store_t *st)
 {
     int64_t excess = st->ob_bytes + st->tx_bytes - st->outbox_max;
-    int64_t freed = 0, n = 0, last_id = -1;
+    int64_t freed = 0, packs_freed = 0, n = 0, last_id = -1, row_id = 0, row_len = 0;
     sqlite3_stmt *s = st->stmt[ST_OB_OLDEST];
-    int rc = SQLITE_ROW;
-    while (freed < excess && (rc = sqlite3_step(s)) == SQLITE_ROW) {
-        last_id = sqlite3_column_int64(s, 0);
-        freed += sqlite3_column_int64(s, 1);
-        n++;
+    int rc = SQLITE_ROW, err = 0;
+    bool have = false; /* row_id/row_len hold the oldest row not yet counted */
+    while (freed + packs_freed < excess && err == 0) {
+        if (!have && rc == SQLITE_ROW && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+            row_id = sqlite3_column_int64(s, 0);
+            row_len = sqlite3_column_int64(s, 1);
+            have = true;
+        }
+        if (st->packs.n > 0 && (!have || st->packs.v[0].first < row_id)) {
+            err = pack_drop_oldest(st, &packs_freed); /* the oldest is a pack */
+        } else if (have) {
+            last_id = row_id;
+            freed += row_len;
+            n++;
+            have = false;
+        } else {
+            break;
+        }
     }
     sqlite3_reset(s);
+    if (err != 0) {
+        return err;
+    }
     if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
         return sql_fail(st, rc, "outbox trim");
     }
@@ -803,6 +838,161 @@ static int apply_add(smp_store_t *st, op_t *o)
     return set_device_seq(st, ST_SEQ_SET, o->device, o->seq);
 }
 
+/* ---- outbox packs (obpack.h): an interval's outage backlog in one deflated row ---- */
+
+static int pack_delete(smp_store_t *st, int64_t first)
+{
+    int rc = sqlite3_bind_int64(st->stmt[ST_PK_DEL], 1, first);
+    return rc != SQLITE_OK ? sql_fail(st, rc, "outbox pack delete")
+                           : step_done(st, ST_PK_DEL, "outbox pack delete");
+}
+
+/* Inserts recs[0..n) as one pack of the open transaction (st->tx_packs until it commits). */
+static int pack_insert(smp_store_t *st, const smp_ring_rec_t *recs, size_t n)
+{
+    uint8_t *blob = NULL;
+    size_t blob_len = 0, raw_len = 0;
+    int rc = smp__obpack_encode(recs, n, &blob, &blob_len, &raw_len);
+    if (rc != 0) {
+        return rc;
+    }
+    int64_t first = recs[0].id, last = recs[n - 1].id;
+    size_t mbytes = smp__obpack_members_bytes(first, last);
+    uint8_t *members = calloc(1, mbytes);
+    for (size_t k = 0; members != NULL && k < n; k++) {
+        smp__obpack_members_set(members, first, recs[k].id);
+    }
+    sqlite3_stmt *q = st->stmt[ST_PK_ADD];
+    rc = members == NULL ? SQLITE_NOMEM : sqlite3_bind_int64(q, 1, first);
+    rc = rc == SQLITE_OK ? sqlite3_bind_int64(q, 2, last) : rc;
+    rc = rc == SQLITE_OK ? sqlite3_bind_int64(q, 3, (int64_t)raw_len) : rc;
+    rc = rc == SQLITE_OK ? sqlite3_bind_blob64(q, 4, members, mbytes, SQLITE_STATIC) : rc;
+    rc = rc == SQLITE_OK ? sqlite3_bind_blob64(q, 5, blob, blob_len, SQLITE_STATIC) : rc;
+    rc =
+        rc == SQLITE_OK ? step_done(st, ST_PK_ADD, "outbox pack") : sql_fail(st, rc, "outbox pack");
+    free(blob);
+    if (rc == 0 && sqlite3_changes(st->db) > 0) {
+        rc = smp__obpack_index_add(&st->tx_packs, first, last, (uint32_t)n, (uint32_t)blob_len,
+                                   members);
+        if (rc == 0) {
+            members = NULL;
+            st->tx_rows += (int64_t)n;
+            st->tx_bytes += (int64_t)blob_len;
+            st->tx_written += (int64_t)n;
+        }
+    }
+    free(members);
+    return rc;
+}
+
+/* After the interval commit: its packs join the index (room was made before the commit), or
+ * are forgotten with a rolled-back transaction. */
+static void packs_committed(smp_store_t *st, bool committed)
+{
+    for (size_t k = 0; k < st->tx_packs.n; k++) {
+        smp_obpack_t *p = &st->tx_packs.v[k];
+        if (committed && smp__obpack_index_add(&st->packs, p->first, p->last, p->live, p->blob_len,
+                                               p->members) == 0) {
+            p->members = NULL;
+        }
+    }
+    smp__obpack_index_free(&st->tx_packs);
+}
+
+/* An ack of a message inside a pack: the pack's row goes when its last member is acked. */
+static int pack_ack(smp_store_t *st, int64_t id)
+{
+    smp_obpack_t *p = NULL;
+    if (!smp__obpack_ack(&st->packs, id, &p)) {
+        return 0;
+    }
+    st->tx_rows--;
+    if (p->live > 0) {
+        return 0;
+    }
+    int rc = pack_delete(st, p->first);
+    if (rc == 0) {
+        st->tx_bytes -= p->blob_len;
+        smp__obpack_index_remove(&st->packs, (size_t)(p - st->packs.v));
+    }
+    return rc;
+}
+
+/* The outbox trim drops the oldest pack whole. */
+static int pack_drop_oldest(smp_store_t *st, int64_t *freed)
+{
+    smp_obpack_t *p = &st->packs.v[0];
+    int rc = pack_delete(st, p->first);
+    if (rc == 0) {
+        *freed += p->blob_len;
+        st->tx_rows -= p->live;
+        st->tx_bytes -= p->blob_len;
+        st->tx_dropped += p->live;
+        smp__obpack_index_remove(&st->packs, 0);
+    }
+    return rc;
+}
+
+/* A clean stop writes the bitmaps of packs acked in part: a restart sends only the rest. */
+static int packs_save_members(smp_store_t *st)
+{
+    int rc = 0;
+    sqlite3_stmt *q = st->stmt[ST_PK_MEMBERS];
+    for (size_t k = 0; k < st->packs.n && rc == 0; k++) {
+        smp_obpack_t *p = &st->packs.v[k];
+        if (!p->acked_some) {
+            continue;
+        }
+        rc = sqlite3_bind_int64(q, 1, p->first);
+        rc = rc == SQLITE_OK
+                 ? sqlite3_bind_blob64(q, 2, p->members,
+                                       smp__obpack_members_bytes(p->first, p->last), SQLITE_STATIC)
+                 : rc;
+        rc = rc == SQLITE_OK ? step_done(st, ST_PK_MEMBERS, "outbox pack members")
+                             : sql_fail(st, rc, "outbox pack members");
+        p->acked_some = rc != 0;
+    }
+    return rc;
+}
+
+/* Loads the index at open: each pack's unacknowledged members and its size. */
+static int packs_load(smp_store_t *st)
+{
+    sqlite3_stmt *q = NULL;
+    int rc = sqlite3_prepare_v2(st->db,
+                                "SELECT first_id, last_id, members, length(data) FROM outbox_pack"
+                                " ORDER BY first_id",
+                                -1, &q, NULL);
+    while (rc == SQLITE_OK && (rc = sqlite3_step(q)) == SQLITE_ROW) {
+        int64_t first = sqlite3_column_int64(q, 0), last = sqlite3_column_int64(q, 1);
+        size_t need = smp__obpack_members_bytes(first, last);
+        size_t have = (size_t)sqlite3_column_bytes(q, 2);
+        const uint8_t *m = sqlite3_column_blob(q, 2);
+        uint8_t *members = need > 0 ? calloc(1, need) : NULL;
+        if (members == NULL) {
+            rc = need > 0 ? SQLITE_NOMEM : SQLITE_OK;
+            continue; /* a row whose ids are out of order holds nothing usable */
+        }
+        memcpy(members, m != NULL ? m : (const uint8_t *)"", have < need ? have : need);
+        uint32_t live = 0;
+        for (size_t k = 0; k < need; k++) {
+            live += (uint32_t)__builtin_popcount(members[k]);
+        }
+        uint32_t blob_len = (uint32_t)sqlite3_column_int64(q, 3);
+        if (smp__obpack_index_add(&st->packs, first, last, live, blob_len, members) != 0) {
+            free(members);
+            rc = SQLITE_NOMEM;
+            break;
+        }
+        st->ob_rows += live;
+        st->ob_bytes += blob_len;
+        rc = SQLITE_OK;
+    }
+    rc = rc == SQLITE_DONE ? SQLITE_OK : rc;
+    sqlite3_finalize(q);
+    return rc;
+}
+
 static int apply_ack_one(smp_store_t *st, int64_t id)
 {
     sqlite3_stmt *s = st->stmt[ST_OB_ACK];
@@ -810,15 +1000,17 @@ static int apply_ack_one(smp_store_t *st, int64_t id)
     if (rc != SQLITE_OK) {
         return sql_fail(st, rc, "outbox ack");
     }
+    bool deleted = false;
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
         st->tx_rows--;
         st->tx_bytes -= sqlite3_column_int64(s, 0);
+        deleted = true;
     }
     sqlite3_reset(s);
     if (rc != SQLITE_DONE) {
         return sql_fail(st, rc, "outbox ack");
     }
-    return 0;
+    return deleted || st->packs.n == 0 ? 0 : pack_ack(st, id);
 }
 
 /* One id (o->id), or many (an int64_t array in the payload). */
@@ -1154,6 +1346,63 @@ static void tick_done(smp_store_t *st, int old, bool final)
 /* The interval commit: the still-unacknowledged messages of the retired ring region, the
  * devices' seq (and their reservation ahead), late acks and, when due, the last values join
  * the open transaction, which is then committed. `final` (close): everything, exact seqs. */
+/* The retired region's unacknowledged records go into the database: one row each when they
+ * are few (a broker that acks a little late), in packs during an outage. */
+static int insert_snapshot(smp_store_t *st)
+{
+    size_t live = 0;
+    for (size_t k = 0; k < st->snap_n; k++) {
+        live += st->snap[k].state == SMP_RING_LIVE;
+    }
+    int rc = 0;
+    if (live < pack_min_msgs) {
+        for (size_t k = 0; k < st->snap_n && rc == 0; k++) {
+            if (st->snap[k].state == SMP_RING_LIVE) {
+                rc = insert_outbox(st, &st->snap[k]);
+                st->snap_ins[k] = true;
+            }
+        }
+        return rc;
+    }
+    smp_ring_rec_t *run = malloc(live * sizeof *run);
+    size_t k = 0;
+    rc = run == NULL ? -ENOMEM : 0;
+    while (rc == 0 && k < st->snap_n) {
+        size_t n = 0, raw = 0, from = k;
+        for (; k < st->snap_n; k++) {
+            const smp_ring_rec_t *r = &st->snap[k];
+            if (r->state != SMP_RING_LIVE) {
+                continue;
+            }
+            /* A pack's bitmap spans its id range: a bounded one keeps it small. */
+            if (n > 0 && (n == SMP_OBPACK_MAX_MSGS || raw + r->len > SMP_OBPACK_MAX_RAW ||
+                          r->id - run[0].id >= 8 * SMP_OBPACK_MAX_MSGS)) {
+                break;
+            }
+            run[n++] = *r;
+            raw += r->len + strlen(r->device) + strlen(r->topic);
+        }
+        if (n > 0) {
+            rc = pack_insert(st, run, n);
+        }
+        for (size_t j = from; j < k && rc == 0; j++) {
+            st->snap_ins[j] = st->snap[j].state == SMP_RING_LIVE;
+        }
+    }
+    free(run);
+    return rc;
+}
+
+static bool packs_acked_some(const smp_store_t *st)
+{
+    for (size_t k = 0; k < st->packs.n; k++) {
+        if (st->packs.v[k].acked_some) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static void commit_tick(smp_store_t *st, bool final)
 {
     uint64_t now = mono_ms();
@@ -1170,7 +1419,8 @@ static void commit_tick(smp_store_t *st, bool final)
         uv_mutex_unlock(&st->ring_mu);
     }
     bool lv = st->lv->n > 0 && (final || lv_due(st));
-    if (!st->tx_open && st->snap_n == 0 && st->dirty_n == 0 && st->late_n == 0 && !lv) {
+    bool pk = final && packs_acked_some(st);
+    if (!st->tx_open && st->snap_n == 0 && st->dirty_n == 0 && st->late_n == 0 && !lv && !pk) {
         if (old >= 0 && st->ring != NULL && !st->snap_oom) {
             uv_mutex_lock(&st->ring_mu);
             tick_done(st, old, final); /* a region of acked records only */
@@ -1179,11 +1429,16 @@ static void commit_tick(smp_store_t *st, bool final)
         return;
     }
     int rc = old == -2 ? -ENOMEM : tx_ensure(st);
-    for (size_t k = 0; k < st->snap_n && rc == 0; k++) {
-        if (st->snap[k].state == SMP_RING_LIVE) {
-            rc = insert_outbox(st, &st->snap[k]);
-            st->snap_ins[k] = true;
-        }
+    if (rc == 0) {
+        rc = insert_snapshot(st);
+    }
+    /* Room in the index for this commit's packs: after COMMIT nothing may fail. */
+    if (rc == 0 && st->tx_packs.n > 0) {
+        rc = grow_array((void **)&st->packs.v, &st->packs.cap, st->packs.n + st->tx_packs.n,
+                        sizeof *st->packs.v);
+    }
+    if (rc == 0 && pk) {
+        rc = packs_save_members(st);
     }
     for (size_t k = 0; k < st->dirty_n && rc == 0; k++) {
         rc = set_device_seq(st, ST_SEQ_MAX, st->dirty[k].name, st->dirty[k].seq);
@@ -1199,6 +1454,7 @@ static void commit_tick(smp_store_t *st, bool final)
         rc = lv_flush(st);
     }
     rc = tx_end(st, rc);
+    packs_committed(st, rc == 0);
     if (rc == 0 && lv) {
         sm_clear(st->lv);
         st->lv_flushed_ms = now;
@@ -1423,6 +1679,77 @@ static int fetch_merge_ring(smp_store_t *st, op_t *o, struct fetch_tmp **tmp, si
     return c.err;
 }
 
+/* A pack's members still unacknowledged join a fetch like ring records. */
+struct pack_fetch {
+    struct fetch_ctx c;
+    const smp_obpack_t *p;
+};
+
+static void fetch_pack_rec(void *arg, const smp_ring_rec_t *rec)
+{
+    struct pack_fetch *f = arg;
+    const smp_obpack_t *p = f->p;
+    if (smp__obpack_members_has(p->members, smp__obpack_members_bytes(p->first, p->last), p->first,
+                                rec->id)) {
+        fetch_ring_rec(&f->c, rec);
+    }
+}
+
+/* Reads one pack's data into a fetch. A pack that does not decode is dropped, loudly. */
+static int fetch_one_pack(smp_store_t *st, size_t k, struct pack_fetch *f)
+{
+    sqlite3_stmt *q = st->stmt[ST_PK_DATA];
+    f->p = &st->packs.v[k];
+    int rc = sqlite3_bind_int64(q, 1, f->p->first);
+    int got = -EBADMSG;
+    if (rc == SQLITE_OK && (rc = sqlite3_step(q)) == SQLITE_ROW) {
+        got = smp__obpack_decode(sqlite3_column_blob(q, 1), (size_t)sqlite3_column_bytes(q, 1),
+                                 (size_t)sqlite3_column_int64(q, 0), fetch_pack_rec, f);
+        rc = SQLITE_DONE;
+    }
+    sqlite3_reset(q);
+    if (rc != SQLITE_DONE) {
+        return sql_fail(st, rc, "outbox pack read");
+    }
+    if (got == -ENOMEM) {
+        return -ENOMEM;
+    }
+    if (got < 0) {
+        LOG_ERR(SCOPE, "outbox pack %" PRId64 "..%" PRId64 " is damaged: %u messages lost",
+                f->p->first, f->p->last, f->p->live);
+        smp__obpack_index_remove(&st->packs, k);
+        return 1;
+    }
+    return 0;
+}
+
+/* Adds the packs' live members above the cursor to a fetch's rows. Packs are in id order and
+ * do not overlap: once `max` members are taken, later packs hold only larger ids. */
+static int fetch_packs(smp_store_t *st, op_t *o, struct fetch_tmp **tmp, size_t *n, size_t *cap,
+                       rbuf_t *b)
+{
+    size_t from_db = *n;
+    struct pack_fetch f = {{tmp, n, cap, b, o->id, o->max, 0, 0}, NULL};
+    for (size_t k = 0; k < st->packs.n && f.c.taken < o->max && f.c.err == 0;) {
+        if (st->packs.v[k].last <= o->id || st->packs.v[k].live == 0) {
+            k++;
+            continue;
+        }
+        int rc = fetch_one_pack(st, k, &f);
+        if (rc < 0) {
+            return rc;
+        }
+        k += rc == 0; /* 1: the damaged pack left the index */
+    }
+    if (f.c.err == 0 && f.c.taken > 0 && from_db > 0) {
+        qsort(*tmp, *n, sizeof **tmp, fetch_tmp_cmp);
+    }
+    if (*n > o->max) {
+        *n = o->max;
+    }
+    return f.c.err;
+}
+
 static int read_fetch(smp_store_t *st, op_t *o)
 {
     sqlite3_stmt *s = st->stmt[ST_OB_FETCH];
@@ -1463,6 +1790,9 @@ static int read_fetch(smp_store_t *st, op_t *o)
     sqlite3_reset(s);
     if (err == 0 && rc != SQLITE_DONE) {
         err = sql_fail(st, rc, "outbox fetch");
+    }
+    if (err == 0 && st->packs.n > 0) {
+        err = fetch_packs(st, o, &tmp, &n, &cap, &b);
     }
     if (err == 0 && st->ring != NULL) {
         err = fetch_merge_ring(st, o, &tmp, &n, &cap, &b);
@@ -1994,6 +2324,8 @@ static void db_close(smp_store_t *st)
 {
     smp__history_free(st->hist);
     st->hist = NULL;
+    smp__obpack_index_free(&st->packs);
+    smp__obpack_index_free(&st->tx_packs);
     finalize_all(st);
     if (st->db != NULL) {
         int rc = sqlite3_close(st->db);
@@ -2157,6 +2489,10 @@ static int try_open(smp_store_t *st, const char *path)
             rc = SQLITE_OK;
         }
         sqlite3_finalize(s);
+    }
+    if (rc == SQLITE_OK) {
+        why = "outbox packs";
+        rc = packs_load(st);
     }
     if (rc == SQLITE_OK) {
         /* Set last: with a size limit, closing a persistent WAL would truncate it. */
@@ -2345,7 +2681,10 @@ static void recover_rec(void *arg, const smp_ring_rec_t *rec)
     if (c->rc != 0) {
         return;
     }
-    if (rec->state == SMP_RING_LIVE) {
+    smp_obpack_t *p = smp__obpack_index_find(&c->st->packs, rec->id);
+    if (p != NULL && rec->state == SMP_RING_LIVE) {
+        c->live++; /* committed in a pack before the process died: it is there already */
+    } else if (rec->state == SMP_RING_LIVE) {
         c->rc = insert_outbox(c->st, rec);
         c->live++;
     } else {
@@ -2440,7 +2779,8 @@ static int64_t max_outbox_id(smp_store_t *st)
     if (query_text(
             st,
             "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
-            " coalesce((SELECT max(id) FROM outbox), 0))",
+            " coalesce((SELECT max(id) FROM outbox), 0),"
+            " coalesce((SELECT max(last_id) FROM outbox_pack), 0))",
             text, sizeof text) != SQLITE_OK) {
         return 0;
     }

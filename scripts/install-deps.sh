@@ -14,6 +14,7 @@ PKGS=(
   debhelper dpkg-dev lintian systemd libssl-dev  # issue 12: Debian package, systemd-analyze, TLS
   collectd-core linux-perf  # issue #9: the city bench runs collectd side by side; perf profiles
   libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf # Sparkplug B (#13)
+  zlib1g-dev  # outbox packs: an outage backlog deflated (#7)
 )
 
 missing=()

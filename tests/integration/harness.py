@@ -299,6 +299,54 @@ class Gateway:
 SPEED_TAG = {"name": "speed_rpm", "table": "holding_register", "address": 10, "type": "uint16"}
 
 
+def _varint(b, i):
+    v = shift = 0
+    while True:
+        c = b[i]
+        i += 1
+        v |= (c & 0x7f) << shift
+        shift += 7
+        if not c & 0x80:
+            return v, i
+
+
+def outbox_messages(db_path):
+    """Every message waiting in a store's outbox: (id, device, seq, topic, payload) tuples in id
+    order, from single rows and from packs (an interval's backlog in one deflated row; its
+    format is in docs/store.md, decoded here independently of the gateway)."""
+    import sqlite3
+    import zlib
+    db = sqlite3.connect("file:%s?mode=ro" % db_path, uri=True, timeout=5)
+    try:
+        out = [(i, d, s, t, bytes(p)) for i, d, s, t, p in
+               db.execute("select id, device, seq, topic, payload from outbox")]
+        try:
+            packs = db.execute("select first_id, raw_len, members, data from outbox_pack").fetchall()
+        except sqlite3.OperationalError:  # a store from before packs
+            packs = []
+    finally:
+        db.close()
+    for first, raw_len, members, data in packs:
+        raw = zlib.decompress(data)
+        assert len(raw) == raw_len, "pack %d: %d bytes, row says %d" % (first, len(raw), raw_len)
+        i, mid, ts = 0, 0, 0
+        while i < len(raw):
+            d, i = _varint(raw, i)
+            seq, i = _varint(raw, i)
+            zz, i = _varint(raw, i)
+            mid += d
+            ts += (zz >> 1) ^ -(zz & 1)
+            fields = []
+            for nul in (True, True, False):
+                n, i = _varint(raw, i)
+                fields.append(raw[i:i + n])
+                i += n + (1 if nul else 0)
+            k = mid - first
+            if k // 8 < len(members) and members[k // 8] >> (k % 8) & 1:
+                out.append((mid, fields[0].decode(), seq, fields[1].decode(), fields[2]))
+    return sorted(out)
+
+
 def tcp_device(name, port, tags=(SPEED_TAG,), unit=1, interval_ms=200, timeout_ms=500):
     """A Modbus TCP device on 127.0.0.1 with its own tags (simpul-sim's speed_rpm by default)."""
     return {"name": name, "protocol": "modbus", "interval_ms": interval_ms,

@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import sqlite3
 import struct
 import sys
 import threading
@@ -292,11 +291,9 @@ class PowerCutTest(h.TestCase):
         moved = int("moved the unusable database" in out)
         # Everything that survived: published in this run, or still in the outbox.
         survivors = {(dv, sq): pl for dv, sq, pl, _, _ in data_msgs(sub)}
-        db = sqlite3.connect(cfg["store"]["path"])
-        for dv, sq, pl in db.execute("select device, seq, payload from outbox"):
+        for _, dv, sq, _, pl in h.outbox_messages(cfg["store"]["path"]):
             assert survivors.get((dv, sq), pl) == pl, "cut %d: (%s, %d) twice" % (k, dv, sq)
             survivors[(dv, sq)] = bytes(pl)
-        db.close()
         before = {(dv, sq): pl for dv, sq, pl, _, t in seen if t <= t_cut}
         for key, pl in survivors.items():
             if key in before:

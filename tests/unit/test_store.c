@@ -245,12 +245,32 @@ static bool file_exists(const char *path)
 }
 
 /* Counts rows with an independent connection (after the store is closed). */
+/* bits(blob): the set bits of a blob, for counting the members of outbox packs. */
+static void sql_bits(sqlite3_context *c, int argc, sqlite3_value **v)
+{
+    (void)argc;
+    const unsigned char *b = sqlite3_value_blob(v[0]);
+    int n = sqlite3_value_bytes(v[0]);
+    int64_t bits = 0;
+    for (int k = 0; b != NULL && k < n; k++) {
+        bits += __builtin_popcount(b[k]);
+    }
+    sqlite3_result_int64(c, bits);
+}
+
+/* Messages waiting in the outbox: single rows and the unacknowledged members of packs. */
+#define OUTBOX_MSGS                                                                                \
+    "SELECT (SELECT count(*) FROM outbox) + (SELECT coalesce(sum(bits(members)), 0)"               \
+    " FROM outbox_pack)"
+
 static int64_t count_rows(const char *path, const char *sql)
 {
     sqlite3 *db = NULL;
     sqlite3_stmt *s = NULL;
     int64_t n = -1;
     if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK &&
+        sqlite3_create_function(db, "bits", 1, SQLITE_UTF8, NULL, sql_bits, NULL, NULL) ==
+            SQLITE_OK &&
         sqlite3_prepare_v2(db, sql, -1, &s, NULL) == SQLITE_OK && sqlite3_step(s) == SQLITE_ROW) {
         n = sqlite3_column_int64(s, 0);
     }
@@ -742,7 +762,7 @@ static void test_corrupt_garbage(void **state)
     WAIT_FOR(a.n == 1);
     assert_int_equal(a.errors, 0);
     smp_store_close(st);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 1);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 1);
 }
 
 static void test_corrupt_truncated(void **state)
@@ -1018,7 +1038,7 @@ static void test_close_drains_queue(void **state)
     assert_int_equal(a.errors, 0);
     assert_true(a.increasing);
     assert_false(a.off_loop);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 3);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 3);
 }
 
 /* A full disk, simulated with max_page_count: callbacks get -ENOSPC, the error is logged once,
@@ -1112,7 +1132,7 @@ static void test_burst_100k(void **state)
     smp_store_close(st);
     assert_int_equal(count_rows(g_path, "SELECT CAST(total(n) AS INTEGER) FROM history_chunk"), N);
     assert_int_equal(count_rows(g_path, "SELECT count(*) FROM last_value"), 100);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), N);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), N);
 }
 
 struct cmds_seen {
@@ -1341,7 +1361,7 @@ static void test_ring_acked_never_written(void **state)
     assert_int_equal(ss.outbox_written, 0);
     assert_int_equal(ss.ring_messages, 50);
     smp_store_close(st);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 0);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 0);
     assert_int_equal(count_rows(g_path, "SELECT seq FROM device_seq WHERE device = 'd'"), 50);
     /* A clean stop leaves no reservation beyond what was used, and no ring. */
     assert_int_equal(count_rows(g_path, "SELECT upto FROM seq_reserve WHERE device = 'd'"), 50);
@@ -1366,7 +1386,7 @@ static void test_ring_unacked_reach_db_on_interval(void **state)
     add_n(st, &a, "d", 1, 20);
     WAIT_FOR(a.n == 20);
     /* Seen by another connection, before any close: the interval commit wrote them. */
-    WAIT_POLL(count_rows(g_path, "SELECT count(*) FROM outbox") == 20);
+    WAIT_POLL(count_rows(g_path, OUTBOX_MSGS) == 20);
     fetched_t *f = fetch_sync(st, 0, 100);
     assert_int_equal(f->n, 20);
     assert_int_equal(f->seq[0], 1);
@@ -1383,7 +1403,57 @@ static void test_ring_unacked_reach_db_on_interval(void **state)
     free(f);
     smp_store_outbox_ack_many(st, a.ids, 25);
     smp_store_close(st);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 0);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 0);
+}
+
+/* An outage backlog: the interval commit packs the unacknowledged messages (obpack.h); a
+ * fetch reads them back in order from any cursor; a clean stop remembers which were acked; the
+ * pack's row goes with its last ack. */
+static void test_outage_backlog_packed(void **state)
+{
+    (void)state;
+    smp_store_t *st = open_ring(100);
+    load_seq_ok(st, "d");
+    adds_t a;
+    adds_init(&a);
+    add_n(st, &a, "d", 1, 60);
+    WAIT_FOR(a.n == 60);
+    WAIT_POLL(count_rows(g_path, OUTBOX_MSGS) == 60);
+    assert_true(count_rows(g_path, "SELECT count(*) FROM outbox_pack") >= 1);
+    assert_true(count_rows(g_path, "SELECT count(*) FROM outbox") < 16);
+    fetched_t *f = fetch_sync(st, 0, 100);
+    assert_int_equal(f->n, 60);
+    for (size_t k = 0; k < f->n; k++) {
+        assert_int_equal(f->seq[k], k + 1);
+        assert_string_equal(f->device[k], "d");
+        assert_int_equal(f->len[k], 7);
+        assert_memory_equal(f->payload[k], "{\"v\":1}", 7);
+        assert_true(k == 0 || f->id[k] > f->id[k - 1]);
+    }
+    int64_t cursor = f->id[29];
+    free(f);
+    f = fetch_sync(st, cursor, 10);
+    assert_int_equal(f->n, 10);
+    assert_int_equal(f->seq[0], 31);
+    assert_int_equal(f->seq[9], 40);
+    free(f);
+    smp_store_outbox_ack_many(st, a.ids, 30);
+    smp_store_close(st);
+    /* Reopened: only the 30 unacknowledged ones are waiting. */
+    st = open_ring(100);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 30);
+    smp_store_stats_t ss;
+    smp_store_stats(st, &ss);
+    assert_int_equal(ss.outbox_rows, 30);
+    f = fetch_sync(st, 0, 100);
+    assert_int_equal(f->n, 30);
+    assert_int_equal(f->seq[0], 31);
+    assert_int_equal(f->seq[29], 60);
+    free(f);
+    smp_store_outbox_ack_many(st, a.ids + 30, 30);
+    WAIT_POLL(count_rows(g_path, "SELECT count(*) FROM outbox_pack") == 0);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 0);
+    smp_store_close(st);
 }
 
 /* In a forked child: the store in ring mode and device d's seq (exits 2 when it cannot). */
@@ -1423,8 +1493,7 @@ static void crash_child(int interval_ms, int n, bool wait_commit)
         smp_store_outbox_ack(st, a.ids[0]); /* the first one was delivered */
         /* Until exactly the unacked ones are committed: an interval commit may land between
          * the adds and the ack, and the row of the acked one then goes at the next commit. */
-        for (int tries = 0;
-             wait_commit && count_rows(g_path, "SELECT count(*) FROM outbox") != n - 1; tries++) {
+        for (int tries = 0; wait_commit && count_rows(g_path, OUTBOX_MSGS) != n - 1; tries++) {
             if (tries > 1000) {
                 _exit(3); /* 10 s: the parent's assertion names the failure */
             }
@@ -1441,10 +1510,10 @@ static void test_ring_recovered_after_crash(void **state)
 {
     (void)state;
     crash_child(60000, 10, false);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 0);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 0);
     smp_store_t *st = open_ring(60000);
     /* Nine unacknowledged messages came back with their seq; seq goes on without a gap. */
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 9);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 9);
     assert_int_equal(count_rows(g_path, "SELECT min(seq) FROM outbox"), 2);
     assert_int_equal(load_seq_ok(st, "d"), 10);
     smp_store_stats_t ss;
@@ -1486,7 +1555,7 @@ static void test_seq_slot_resumes_exactly_after_crash(void **state)
     assert_true(in_db < N); /* the database alone would repeat seqs */
     smp_store_t *st = open_ring(20);
     assert_int_equal(load_seq_ok(st, "d"), N);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 0);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 0);
     smp_store_stats_t ss;
     smp_store_stats(st, &ss);
     assert_int_equal(ss.powercut_lost, 0);
@@ -1517,7 +1586,7 @@ static void test_powercut_reported_and_seq_skips(void **state)
     assert_true(ss.powercut_events == 1);
     /* Every seq that may have been published is skipped: seq never repeats. */
     assert_true(load_seq_ok(st, "d") == (uint64_t)upto);
-    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox"), 9);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 9);
     smp_store_close(st);
 }
 
@@ -1582,6 +1651,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_ring_acked_never_written, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ring_unacked_reach_db_on_interval, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ring_recovered_after_crash, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_outage_backlog_packed, setup, teardown),
         cmocka_unit_test_setup_teardown(test_seq_slot_resumes_exactly_after_crash, setup, teardown),
         cmocka_unit_test_setup_teardown(test_powercut_reported_and_seq_skips, setup, teardown),
         cmocka_unit_test_setup_teardown(test_moved_aside_store_seq_floor, setup, teardown),
