@@ -714,6 +714,25 @@ static void restore_cmd(void *arg, const char *device, const char *id, const cha
     }
 }
 
+/* A reload changed e->devs: one rate bucket per device again, each full (a reload grants a
+ * device at most one more burst). */
+void smp__engine_commands_devices_changed(smp_engine_t *e)
+{
+    if (e->cmds == NULL) {
+        return;
+    }
+    struct bucket *p = calloc(e->ndevs ? e->ndevs : 1, sizeof *p);
+    if (p == NULL) {
+        LOG_ERR("cmd", "out of memory: no per-device command rate limit until a restart");
+    }
+    uint64_t now = uv_now(e->loop);
+    for (size_t k = 0; p != NULL && k < e->ndevs; k++) {
+        p[k] = (struct bucket){.tokens = e->cfg->commands.rate_per_device, .last_ms = now};
+    }
+    free(e->cmds->per_dev);
+    e->cmds->per_dev = p;
+}
+
 void smp__engine_commands_init(smp_engine_t *e)
 {
     e->cmds = calloc(1, sizeof *e->cmds);
@@ -1127,7 +1146,7 @@ static const char *over_rate(smp_engine_t *e, const struct device *d, uint64_t n
 {
     struct smp_command_state *s = e->cmds;
     if (d != NULL && s->per_dev != NULL) {
-        struct bucket *b = &s->per_dev[d - e->devs];
+        struct bucket *b = &s->per_dev[d->index];
         if (!bucket_take(b, e->cfg->commands.rate_per_device, now_ms)) {
             return "too many commands for this device (commands.rate_per_device)";
         }
@@ -1182,10 +1201,12 @@ static void after_begin_stored(void *arg, int status, int64_t id)
         smp__job_free(bc->j);
         fail(e, bc->m, write ? "not_durable" : "busy",
              "the gateway cannot record the command (store error)");
-    } else if (e->stopping) {
+    } else if (e->stopping || d->retiring) {
         d->cmd_queued--;
         smp__job_free(bc->j);
-        fail(e, bc->m, "cancelled", "the gateway is stopping; nothing was written");
+        fail(e, bc->m, "cancelled",
+             d->retiring ? "a config reload replaced the device; nothing was written"
+                         : "the gateway is stopping; nothing was written");
     } else if (d->online == 0) {
         /* The device went offline while the record was being committed. */
         d->cmd_queued--;
@@ -1249,8 +1270,8 @@ static struct cmd *receive(smp_engine_t *e, const smp_cmd_delivery_t *dv,
         }
     }
     for (size_t k = 0; k < e->ndevs; k++) {
-        if (strcmp(e->devs[k].cfg->name, m->device) == 0) {
-            m->d = &e->devs[k];
+        if (strcmp(e->devs[k]->cfg->name, m->device) == 0) {
+            m->d = e->devs[k];
         }
     }
     *prc = smp_cmd_parse(payload, len, &m->c, &m->err);

@@ -2150,3 +2150,105 @@ const smp_device_cfg_t *smp_config_device(const smp_config_t *cfg, const char *n
     }
     return NULL;
 }
+
+static bool str_eq(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+static bool params_eq(const smp_param_t *a, const smp_param_t *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (a[i].set != b[i].set || a[i].i != b[i].i || a[i].d != b[i].d ||
+            !str_eq(a[i].s, b[i].s)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool tag_eq(const smp_tag_cfg_t *a, const smp_tag_cfg_t *b, size_t nkeys)
+{
+    return str_eq(a->name, b->name) && a->type == b->type && a->scale == b->scale &&
+           a->offset == b->offset && str_eq(a->unit, b->unit) && a->interval_ms == b->interval_ms &&
+           a->deadband == b->deadband && a->writable == b->writable && a->has_min == b->has_min &&
+           a->has_max == b->has_max && a->min == b->min && a->max == b->max &&
+           a->min_is_int == b->min_is_int && a->max_is_int == b->max_is_int &&
+           a->min_i == b->min_i && a->max_i == b->max_i && params_eq(a->params, b->params, nkeys);
+}
+
+bool smp_device_cfg_equal(const smp_device_cfg_t *a, const smp_device_cfg_t *b)
+{
+    if (!str_eq(a->name, b->name) || !str_eq(a->protocol, b->protocol) ||
+        !str_eq(a->profile, b->profile) || a->interval_ms != b->interval_ms ||
+        a->refresh_s != b->refresh_s || a->plugin == NULL || b->plugin == NULL ||
+        a->plugin->desc != b->plugin->desc || strcmp(a->conn_key, b->conn_key) != 0 ||
+        a->ntags != b->ntags) {
+        return false;
+    }
+    if (!params_eq(a->conn_params, b->conn_params, a->plugin->nconn_keys)) {
+        return false;
+    }
+    for (size_t t = 0; t < a->ntags; t++) {
+        if (!tag_eq(&a->tags[t], &b->tags[t], a->plugin->ntag_keys)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+bool smp_config_mqtt_equal(const smp_config_t *a, const smp_config_t *b)
+{
+    return str_eq(a->mqtt.host, b->mqtt.host) && a->mqtt.port == b->mqtt.port &&
+           str_eq(a->mqtt.client_id, b->mqtt.client_id) && a->mqtt.qos == b->mqtt.qos &&
+           a->mqtt.keepalive_s == b->mqtt.keepalive_s && a->mqtt.version == b->mqtt.version &&
+           str_eq(a->mqtt.username, b->mqtt.username) &&
+           str_eq(a->mqtt.password, b->mqtt.password) &&
+           str_eq(a->mqtt.tls_ca_file, b->mqtt.tls_ca_file) &&
+           str_eq(a->mqtt.tls_cert_file, b->mqtt.tls_cert_file) &&
+           str_eq(a->mqtt.tls_key_file, b->mqtt.tls_key_file) &&
+           a->mqtt.tls_no_verify == b->mqtt.tls_no_verify &&
+           a->mqtt.inflight_max == b->mqtt.inflight_max;
+}
+
+/* The keys a running gateway cannot take over: the store is open on them, or every topic and
+ * session is named after them. */
+const char *smp_config_fixed_change(const smp_config_t *a, const smp_config_t *b)
+{
+    const struct {
+        bool changed;
+        const char *key;
+    } fixed[] = {
+        {!str_eq(a->gateway.id, b->gateway.id), "gateway.id"},
+        {!str_eq(a->gateway.data_dir, b->gateway.data_dir), "gateway.data_dir"},
+        {!str_eq(a->mqtt.topic_prefix, b->mqtt.topic_prefix), "mqtt.topic_prefix"},
+        {a->mqtt.format != b->mqtt.format, "mqtt.format"},
+        {!str_eq(a->mqtt.sparkplug.group_id, b->mqtt.sparkplug.group_id) ||
+             !str_eq(a->mqtt.sparkplug.edge_node_id, b->mqtt.sparkplug.edge_node_id) ||
+             !str_eq(a->mqtt.sparkplug.primary_host_id, b->mqtt.sparkplug.primary_host_id) ||
+             a->mqtt.sparkplug.use_aliases != b->mqtt.sparkplug.use_aliases,
+         "mqtt.sparkplug"},
+        {a->mqtt.format != SMP_FORMAT_JSON && !str_eq(a->mqtt.client_id, b->mqtt.client_id),
+         "mqtt.client_id (with a sparkplug format)"},
+        {!str_eq(a->store.path, b->store.path), "store.path"},
+        {!str_eq(a->store.runtime_dir, b->store.runtime_dir), "store.runtime_dir"},
+        {a->store.history_retention_h != b->store.history_retention_h ||
+             a->store.outbox_max_mb != b->store.outbox_max_mb ||
+             a->store.sync_normal != b->store.sync_normal ||
+             a->store.on_error_refuse != b->store.on_error_refuse ||
+             a->store.history_max_mb != b->store.history_max_mb ||
+             a->store.history_chunk_max_s != b->store.history_chunk_max_s ||
+             a->store.commit_interval_ms != b->store.commit_interval_ms,
+         "store"},
+        {a->commands.dedup_window_s != b->commands.dedup_window_s ||
+             a->commands.audit_max_rows != b->commands.audit_max_rows ||
+             a->commands.audit_retention_days != b->commands.audit_retention_days,
+         "commands.dedup_window_s/audit_max_rows/audit_retention_days"},
+    };
+    for (size_t k = 0; k < sizeof fixed / sizeof fixed[0]; k++) {
+        if (fixed[k].changed) {
+            return fixed[k].key;
+        }
+    }
+    return NULL;
+}

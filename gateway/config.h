@@ -127,4 +127,14 @@ const smp_device_cfg_t *smp_config_device(const smp_config_t *cfg, const char *n
 
 const char *smp_type_name(smp_type_t t);
 
+/* A reload (engine.h, smp_engine_reload). Two devices are equal when everything that defines
+ * them is: name, protocol, profile, intervals, plugin, connection keys and every tag (compared
+ * by content: a profile's tags are shared within one config only). */
+bool smp_device_cfg_equal(const smp_device_cfg_t *a, const smp_device_cfg_t *b);
+/* The MQTT client settings (broker, client id, credentials, TLS, keepalive, version, window). */
+bool smp_config_mqtt_equal(const smp_config_t *a, const smp_config_t *b);
+/* The first key of `b` that differs from `a` and cannot change while simpul runs (gateway.id,
+ * data_dir, topic_prefix, format, sparkplug, store.*, the commands' store limits), or NULL. */
+const char *smp_config_fixed_change(const smp_config_t *a, const smp_config_t *b);
+
 #endif

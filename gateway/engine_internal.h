@@ -21,7 +21,8 @@
 /* Longest string value kept from a driver (a Modbus string is at most 250 bytes). */
 #define SMP_STRING_MAX 1024
 
-enum job_type { JOB_READ = 1, JOB_WRITE, JOB_EXIT };
+/* JOB_ATTACH/JOB_DETACH (a reload): the worker creates/destroys a device's driver object. */
+enum job_type { JOB_READ = 1, JOB_WRITE, JOB_EXIT, JOB_ATTACH, JOB_DETACH };
 
 struct conn;
 struct device;
@@ -85,7 +86,13 @@ struct tag_rt {
 struct device {
     smp_engine_t *eng;
     const smp_device_cfg_t *cfg;
+    const smp_config_t *src; /* the config cfg belongs to (a reload keeps it while in use) */
     struct conn *conn;
+    size_t index; /* in e->devs */
+    /* A reload removed or changed it: no more polls or messages; freed once its worker has
+     * let go of it (detached, or the worker exited) and its commands are answered. */
+    bool retiring, detached;
+    unsigned open_timers; /* group timers not closed yet, once retiring */
     char scope[160];
     smp_tag_t *ptags;  /* the driver's view of the tags */
     bool ptags_shared; /* ptags belong to an earlier device with the same definitions */
@@ -123,9 +130,15 @@ struct conn {
     uv_mutex_t mu;
     uv_cond_t cv;
     struct job *cmd_head, *cmd_tail, *poll_head, *poll_tail;
+    struct job *ctl_head, *ctl_tail; /* JOB_ATTACH/JOB_DETACH, ahead of everything */
     bool stop;
-    bool cancel_cmds; /* forced stop: the worker starts no further command */
+    const smp_config_t *src; /* the config params and plugin belong to */
+    bool retiring;           /* a reload closes it: no device of it stayed */
+    struct conn *after;      /* a reload: starts once this one (same endpoint) has exited */
+    bool cancel_cmds;        /* forced stop: the worker starts no further command */
     /* worker */
+    struct device **wdevs; /* the devices with a driver object; set before the thread starts */
+    size_t nwdevs, wcap;
     void *pconn;
     bool open;
     uint32_t backoff_ms;
@@ -151,8 +164,11 @@ struct smp_engine {
     const smp_config_t *cfg;
     smp_store_t *store;
     smp_bridge_t *bridge;
-    struct device *devs;
+    struct device **devs;
     size_t ndevs;
+    struct device **draining; /* retiring devices not freed yet (a reload) */
+    size_t ndraining;
+    struct smp_engine_reload_state *reload; /* engine_reload.c; NULL when none under way */
     struct conn **conns;
     size_t nconns;
     uv_async_t done_async;
@@ -192,6 +208,8 @@ struct smp_engine {
     smp_episode_t fetch_errors; /* failed outbox reads (log.h) */
     char **retired;             /* removed devices whose offline status is still to publish */
     size_t nretired;
+    struct smp_gone *gone; /* seqs of devices a reload removed, for a later re-add */
+    size_t ngone;
     struct smp_sparkplug *spb; /* sparkplug.c; NULL with mqtt.format "json" */
 };
 
@@ -203,6 +221,24 @@ void smp__engine_stop_progress(smp_engine_t *e);
 void smp__engine_apply_reading(smp_engine_t *e, struct device *d, uint32_t t,
                                const smp_reading_t *r, const char *errmsg, uint64_t ts);
 void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full);
+
+/* engine.c, for engine_reload.c */
+int smp__engine_setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_t *dc,
+                             const smp_config_t *src, struct device *const *peers, size_t npeers);
+void smp__engine_free_device(struct device *d);
+void smp__engine_start_device(smp_engine_t *e, struct device *d, size_t k);
+int smp__engine_start_conn(smp_engine_t *e, struct conn *c);
+struct conn *smp__engine_new_conn(smp_engine_t *e, const smp_device_cfg_t *dc,
+                                  const smp_config_t *src);
+int smp__engine_conn_add_device(struct conn *c, struct device *d);
+void smp__engine_free_conn(struct conn *c);
+int smp__engine_retire_names(smp_engine_t *e, const char *const *names, size_t n);
+void smp__engine_publish_retired(smp_engine_t *e);
+/* engine_reload.c: a reload's drain went on (a worker let go of a device, a command ended). */
+void smp__engine_reload_progress(smp_engine_t *e);
+void smp__engine_reload_free(smp_engine_t *e);
+/* command.c: the device list changed (a reload): per-device state follows e->devs. */
+void smp__engine_commands_devices_changed(smp_engine_t *e);
 
 /* command.c */
 void smp__engine_commands_init(smp_engine_t *e);

@@ -34,6 +34,12 @@ void smp__sparkplug_device_state(smp_sparkplug_t *s, struct device *d);
 void smp__sparkplug_stop(smp_sparkplug_t *s, uint32_t timeout_ms);
 /* True when stopped (or NULL). */
 bool smp__sparkplug_stopped(const smp_sparkplug_t *s);
+/* A reload changed e->devs (`old`: the list before, whose retiring devices are going): DDEATH
+ * for those that were born, then a rebirth (NBIRTH and DBIRTHs) of a live session. */
+int smp__sparkplug_devices_changed(smp_sparkplug_t *s, struct device *const *old, size_t nold);
+/* A reload's config (borrowed, as at new): reconnects once when `reconnect` (MQTT settings
+ * changed), else only takes the new config's pointers. */
+void smp__sparkplug_reconfigure(smp_sparkplug_t *s, const smp_config_t *cfg, bool reconnect);
 /* After the stop; NULL is a no-op. */
 void smp__sparkplug_free(smp_sparkplug_t *s);
 
