@@ -2177,13 +2177,18 @@ static bool tag_eq(const smp_tag_cfg_t *a, const smp_tag_cfg_t *b, size_t nkeys)
            a->min_i == b->min_i && a->max_i == b->max_i && params_eq(a->params, b->params, nkeys);
 }
 
+bool smp_plugin_host_same(const smp_plugin_host_t *a, const smp_plugin_host_t *b)
+{
+    /* Each config has its own host record; dlopen gives both the one library's handle. */
+    return a != NULL && b != NULL && a->handle == b->handle && strcmp(a->name, b->name) == 0;
+}
+
 bool smp_device_cfg_equal(const smp_device_cfg_t *a, const smp_device_cfg_t *b)
 {
     if (!str_eq(a->name, b->name) || !str_eq(a->protocol, b->protocol) ||
         !str_eq(a->profile, b->profile) || a->interval_ms != b->interval_ms ||
-        a->refresh_s != b->refresh_s || a->plugin == NULL || b->plugin == NULL ||
-        a->plugin->desc != b->plugin->desc || strcmp(a->conn_key, b->conn_key) != 0 ||
-        a->ntags != b->ntags) {
+        a->refresh_s != b->refresh_s || !smp_plugin_host_same(a->plugin, b->plugin) ||
+        strcmp(a->conn_key, b->conn_key) != 0 || a->ntags != b->ntags) {
         return false;
     }
     if (!params_eq(a->conn_params, b->conn_params, a->plugin->nconn_keys)) {

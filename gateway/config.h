@@ -131,6 +131,8 @@ const char *smp_type_name(smp_type_t t);
  * them is: name, protocol, profile, intervals, plugin, connection keys and every tag (compared
  * by content: a profile's tags are shared within one config only). */
 bool smp_device_cfg_equal(const smp_device_cfg_t *a, const smp_device_cfg_t *b);
+/* The same plugin library, loaded by two configs. */
+bool smp_plugin_host_same(const smp_plugin_host_t *a, const smp_plugin_host_t *b);
 /* The MQTT client settings (broker, client id, credentials, TLS, keepalive, version, window). */
 bool smp_config_mqtt_equal(const smp_config_t *a, const smp_config_t *b);
 /* The first key of `b` that differs from `a` and cannot change while simpul runs (gateway.id,

@@ -106,13 +106,9 @@ static void conn_remove_device(struct conn *c, struct device *d)
     }
 }
 
-static int retire_device(smp_engine_t *e, struct device *d)
+/* e->draining has room for d (plan_devices made it). */
+static void retire_device(smp_engine_t *e, struct device *d)
 {
-    struct device **p = realloc(e->draining, (e->ndraining + 1) * sizeof *p);
-    if (p == NULL) {
-        return -ENOMEM;
-    }
-    e->draining = p;
     e->draining[e->ndraining++] = d;
     d->retiring = true;
     for (size_t g = 0; g < d->ngroups; g++) {
@@ -120,7 +116,6 @@ static int retire_device(smp_engine_t *e, struct device *d)
     }
     unqueue_device(e, d);
     conn_remove_device(d->conn, d);
-    return 0;
 }
 
 /* The old connections: one left without devices closes; one that kept devices lets go of
@@ -159,7 +154,7 @@ static void retire_conns(smp_engine_t *e, struct plan *pl)
 
 static bool same_endpoint(const struct conn *c, const smp_device_cfg_t *dc)
 {
-    return c->plugin->desc == dc->plugin->desc && strcmp(c->key, dc->conn_key) == 0;
+    return smp_plugin_host_same(c->plugin, dc->plugin) && strcmp(c->key, dc->conn_key) == 0;
 }
 
 /* Puts a new device on a connection that stayed, on one made in this reload, or on a new one
@@ -243,7 +238,13 @@ static int plan_devices(smp_engine_t *e, const smp_config_t *ncfg, struct plan *
     pl->n = n;
     pl->devs = calloc(n ? n : 1, sizeof *pl->devs);
     pl->was = calloc(n ? n : 1, sizeof *pl->was);
-    if (pl->devs == NULL || pl->was == NULL) {
+    pl->old = malloc((e->ndevs ? e->ndevs : 1) * sizeof *pl->old);
+    /* Room for every old device to retire: committing the plan cannot fail. */
+    struct device **dr = realloc(e->draining, (e->ndraining + e->ndevs + 1) * sizeof *dr);
+    if (dr != NULL) {
+        e->draining = dr;
+    }
+    if (pl->devs == NULL || pl->was == NULL || pl->old == NULL || dr == NULL) {
         return -ENOMEM;
     }
     for (size_t k = 0; k < n; k++) {
@@ -257,10 +258,13 @@ static int plan_devices(smp_engine_t *e, const smp_config_t *ncfg, struct plan *
         }
         struct device *d = calloc(1, sizeof *d);
         pl->devs[k] = d;
-        if (d == NULL || smp__engine_setup_device(e, d, dc, ncfg, pl->devs, k) < 0) {
+        if (d == NULL) {
             return -ENOMEM;
         }
         d->index = SIZE_MAX; /* marks it new until committed */
+        if (smp__engine_setup_device(e, d, dc, ncfg, pl->devs, k) < 0) {
+            return -ENOMEM;
+        }
         *(od != NULL ? &pl->changed : &pl->added) += 1;
     }
     return 0;
@@ -336,12 +340,8 @@ static void plan_free(smp_engine_t *e, struct plan *pl, bool failed)
 /* ---- applying ------------------------------------------------------------------------------ */
 
 /* The old devices that are not in the new list retire; the new ones get their place. */
-static int commit_devices(smp_engine_t *e, struct plan *pl)
+static void commit_devices(smp_engine_t *e, struct plan *pl)
 {
-    pl->old = malloc((e->ndevs ? e->ndevs : 1) * sizeof *pl->old);
-    if (pl->old == NULL) {
-        return -ENOMEM;
-    }
     memcpy(pl->old, e->devs, e->ndevs * sizeof *pl->old);
     pl->nold = e->ndevs;
     for (size_t k = 0; k < e->ndevs; k++) {
@@ -350,15 +350,14 @@ static int commit_devices(smp_engine_t *e, struct plan *pl)
         for (size_t j = 0; j < pl->n && !kept; j++) {
             kept = pl->devs[j] == d;
         }
-        if (!kept && retire_device(e, d) < 0) {
-            return -ENOMEM; /* nothing retired yet is undone: the caller logs and goes on */
+        if (!kept) {
+            retire_device(e, d);
         }
         if (!kept && smp_config_device(e->cfg, d->cfg->name) == NULL) {
             pl->removed++;
             remember_gone(e, d);
         }
     }
-    return 0;
 }
 
 static void start_new(smp_engine_t *e, struct plan *pl)
@@ -591,16 +590,18 @@ int smp_engine_reload(smp_engine_t *e, const smp_config_t *cfg,
     const smp_config_t *old = e->cfg;
     e->reload->held[e->reload->nheld++] = old;
     e->cfg = cfg;
-    if (commit_devices(e, &pl) < 0) {
-        LOG_ERR("engine", "reload: out of memory while retiring devices");
-    }
+    commit_devices(e, &pl);
     retire_conns(e, &pl);
     free(e->devs);
     e->devs = pl.devs;
     e->ndevs = pl.n;
     start_new(e, &pl);
     smp__engine_commands_devices_changed(e);
-    if (pl.kept != pl.n || pl.nold != pl.n) {
+    bool same_list = pl.nold == pl.n;
+    for (size_t k = 0; same_list && k < pl.n; k++) {
+        same_list = pl.old[k] == pl.devs[k];
+    }
+    if (!same_list) {
         smp__sparkplug_devices_changed(e->spb, pl.old, pl.nold);
     }
     apply_mqtt(e, old);
