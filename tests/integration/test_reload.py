@@ -193,6 +193,37 @@ class ReloadTest(h.TestCase):
               "%d ms (interval 50 ms), seq +1 throughout" % gap)
         g.stop()
 
+    def test_connection_settings_changed(self):
+        """A device whose connection settings changed gets a new connection to its endpoint,
+        opened only once the old one is closed (a serial line takes one master at a time)."""
+        b = self.broker()
+        sim = self.sim(["--counter", "--pumps", "1", "--lights", "0"])
+        cfg = h.base_config(self.workdir, b.port,
+                            [h.tcp_device("pump-01", sim.port, [HEARTBEAT], interval_ms=50)])
+        sub = self.subscriber(b.port, [P + "/+/data"])
+        g = self.gateway(cfg)
+        topic = P + "/pump-01/data"
+        h.wait_for(lambda: len(sub.messages(topic)) >= 5, 10, "data")
+        cfg["devices"][0]["connection"]["timeout_ms"] = 700
+        g.config = cfg
+        g.write_config()
+        g.proc.signal(signal.SIGHUP)
+        h.wait_for(lambda: "reload complete" in g.proc.output(), 10, "reload done")
+        n = len(sub.messages(topic))
+        h.wait_for(lambda: len(sub.messages(topic)) >= n + 10, 10, "data after the reload")
+        log = g.proc.output()
+        if "0 device(s) kept, 1 changed, 0 added, 0 removed; 0 connection(s) kept, 1 new" \
+                not in log:
+            raise h.Failure("the reload's plan:\n" + log[-3000:])
+        after = log[log.index("SIGHUP: reloading"):]
+        closed, opened = after.find("] connection closed"), after.find("] connected")
+        if not 0 <= closed < opened:
+            raise h.Failure("the new connection opened before the old one closed:\n" + after)
+        seqs = [j["seq"] for j in sub.json(topic)]
+        if any(b_ != a_ + 1 for a_, b_ in zip(seqs, seqs[1:])):
+            raise h.Failure("seq across the replaced device: %r" % seqs[-40:])
+        g.stop()
+
     def test_fixed_keys_rejected(self):
         b = self.broker()
         sim = self.sim(["--counter", "--pumps", "1", "--lights", "0"])
