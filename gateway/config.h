@@ -93,7 +93,7 @@ typedef struct smp_config {
         int history_chunk_max_s; /* default 900: longest time a history chunk stays open */
         char *runtime_dir;       /* default $RUNTIME_DIRECTORY, else /dev/shm/simpul-<gateway.id> */
         int commit_interval_ms;  /* default 1000; 0: commit every message before publishing */
-        bool skip_check;         /* "quick_check": "off"; main also sets it for a reload's config */
+        bool skip_check;         /* "quick_check": "off" (read at start only) */
     } store;
     struct {
         /* Commands and their limits (docs/config.md, "commands"). */
