@@ -224,6 +224,58 @@ class ReloadTest(h.TestCase):
             raise h.Failure("seq across the replaced device: %r" % seqs[-40:])
         g.stop()
 
+    def test_commands_on_a_replaced_device_are_answered(self):
+        """Commands queued for a device a reload replaces are each answered: the one already at
+        the device finishes, those still waiting are answered "cancelled" and never written."""
+        b = self.broker()
+        wlog = os.path.join(self.workdir, "writes.log")
+        # Unit 4's speed register answers 800 ms late: a write (and its read-back) is slow.
+        sim = self.sim(["--counter", "--pumps", "4", "--lights", "0", "--write-log", wlog,
+                        "--delay", "4:holding_register:10:800"])
+        speed = dict(h.SPEED_TAG, writable=True)
+
+        def dev(name, unit, interval):
+            return h.tcp_device(name, sim.port, [HEARTBEAT, speed], unit=unit,
+                                interval_ms=interval, timeout_ms=3000)
+        cfg = h.base_config(self.workdir, b.port,
+                            [dev("pump-01", 1, 200), dev("pump-04", 4, 1000)])
+        sub = self.subscriber(b.port, [P + "/#"])
+        g = self.gateway(cfg)
+        sub.wait_json(P + "/pump-04/status", lambda j: j["state"] == "online", 20)
+        for i in range(4):
+            sub.publish(P + "/pump-04/cmd", json.dumps(
+                {"id": "r%d" % i, "op": "write", "tag": "speed_rpm", "value": 1001 + i}))
+
+        def writes():
+            if not os.path.exists(wlog):
+                return []
+            with open(wlog) as f:
+                return [line.split() for line in f if line.strip()]
+        h.wait_for(lambda: any(w[4] == "1001" for w in writes()), 10,
+                   "the first write at the device")
+        cfg["devices"][1]["interval_ms"] = 900  # pump-04 changed
+        g.config = cfg
+        g.write_config()
+        g.proc.signal(signal.SIGHUP)
+
+        def answers():
+            got = {j.get("id"): j for j in sub.json(P + "/pump-04/cmd/result")}
+            return got if all("r%d" % i in got for i in range(4)) else None
+        got = h.wait_for(answers, 20, "an answer to each of the 4 commands")
+        if got["r0"].get("ok") is not True:
+            raise h.Failure("the write already at the device: %r" % got["r0"])
+        cancelled = [k for k, j in got.items()
+                     if j.get("ok") is not True and j["error"]["code"] == "cancelled"]
+        others = [j for k, j in got.items() if j.get("ok") is not True and k not in cancelled]
+        if not cancelled or others:
+            raise h.Failure("answers: %r" % got)
+        written = {w[4] for w in writes()}
+        for k in cancelled:
+            if str(1001 + int(k[1:])) in written:
+                raise h.Failure("cancelled command %s was written: %r" % (k, writes()))
+        h.wait_for(lambda: "reload complete" in g.proc.output(), 10, "the old pump-04 freed")
+        g.stop()
+
     def test_fixed_keys_rejected(self):
         b = self.broker()
         sim = self.sim(["--counter", "--pumps", "1", "--lights", "0"])
