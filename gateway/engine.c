@@ -1103,10 +1103,13 @@ static void on_group_timer(uv_timer_t *t)
 static void metrics_connections(smp_engine_t *e, smp_buf_t *b)
 {
     smp_buf_puts(b, ",\"connections\":{");
+    bool first = true;
     for (size_t m = 0; m < e->nconns; m++) {
-        if (m > 0) {
-            smp_buf_puts(b, ",");
+        if (e->conns[m]->retiring) {
+            continue; /* a reload closes it; a new one to its endpoint may be listed */
         }
+        smp_buf_puts(b, first ? "" : ",");
+        first = false;
         smp__conn_load_json(&e->conns[m]->load, e->conns[m]->key, b, uv_now(e->loop));
     }
     smp_buf_puts(b, "}");

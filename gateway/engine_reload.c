@@ -200,6 +200,13 @@ static void new_seq(smp_engine_t *e, struct device *d, const struct device *was)
         d->seq = was->seq;
         return;
     }
+    for (size_t k = 0; k < e->nretired; k++) {
+        if (strcmp(e->retired[k], d->cfg->name) == 0) {
+            free(e->retired[k]); /* back before its "removed" status went out */
+            e->retired[k] = e->retired[--e->nretired];
+            break;
+        }
+    }
     for (size_t k = 0; k < e->ngone; k++) {
         if (strcmp(e->gone[k].name, d->cfg->name) == 0) {
             d->seq = e->gone[k].seq;
