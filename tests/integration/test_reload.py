@@ -276,6 +276,35 @@ class ReloadTest(h.TestCase):
         h.wait_for(lambda: "reload complete" in g.proc.output(), 10, "the old pump-04 freed")
         g.stop()
 
+    def test_stop_while_a_reload_drains(self):
+        """SIGTERM while a replaced device's write is still at the device and its successor's
+        connection waits for the old one: a clean stop all the same (exit 0; under ASan no
+        leak), and the write is answered."""
+        b = self.broker()
+        wlog = os.path.join(self.workdir, "writes.log")
+        sim = self.sim(["--counter", "--pumps", "4", "--lights", "0", "--write-log", wlog,
+                        "--delay", "4:holding_register:10:800"])
+        speed = dict(h.SPEED_TAG, writable=True)
+        cfg = h.base_config(self.workdir, b.port, [h.tcp_device(
+            "pump-04", sim.port, [HEARTBEAT, speed], unit=4, interval_ms=1000, timeout_ms=3000)])
+        sub = self.subscriber(b.port, [P + "/#"])
+        g = self.gateway(cfg)
+        sub.wait_json(P + "/pump-04/status", lambda j: j["state"] == "online", 20)
+        sub.publish(P + "/pump-04/cmd", json.dumps(
+            {"id": "s1", "op": "write", "tag": "speed_rpm", "value": 1234}))
+        h.wait_for(lambda: os.path.exists(wlog) and os.path.getsize(wlog) > 0, 10,
+                   "the write at the device")
+        cfg["devices"][0]["connection"]["timeout_ms"] = 2500  # a new connection, after the old
+        g.config = cfg
+        g.write_config()
+        g.proc.signal(signal.SIGHUP)
+        h.wait_for(lambda: "config reloaded" in g.proc.output(), 10, "reload applied")
+        if "reload complete" in g.proc.output():
+            raise h.Failure("the drain ended before the slow write did:\n" + g.proc.output())
+        g.stop()
+        sub.wait_json(P + "/pump-04/cmd/result", lambda j: j.get("id") == "s1", 5,
+                      "the answer to the write")
+
     def test_fixed_keys_rejected(self):
         b = self.broker()
         sim = self.sim(["--counter", "--pumps", "1", "--lights", "0"])
