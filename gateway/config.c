@@ -2185,10 +2185,11 @@ bool smp_plugin_host_same(const smp_plugin_host_t *a, const smp_plugin_host_t *b
 
 bool smp_device_cfg_equal(const smp_device_cfg_t *a, const smp_device_cfg_t *b)
 {
+    /* Not the profile's name: the tags it gives are compared themselves. */
     if (!str_eq(a->name, b->name) || !str_eq(a->protocol, b->protocol) ||
-        !str_eq(a->profile, b->profile) || a->interval_ms != b->interval_ms ||
-        a->refresh_s != b->refresh_s || !smp_plugin_host_same(a->plugin, b->plugin) ||
-        strcmp(a->conn_key, b->conn_key) != 0 || a->ntags != b->ntags) {
+        a->interval_ms != b->interval_ms || a->refresh_s != b->refresh_s ||
+        !smp_plugin_host_same(a->plugin, b->plugin) || strcmp(a->conn_key, b->conn_key) != 0 ||
+        a->ntags != b->ntags) {
         return false;
     }
     if (!params_eq(a->conn_params, b->conn_params, a->plugin->nconn_keys)) {

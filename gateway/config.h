@@ -128,8 +128,9 @@ const smp_device_cfg_t *smp_config_device(const smp_config_t *cfg, const char *n
 const char *smp_type_name(smp_type_t t);
 
 /* A reload (engine.h, smp_engine_reload). Two devices are equal when everything that defines
- * them is: name, protocol, profile, intervals, plugin, connection keys and every tag (compared
- * by content: a profile's tags are shared within one config only). */
+ * them is: name, protocol, intervals, plugin, connection keys and every tag (compared by
+ * content, whether a profile or the device gives them: a profile's tags are shared within one
+ * config only). */
 bool smp_device_cfg_equal(const smp_device_cfg_t *a, const smp_device_cfg_t *b);
 /* The same plugin library, loaded by two configs. */
 bool smp_plugin_host_same(const smp_plugin_host_t *a, const smp_plugin_host_t *b);
