@@ -1638,10 +1638,14 @@ void smp__engine_write_done(smp_engine_t *e, struct job *j)
 void smp__engine_command_cancel(smp_engine_t *e, struct job *j)
 {
     struct cmd *m = j->cmd;
+    bool replaced = m->d->retiring;
     m->d->cmd_queued--;
     e->cmds->in_progress--;
     smp__job_free(j);
-    fail(e, m, "cancelled", "the gateway stopped before the command started; nothing was written");
+    fail(e, m, "cancelled",
+         replaced ? "a config reload replaced the device before the command started; nothing "
+                    "was written"
+                  : "the gateway stopped before the command started; nothing was written");
 }
 
 void smp__engine_write_discard(smp_engine_t *e, struct job *j)

@@ -269,6 +269,9 @@ class ReloadTest(h.TestCase):
         others = [j for k, j in got.items() if j.get("ok") is not True and k not in cancelled]
         if not cancelled or others:
             raise h.Failure("answers: %r" % got)
+        if any("config reload replaced the device" not in got[k]["error"]["message"]
+               for k in cancelled):
+            raise h.Failure("cancelled answers: %r" % got)
         written = {w[4] for w in writes()}
         for k in cancelled:
             if str(1001 + int(k[1:])) in written:
