@@ -37,25 +37,36 @@ struct smp_engine_reload_state {
     size_t nheld;
 };
 
+enum { FATE_REMOVED, FATE_KEPT, FATE_REPLACED };
+
 struct plan {
     struct device **devs; /* the new e->devs */
     size_t n;
-    const smp_device_cfg_t **was; /* per new device: the old device of its name, or NULL */
-    struct device **old;
+    struct device **was; /* per new device: the old device of its name, or NULL */
+    struct device **old; /* e->devs before, then sorted by name while planning */
     size_t nold;
+    unsigned char *fate; /* per old device (by index): FATE_* */
     size_t kept, changed, added, removed, conns_kept, conns_new;
 };
 
 /* ---- the old devices ------------------------------------------------------------------------ */
 
-static struct device *find_active(smp_engine_t *e, const char *name)
+static int cmp_dev_name(const void *a, const void *b)
 {
-    for (size_t k = 0; k < e->ndevs; k++) {
-        if (strcmp(e->devs[k]->cfg->name, name) == 0) {
-            return e->devs[k];
-        }
-    }
-    return NULL;
+    return strcmp((*(struct device *const *)a)->cfg->name, (*(struct device *const *)b)->cfg->name);
+}
+
+static int cmp_name_dev(const void *key, const void *elt)
+{
+    return strcmp(key, (*(struct device *const *)elt)->cfg->name);
+}
+
+/* The old device of that name (pl->old sorted by name): a reload of 10k devices must not
+ * compare every name with every other on the loop. */
+static struct device *find_old(const struct plan *pl, const char *name)
+{
+    struct device **d = bsearch(name, pl->old, pl->nold, sizeof *pl->old, cmp_name_dev);
+    return d != NULL ? *d : NULL;
 }
 
 /* Takes d's queued jobs off its connection: polls are dropped, commands answered. */
@@ -246,22 +257,30 @@ static int plan_devices(smp_engine_t *e, const smp_config_t *ncfg, struct plan *
     pl->devs = calloc(n ? n : 1, sizeof *pl->devs);
     pl->was = calloc(n ? n : 1, sizeof *pl->was);
     pl->old = malloc((e->ndevs ? e->ndevs : 1) * sizeof *pl->old);
+    pl->fate = calloc(e->ndevs ? e->ndevs : 1, 1);
     /* Room for every old device to retire: committing the plan cannot fail. */
     struct device **dr = realloc(e->draining, (e->ndraining + e->ndevs + 1) * sizeof *dr);
     if (dr != NULL) {
         e->draining = dr;
     }
-    if (pl->devs == NULL || pl->was == NULL || pl->old == NULL || dr == NULL) {
+    if (pl->devs == NULL || pl->was == NULL || pl->old == NULL || pl->fate == NULL || dr == NULL) {
         return -ENOMEM;
     }
+    memcpy(pl->old, e->devs, e->ndevs * sizeof *pl->old);
+    pl->nold = e->ndevs;
+    qsort(pl->old, pl->nold, sizeof *pl->old, cmp_dev_name);
     for (size_t k = 0; k < n; k++) {
         const smp_device_cfg_t *dc = &ncfg->devices[k];
-        struct device *od = find_active(e, dc->name);
-        pl->was[k] = od != NULL ? od->cfg : NULL;
+        struct device *od = find_old(pl, dc->name);
+        pl->was[k] = od;
         if (od != NULL && smp_device_cfg_equal(od->cfg, dc)) {
             pl->devs[k] = od;
+            pl->fate[od->index] = FATE_KEPT;
             pl->kept++;
             continue;
+        }
+        if (od != NULL) {
+            pl->fate[od->index] = FATE_REPLACED;
         }
         struct device *d = calloc(1, sizeof *d);
         pl->devs[k] = d;
@@ -339,6 +358,7 @@ static void plan_free(smp_engine_t *e, struct plan *pl, bool failed)
     }
     free(pl->was);
     free(pl->old);
+    free(pl->fate);
     if (failed) {
         free(pl->devs);
     }
@@ -349,18 +369,13 @@ static void plan_free(smp_engine_t *e, struct plan *pl, bool failed)
 /* The old devices that are not in the new list retire; the new ones get their place. */
 static void commit_devices(smp_engine_t *e, struct plan *pl)
 {
-    memcpy(pl->old, e->devs, e->ndevs * sizeof *pl->old);
-    pl->nold = e->ndevs;
+    memcpy(pl->old, e->devs, e->ndevs * sizeof *pl->old); /* in index order again */
     for (size_t k = 0; k < e->ndevs; k++) {
         struct device *d = e->devs[k];
-        bool kept = false;
-        for (size_t j = 0; j < pl->n && !kept; j++) {
-            kept = pl->devs[j] == d;
-        }
-        if (!kept) {
+        if (pl->fate[k] != FATE_KEPT) {
             retire_device(e, d);
         }
-        if (!kept && smp_config_device(e->cfg, d->cfg->name) == NULL) {
+        if (pl->fate[k] == FATE_REMOVED) {
             pl->removed++;
             remember_gone(e, d);
         }
@@ -376,11 +391,7 @@ static void start_new(smp_engine_t *e, struct plan *pl)
         if (!fresh) {
             continue;
         }
-        struct device *was = NULL;
-        for (size_t j = 0; pl->was[k] != NULL && j < pl->nold; j++) {
-            was = pl->old[j]->cfg == pl->was[k] ? pl->old[j] : was;
-        }
-        new_seq(e, d, was);
+        new_seq(e, d, pl->was[k]);
         if (place_device(e, pl, d) < 0) {
             LOG_ERR(d->scope, "out of memory: the device is not polled");
             continue;
