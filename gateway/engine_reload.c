@@ -595,6 +595,7 @@ int smp_engine_reload(smp_engine_t *e, const smp_config_t *cfg,
                 key);
         return -EPERM;
     }
+    uint64_t t0 = uv_hrtime();
     struct plan pl = {0};
     int rc = reload_state(e, release, arg);
     if (rc == 0) {
@@ -625,9 +626,10 @@ int smp_engine_reload(smp_engine_t *e, const smp_config_t *cfg,
     apply_mqtt(e, old);
     LOG_INFO("engine",
              "reload: %zu device(s) kept, %zu changed, %zu added, %zu removed; %zu connection(s) "
-             "kept, %zu new; MQTT %s",
+             "kept, %zu new; MQTT %s; applied on the loop in %.1f ms",
              pl.kept, pl.changed, pl.added, pl.removed, pl.conns_kept, pl.conns_new,
-             smp_config_mqtt_equal(old, cfg) ? "unchanged" : "settings changed: reconnecting");
+             smp_config_mqtt_equal(old, cfg) ? "unchanged" : "settings changed: reconnecting",
+             (double)(uv_hrtime() - t0) / 1e6);
     plan_free(e, &pl, false);
     smp__engine_publish_retired(e);
     e->reload->active = true;
