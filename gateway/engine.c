@@ -615,7 +615,7 @@ static void publish_device_status(smp_engine_t *e, struct device *d)
 /* Answers and statuses that waited for room in the window go first when room frees up. */
 static void flush_reserved(smp_engine_t *e)
 {
-    smp__engine_commands_flush(e);
+    smp_commands_flush(e->cmds);
     for (size_t k = 0; k < e->ndevs; k++) {
         if (e->devs[k]->status_unsent) {
             publish_device_status(e, e->devs[k]);
@@ -1195,7 +1195,7 @@ static void metrics_publish(smp_engine_t *e)
                    ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64
                    ",\"outbox_bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64
                    ",\"rss_kb\":%ld",
-                   e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
+                   smp_commands_answered(e->cmds), ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
     metrics_connections(e, &b);
     metrics_log(&b);
@@ -1298,7 +1298,7 @@ static void on_mqtt_connect(void *arg)
     e->backlog = true;
     /* A fetch still out for the previous connection is recognised by its epoch in on_fetch;
      * clearing fetch_in_flight here would start a second replay chain beside it. */
-    smp__engine_commands_flush(e);
+    smp_commands_flush(e->cmds);
     for (size_t k = 0; k < e->ndevs; k++) {
         struct device *d = e->devs[k];
         publish_device_status(e, d);
@@ -1313,7 +1313,7 @@ static void on_mqtt_disconnect(void *arg)
     smp_engine_t *e = arg;
     e->backlog = true;
     e->conn_epoch++;
-    smp__engine_commands_disconnected(e);
+    smp_commands_disconnected(e->cmds);
 }
 
 static void flush_acks(smp_engine_t *e)
@@ -1334,7 +1334,7 @@ static void on_acks_check(uv_check_t *c)
 static void on_mqtt_ack(void *arg, uint64_t token)
 {
     smp_engine_t *e = arg;
-    if (smp__engine_commands_acked(e, token)) {
+    if (smp_commands_acked(e->cmds, token)) {
         flush_reserved(e); /* an answer: not an outbox row, not counted in "acked" */
         return;
     }
@@ -1371,7 +1371,8 @@ static void on_mqtt_ack(void *arg, uint64_t token)
 static void on_mqtt_message(void *arg, const char *topic, const void *payload, size_t len,
                             const smp_mqtt_props_t *props)
 {
-    smp__engine_command(arg, topic, payload, len, props);
+    smp_engine_t *e = arg;
+    smp_commands_receive(e->cmds, topic, payload, len, props);
 }
 
 static void on_bridge_stopped(void *arg)
@@ -1396,6 +1397,9 @@ static void recycle_read_job(struct job *j)
     g->spare = j;
 }
 
+static void command_job_done(smp_engine_t *e, struct job *j);
+static smp_commands_t *commands_new(smp_engine_t *e);
+
 static void on_done(uv_async_t *a)
 {
     smp_engine_t *e = a->data;
@@ -1411,14 +1415,14 @@ static void on_done(uv_async_t *a)
         switch (j->type) {
         case JOB_READ:
             if (j->cmd != NULL) {
-                smp__engine_write_done(e, j); /* a command's read; takes ownership */
+                command_job_done(e, j); /* a command's read; takes ownership */
                 break;
             }
             handle_read(e, j);
             recycle_read_job(j);
             break;
         case JOB_WRITE:
-            smp__engine_write_done(e, j); /* takes ownership */
+            command_job_done(e, j); /* takes ownership */
             break;
         case JOB_EXIT:
             j->conn->exited = true;
@@ -1715,7 +1719,7 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
     if (rc < 0) {
         LOG_WARN("engine", "could not restore last values: %s", strerror(-rc));
     }
-    smp__engine_commands_init(e);
+    e->cmds = commands_new(e);
     smp_bridge_cbs_t cbs = {
         .on_connect = on_mqtt_connect,
         .on_disconnect = on_mqtt_disconnect,
@@ -1856,7 +1860,7 @@ void smp__engine_stop_progress(smp_engine_t *e)
     if (!e->stopping || e->stop_done) {
         return;
     }
-    if ((e->workers_alive > 0 || e->pending_adds > 0 || smp__engine_commands_busy(e)) &&
+    if ((e->workers_alive > 0 || e->pending_adds > 0 || smp_commands_busy(e->cmds)) &&
         !e->stop_forced) {
         return;
     }
@@ -2046,7 +2050,8 @@ int smp_engine_free(smp_engine_t *e)
         if (j->type == JOB_READ && j->cmd == NULL) {
             smp__job_free(j);
         } else if (j->type == JOB_READ || j->type == JOB_WRITE) {
-            smp__engine_write_discard(e, j);
+            smp_commands_job_discard(e->cmds, j->cmd);
+            smp__job_free(j);
         } else if (j->type == JOB_DETACH) {
             j->dev->detached = true;
             free(j);
@@ -2063,7 +2068,8 @@ int smp_engine_free(smp_engine_t *e)
     e->store = NULL;
     smp_bridge_free(e->bridge);
     smp__sparkplug_free(e->spb);
-    smp__engine_commands_free(e);
+    smp_commands_free(e->cmds);
+    e->cmds = NULL;
     free_retired(e);
     for (size_t k = 0; k < e->ndevs; k++) {
         smp__engine_free_device(e->devs[k]);
@@ -2092,4 +2098,148 @@ int smp_engine_free(smp_engine_t *e)
     uv_mutex_destroy(&e->done_mu);
     free(e);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The engine's side of the command interface (engine_cmd.h); results go back via command.h   */
+
+static int cmd_find_device(void *eng, const char *name)
+{
+    smp_engine_t *e = eng;
+    for (size_t k = 0; k < e->ndevs; k++) {
+        if (strcmp(e->devs[k]->cfg->name, name) == 0) {
+            return (int)k;
+        }
+    }
+    return -1;
+}
+
+static void cmd_device(void *eng, size_t dev, smp_cmd_device_t *out)
+{
+    const struct device *d = ((smp_engine_t *)eng)->devs[dev];
+    *out = (smp_cmd_device_t){.cfg = d->cfg,
+                              .topic_result = d->topic_result,
+                              .online = d->online,
+                              .status_err = d->status_err};
+}
+
+static smp_cmd_job_t *cmd_job_new(void *eng, size_t dev, const smp_cmd_job_spec_t *spec)
+{
+    smp_engine_t *e = eng;
+    struct job *j = calloc(1, sizeof *j);
+    if (j == NULL) {
+        return NULL;
+    }
+    j->dev = e->devs[dev];
+    if (spec->write) {
+        j->type = JOB_WRITE;
+        j->tag = spec->tag;
+        j->write_raw = *spec->raw; /* the string behind it stays the command's */
+        return (smp_cmd_job_t *)j;
+    }
+    j->type = JOB_READ;
+    j->idx = spec->idx;
+    j->n = spec->n;
+    j->readings = calloc(j->n, sizeof *j->readings);
+    j->strs = calloc(j->n, sizeof *j->strs);
+    j->errs = calloc(j->n, ERRMSG_LEN);
+    if (!j->readings || !j->strs || !j->errs) {
+        smp__job_free(j);
+        return NULL;
+    }
+    return (smp_cmd_job_t *)j;
+}
+
+static void cmd_job_free(void *eng, smp_cmd_job_t *job)
+{
+    (void)eng;
+    smp__job_free((struct job *)job);
+}
+
+static void cmd_job_enqueue(void *eng, smp_cmd_job_t *job, uint64_t deadline_mono_ms, void *cookie)
+{
+    (void)eng;
+    struct job *j = (struct job *)job;
+    j->cmd = cookie;
+    j->deadline_mono_ms = deadline_mono_ms;
+    smp__engine_enqueue(j->dev->conn, j);
+}
+
+static void cmd_emit_reading(void *eng, size_t dev, uint32_t tag, const smp_reading_t *r,
+                             uint64_t ts_ms)
+{
+    smp_engine_t *e = eng;
+    smp__engine_apply_reading(e, e->devs[dev], tag, r, NULL, ts_ms);
+    smp__engine_emit(e, e->devs[dev], ts_ms, false);
+}
+
+static int cmd_publish(void *eng, const char *topic, const char *text, size_t len, uint64_t token,
+                       const smp_mqtt_props_t *props)
+{
+    smp_engine_t *e = eng;
+    return smp_bridge_publish_reserved(e->bridge, topic, text, len, 1, false, token, props);
+}
+
+static bool cmd_stopping(void *eng)
+{
+    return ((smp_engine_t *)eng)->stopping;
+}
+
+static void cmd_progress(void *eng)
+{
+    smp__engine_stop_progress(eng);
+    smp__engine_reload_progress(eng);
+}
+
+static const smp_cmd_engine_ops_t cmd_ops = {
+    .find_device = cmd_find_device,
+    .device = cmd_device,
+    .job_new = cmd_job_new,
+    .job_free = cmd_job_free,
+    .job_enqueue = cmd_job_enqueue,
+    .emit_reading = cmd_emit_reading,
+    .publish = cmd_publish,
+    .stopping = cmd_stopping,
+    .progress = cmd_progress,
+};
+
+static smp_commands_t *commands_new(smp_engine_t *e)
+{
+    smp_cmd_engine_t ce = {.ops = &cmd_ops,
+                           .eng = e,
+                           .loop = e->loop,
+                           .cfg = e->cfg,
+                           .store = e->store,
+                           .ndevs = e->ndevs};
+    return smp_commands_new(&ce);
+}
+
+/* A command's job is back from its worker: its result goes to the command module. */
+static void command_job_done(smp_engine_t *e, struct job *j)
+{
+    smp_cmd_outcome_t o = {.status = j->status,
+                           .errmsg = j->errmsg,
+                           .started = j->started,
+                           .done_wall_ms = j->done_wall_ms,
+                           .rb = &j->rb,
+                           .readings = j->readings,
+                           .tag_errs = j->errs};
+    smp_commands_job_done(e->cmds, j->cmd, &o);
+    smp__job_free(j);
+    smp__engine_stop_progress(e);
+    smp__engine_reload_progress(e);
+}
+
+/* A command's job that never reached its worker (a forced stop, a reload replacing its
+ * device): answered "cancelled" by the command module. */
+void smp__engine_command_cancel(smp_engine_t *e, struct job *j)
+{
+    void *cookie = j->cmd;
+    bool replaced = j->dev != NULL && j->dev->retiring && !e->stopping;
+    smp__job_free(j);
+    if (replaced) {
+        smp_commands_job_replaced(e->cmds, cookie);
+    } else {
+        smp_commands_job_cancelled(e->cmds, cookie);
+    }
 }

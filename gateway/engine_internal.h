@@ -1,4 +1,6 @@
-/* Engine internals shared by engine.c and command.c. Not a public surface. */
+/* Engine internals shared by engine.c and sparkplug.c (which builds its messages from the
+ * engine's device and tag state). Not a public surface: the command module reaches the engine
+ * only through engine_cmd.h. */
 #ifndef SMP_ENGINE_INTERNAL_H
 #define SMP_ENGINE_INTERNAL_H
 
@@ -9,15 +11,17 @@
 #include <uv.h>
 
 #include "bridge.h"
+#include "command.h"
 #include "config.h"
 #include "conn_load.h"
 #include "devstats.h"
 #include "engine.h"
+#include "engine_cmd.h"
 #include "log.h"
 #include "store.h"
 #include "value.h"
 
-#define ERRMSG_LEN 128
+#define ERRMSG_LEN SMP_ENGINE_ERRMSG_LEN
 /* Longest string value kept from a driver (a Modbus string is at most 250 bytes). */
 #define SMP_STRING_MAX 1024
 
@@ -48,7 +52,7 @@ struct job {
     smp_reading_t rb;
     char *rb_str;
     bool started;
-    void *cmd;                 /* the command this job serves (command.c); NULL for polls */
+    void *cmd; /* the command this job serves (its cookie, command.h); NULL for polls */
     uint64_t deadline_mono_ms; /* commands with ttl_ms (CLOCK_MONOTONIC ms): no device write
                                 * starts after it (expired), 0 for none */
     /* result */
@@ -109,7 +113,6 @@ struct device {
     bool need_full;
     bool status_unsent; /* the last status change could not be published yet */
     uint64_t last_full_ms;
-    unsigned cmd_queued;   /* commands accepted and not yet answered */
     smp_devstats_t health; /* P/G/metrics "devices" */
     /* worker */
     void *pdev;
@@ -154,10 +157,8 @@ struct conn {
 
 struct smp_engine_stats {
     uint64_t polls, poll_errors, requests, overruns, values, publishes, acked, replayed;
-    uint64_t commands, store_errors, lost;
+    uint64_t store_errors, lost;
 };
-
-struct smp_command_state; /* command.c */
 
 struct smp_engine {
     uv_loop_t *loop;
@@ -198,8 +199,8 @@ struct smp_engine {
     int workers_alive;
     void (*stop_cb)(void *arg);
     void *stop_arg;
-    struct smp_command_state *cmds;
-    bool store_degraded; /* store.on_error "degraded" in effect: write commands are refused */
+    smp_commands_t *cmds; /* command.c; NULL without memory for it */
+    bool store_degraded;  /* store.on_error "degraded" in effect: write commands are refused */
     /* Distinct texts of tag errors, owned: tags in error point into this small set. */
     char **err_texts;
     size_t err_texts_n, err_texts_cap;
@@ -213,7 +214,6 @@ struct smp_engine {
     struct smp_sparkplug *spb; /* sparkplug.c; NULL with mqtt.format "json" */
 };
 
-uint64_t smp__wall_ms(void);
 /* Frees a job and everything it owns (not the command it serves). NULL is a no-op. */
 void smp__job_free(struct job *j);
 void smp__engine_enqueue(struct conn *c, struct job *j);
@@ -237,26 +237,6 @@ void smp__engine_publish_retired(smp_engine_t *e);
 /* engine_reload.c: a reload's drain went on (a worker let go of a device, a command ended). */
 void smp__engine_reload_progress(smp_engine_t *e);
 void smp__engine_reload_free(smp_engine_t *e);
-/* command.c: the device list changed (a reload): per-device state follows e->devs. */
-void smp__engine_commands_devices_changed(smp_engine_t *e);
-
-/* command.c */
-void smp__engine_commands_init(smp_engine_t *e);
-void smp__engine_commands_free(smp_engine_t *e);
-bool smp__engine_commands_busy(smp_engine_t *e);
-/* Publishes answers that waited for room in the MQTT window (call on PUBACK and connect). */
-void smp__engine_commands_flush(smp_engine_t *e);
-/* PUBACK tokens of command answers carry this bit (outbox row ids never do). */
-#define SMP_CMD_ANSWER_TOKEN (UINT64_C(1) << 63)
-/* A PUBACK: true when `token` was an answer's (then handled), false for an outbox row. */
-bool smp__engine_commands_acked(smp_engine_t *e, uint64_t token);
-/* The connection is gone: answers not acknowledged are sent again after the next connect. */
-void smp__engine_commands_disconnected(smp_engine_t *e);
-void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
-                         const smp_mqtt_props_t *props);
-void smp__engine_write_done(smp_engine_t *e, struct job *j);
-void smp__engine_write_discard(smp_engine_t *e, struct job *j);
-/* Answers a command job that never reached its worker ("cancelled") and frees it. */
+/* engine.c: a command's job that never reached its worker is answered "cancelled" and freed. */
 void smp__engine_command_cancel(smp_engine_t *e, struct job *j);
-
 #endif

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "bridge.h"
+#include "command.h"
 #include "engine_internal.h"
 #include "log.h"
 #include "sparkplug.h"
@@ -382,11 +383,16 @@ static void commit_devices(smp_engine_t *e, struct plan *pl)
     }
 }
 
-static void start_new(smp_engine_t *e, struct plan *pl)
+/* Numbers the devices in their new order (map[old index] = new index for the kept ones) and
+ * starts the new ones. */
+static void start_new(smp_engine_t *e, struct plan *pl, int *map)
 {
     for (size_t k = 0; k < pl->n; k++) {
         struct device *d = pl->devs[k];
         bool fresh = d->index == SIZE_MAX;
+        if (!fresh && map != NULL && d->index < pl->nold) {
+            map[d->index] = (int)k;
+        }
         d->index = k;
         if (!fresh) {
             continue;
@@ -454,7 +460,7 @@ static void free_drained(smp_engine_t *e)
 {
     for (size_t k = 0; k < e->ndraining;) {
         struct device *d = e->draining[k];
-        if ((d->detached || d->conn->exited) && d->cmd_queued == 0) {
+        if (d->detached || d->conn->exited) { /* commands hold no device, only its index */
             e->draining[k] = e->draining[--e->ndraining];
             close_and_free(e, d);
         } else {
@@ -495,7 +501,8 @@ static void release_configs(smp_engine_t *e)
 {
     struct smp_engine_reload_state *r = e->reload;
     for (size_t k = 0; k < r->nheld;) {
-        if (r->held[k] == e->cfg || config_used(e, r->held[k])) {
+        /* A command being handled reads its device's tags in the config it came with. */
+        if (r->held[k] == e->cfg || config_used(e, r->held[k]) || smp_commands_busy(e->cmds)) {
             k++;
             continue;
         }
@@ -508,7 +515,11 @@ static void release_configs(smp_engine_t *e)
 void smp__engine_reload_progress(smp_engine_t *e)
 {
     struct smp_engine_reload_state *r = e->reload;
-    if (r == NULL || !r->active || e->stopping) {
+    if (r == NULL || e->stopping) {
+        return;
+    }
+    if (!r->active) {
+        release_configs(e); /* a command that held an old config may have ended */
         return;
     }
     free_drained(e);
@@ -614,8 +625,13 @@ int smp_engine_reload(smp_engine_t *e, const smp_config_t *cfg,
     free(e->devs);
     e->devs = pl.devs;
     e->ndevs = pl.n;
-    start_new(e, &pl);
-    smp__engine_commands_devices_changed(e);
+    int *map = malloc((pl.nold ? pl.nold : 1) * sizeof *map);
+    for (size_t k = 0; map != NULL && k < pl.nold; k++) {
+        map[k] = -1;
+    }
+    start_new(e, &pl, map);
+    smp_commands_devices_changed(e->cmds, e->cfg, e->ndevs, map, pl.nold);
+    free(map);
     bool same_list = pl.nold == pl.n;
     for (size_t k = 0; same_list && k < pl.n; k++) {
         same_list = pl.old[k] == pl.devs[k];

@@ -538,7 +538,8 @@ static void dcmd_metric(smp_sparkplug_t *s, struct device *d, const smp_spb_in_m
                  vtext != NULL ? vtext : "?");
         /* The delivery's properties go along, so the command path's rules for them apply
          * to a DCMD as to a JSON command. */
-        smp__engine_command(s->e, s->devs[dev_index(s, d)].t_cmd_json, text, strlen(text), props);
+        smp_commands_receive(s->e->cmds, s->devs[dev_index(s, d)].t_cmd_json, text, strlen(text),
+                             props);
     }
     free(text);
     free(vtext);
