@@ -76,6 +76,185 @@ static int get_int_field(json_t *root, const char *key, int64_t *out, bool *has,
     return 0;
 }
 
+/* The id first, so that every later error can be answered with it. */
+static int parse_id(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    json_t *id = json_object_get(root, "id");
+    if (json_is_string(id) && json_string_length(id) >= 1 &&
+        json_string_length(id) <= SMP_CMD_ID_MAX &&
+        strlen(json_string_value(id)) == json_string_length(id)) {
+        snprintf(out->id, sizeof out->id, "%s", json_string_value(id));
+        out->has_id = true;
+        return 0;
+    }
+    set_err(err, "bad_request", "id must be a string of 1 to %d characters", SMP_CMD_ID_MAX);
+    return -EINVAL;
+}
+
+static int check_keys(json_t *root, smp_cmd_error_t *err)
+{
+    const char *key;
+    json_t *val;
+    json_object_foreach(root, key, val)
+    {
+        static const char *const known[] = {"id",     "op",   "tag", "value", "tags", "ts",
+                                            "ttl_ms", "from", "to",  "limit", NULL};
+        bool ok = false;
+        for (size_t k = 0; known[k] != NULL; k++) {
+            ok = ok || strcmp(known[k], key) == 0;
+        }
+        if (!ok) {
+            set_err(err, "bad_request", "unknown key '%.64s'", key);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+static int parse_op(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    json_t *op = json_object_get(root, "op");
+    const char *ops = json_is_string(op) ? json_string_value(op) : NULL;
+    if (ops != NULL && strcmp(ops, "write") == 0) {
+        out->op = SMP_CMD_WRITE;
+        out->op_name = "write";
+    } else if (ops != NULL && strcmp(ops, "read") == 0) {
+        out->op = SMP_CMD_READ;
+        out->op_name = "read";
+    } else if (ops != NULL && strcmp(ops, "history") == 0) {
+        out->op = SMP_CMD_HISTORY;
+        out->op_name = "history";
+    } else {
+        set_err(err, "bad_request", "op must be \"write\", \"read\" or \"history\"");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* tag (write, history) or tags (read), value (write), and no key of another op. */
+static int parse_operands(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    json_t *tag = json_object_get(root, "tag");
+    json_t *value = json_object_get(root, "value");
+    json_t *tags = json_object_get(root, "tags");
+    bool wants_tag = out->op != SMP_CMD_READ;
+    if (wants_tag) {
+        if (!json_is_string(tag) || !name_ok(json_string_value(tag), sizeof out->tag - 1)) {
+            set_err(err, "bad_request", "tag must be a tag name");
+            return -EINVAL;
+        }
+        snprintf(out->tag, sizeof out->tag, "%s", json_string_value(tag));
+        if (tags != NULL) {
+            set_err(err, "bad_request", "tags is for op \"read\"");
+            return -EINVAL;
+        }
+    } else if (tag != NULL) {
+        set_err(err, "bad_request", "op \"read\" takes tags, not tag");
+        return -EINVAL;
+    }
+    if (out->op == SMP_CMD_WRITE) {
+        if (value == NULL) {
+            set_err(err, "bad_request", "value is required for op \"write\"");
+            return -EINVAL;
+        }
+        if (json_is_object(value) || json_is_array(value) || json_is_null(value)) {
+            set_err(err, "bad_request", "value must be a number, a boolean or a string");
+            return -EINVAL;
+        }
+        out->value = json_incref(value);
+    } else if (value != NULL) {
+        set_err(err, "bad_request", "value is only for op \"write\"");
+        return -EINVAL;
+    }
+    if (out->op != SMP_CMD_HISTORY &&
+        (json_object_get(root, "from") || json_object_get(root, "to") ||
+         json_object_get(root, "limit"))) {
+        set_err(err, "bad_request", "from, to and limit are for op \"history\"");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* A read's tags: an array of 1 to SMP_CMD_MAX_TAGS names, copied into out->tags. */
+static int parse_tags(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    json_t *tags = json_object_get(root, "tags");
+    if (!json_is_array(tags) || json_array_size(tags) == 0 ||
+        json_array_size(tags) > SMP_CMD_MAX_TAGS) {
+        set_err(err, "bad_request", "tags must be an array of 1 to %d tag names", SMP_CMD_MAX_TAGS);
+        return -EINVAL;
+    }
+    out->tags = calloc(json_array_size(tags), sizeof *out->tags);
+    if (out->tags == NULL) {
+        set_err(err, "bad_request", "out of memory");
+        return -EINVAL;
+    }
+    size_t k;
+    json_t *t;
+    json_array_foreach(tags, k, t)
+    {
+        if (!json_is_string(t) || !name_ok(json_string_value(t), 127)) {
+            set_err(err, "bad_request", "tags[%zu] must be a tag name", k);
+            return -EINVAL;
+        }
+        out->tags[out->ntags] = strdup(json_string_value(t));
+        if (out->tags[out->ntags] == NULL) {
+            set_err(err, "bad_request", "out of memory");
+            return -EINVAL;
+        }
+        out->ntags++;
+    }
+    return 0;
+}
+
+/* A history query's range and page size. */
+static int parse_range(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    bool has_from, has_to, has_limit;
+    int64_t limit = 100;
+    out->to = INT64_MAX;
+    if (get_int_field(root, "from", &out->from, &has_from, 0, err) < 0 ||
+        get_int_field(root, "to", &out->to, &has_to, 0, err) < 0 ||
+        get_int_field(root, "limit", &limit, &has_limit, 1, err) < 0) {
+        return -EINVAL;
+    }
+    if (!has_to) {
+        out->to = INT64_MAX;
+    }
+    if (limit > SMP_CMD_HISTORY_MAX) {
+        set_err(err, "bad_request", "limit must be at most %d", SMP_CMD_HISTORY_MAX);
+        return -EINVAL;
+    }
+    if (out->to < out->from) {
+        set_err(err, "bad_request", "to must not be before from");
+        return -EINVAL;
+    }
+    out->limit = (size_t)limit;
+    return 0;
+}
+
+/* The steps of smp_cmd_parse, in the order their errors are reported. */
+static int parse_object(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    if (!json_is_object(root)) {
+        set_err(err, "bad_request", "a command is a JSON object");
+        return -EINVAL;
+    }
+    if (parse_id(root, out, err) < 0 || check_keys(root, err) < 0 || parse_op(root, out, err) < 0 ||
+        get_int_field(root, "ts", &out->ts, &out->has_ts, 0, err) < 0 ||
+        get_int_field(root, "ttl_ms", &out->ttl_ms, &out->has_ttl, 0, err) < 0 ||
+        parse_operands(root, out, err) < 0) {
+        return -EINVAL;
+    }
+    if (out->op == SMP_CMD_READ && parse_tags(root, out, err) < 0) {
+        return -EINVAL;
+    }
+    if (out->op == SMP_CMD_HISTORY && parse_range(root, out, err) < 0) {
+        return -EINVAL;
+    }
+    return 0;
+}
+
 int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error_t *err)
 {
     memset(out, 0, sizeof *out);
@@ -91,146 +270,7 @@ int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error
         set_err(err, "bad_request", "not valid JSON: %s", jerr.text);
         return -EINVAL;
     }
-    int rc = -EINVAL;
-    if (!json_is_object(root)) {
-        set_err(err, "bad_request", "a command is a JSON object");
-        goto out;
-    }
-    /* The id first, so that every later error can be answered with it. */
-    json_t *id = json_object_get(root, "id");
-    if (json_is_string(id) && json_string_length(id) >= 1 &&
-        json_string_length(id) <= SMP_CMD_ID_MAX &&
-        strlen(json_string_value(id)) == json_string_length(id)) {
-        snprintf(out->id, sizeof out->id, "%s", json_string_value(id));
-        out->has_id = true;
-    } else {
-        set_err(err, "bad_request", "id must be a string of 1 to %d characters", SMP_CMD_ID_MAX);
-        goto out;
-    }
-    const char *key;
-    json_t *val;
-    json_object_foreach(root, key, val)
-    {
-        static const char *const known[] = {"id",     "op",   "tag", "value", "tags", "ts",
-                                            "ttl_ms", "from", "to",  "limit", NULL};
-        bool ok = false;
-        for (size_t k = 0; known[k] != NULL; k++) {
-            ok = ok || strcmp(known[k], key) == 0;
-        }
-        if (!ok) {
-            set_err(err, "bad_request", "unknown key '%.64s'", key);
-            goto out;
-        }
-    }
-    json_t *op = json_object_get(root, "op");
-    const char *ops = json_is_string(op) ? json_string_value(op) : NULL;
-    if (ops != NULL && strcmp(ops, "write") == 0) {
-        out->op = SMP_CMD_WRITE;
-        out->op_name = "write";
-    } else if (ops != NULL && strcmp(ops, "read") == 0) {
-        out->op = SMP_CMD_READ;
-        out->op_name = "read";
-    } else if (ops != NULL && strcmp(ops, "history") == 0) {
-        out->op = SMP_CMD_HISTORY;
-        out->op_name = "history";
-    } else {
-        set_err(err, "bad_request", "op must be \"write\", \"read\" or \"history\"");
-        goto out;
-    }
-    if (get_int_field(root, "ts", &out->ts, &out->has_ts, 0, err) < 0 ||
-        get_int_field(root, "ttl_ms", &out->ttl_ms, &out->has_ttl, 0, err) < 0) {
-        goto out;
-    }
-    json_t *tag = json_object_get(root, "tag");
-    json_t *value = json_object_get(root, "value");
-    json_t *tags = json_object_get(root, "tags");
-    bool wants_tag = out->op != SMP_CMD_READ;
-    if (wants_tag) {
-        if (!json_is_string(tag) || !name_ok(json_string_value(tag), sizeof out->tag - 1)) {
-            set_err(err, "bad_request", "tag must be a tag name");
-            goto out;
-        }
-        snprintf(out->tag, sizeof out->tag, "%s", json_string_value(tag));
-        if (tags != NULL) {
-            set_err(err, "bad_request", "tags is for op \"read\"");
-            goto out;
-        }
-    } else if (tag != NULL) {
-        set_err(err, "bad_request", "op \"read\" takes tags, not tag");
-        goto out;
-    }
-    if (out->op == SMP_CMD_WRITE) {
-        if (value == NULL) {
-            set_err(err, "bad_request", "value is required for op \"write\"");
-            goto out;
-        }
-        if (json_is_object(value) || json_is_array(value) || json_is_null(value)) {
-            set_err(err, "bad_request", "value must be a number, a boolean or a string");
-            goto out;
-        }
-        out->value = json_incref(value);
-    } else if (value != NULL) {
-        set_err(err, "bad_request", "value is only for op \"write\"");
-        goto out;
-    }
-    bool hist = out->op == SMP_CMD_HISTORY;
-    if (!hist && (json_object_get(root, "from") || json_object_get(root, "to") ||
-                  json_object_get(root, "limit"))) {
-        set_err(err, "bad_request", "from, to and limit are for op \"history\"");
-        goto out;
-    }
-    if (out->op == SMP_CMD_READ) {
-        if (!json_is_array(tags) || json_array_size(tags) == 0 ||
-            json_array_size(tags) > SMP_CMD_MAX_TAGS) {
-            set_err(err, "bad_request", "tags must be an array of 1 to %d tag names",
-                    SMP_CMD_MAX_TAGS);
-            goto out;
-        }
-        out->tags = calloc(json_array_size(tags), sizeof *out->tags);
-        if (out->tags == NULL) {
-            set_err(err, "bad_request", "out of memory");
-            goto out;
-        }
-        size_t k;
-        json_t *t;
-        json_array_foreach(tags, k, t)
-        {
-            if (!json_is_string(t) || !name_ok(json_string_value(t), 127)) {
-                set_err(err, "bad_request", "tags[%zu] must be a tag name", k);
-                goto out;
-            }
-            out->tags[out->ntags] = strdup(json_string_value(t));
-            if (out->tags[out->ntags] == NULL) {
-                set_err(err, "bad_request", "out of memory");
-                goto out;
-            }
-            out->ntags++;
-        }
-    }
-    if (hist) {
-        bool has_from, has_to, has_limit;
-        int64_t limit = 100;
-        out->to = INT64_MAX;
-        if (get_int_field(root, "from", &out->from, &has_from, 0, err) < 0 ||
-            get_int_field(root, "to", &out->to, &has_to, 0, err) < 0 ||
-            get_int_field(root, "limit", &limit, &has_limit, 1, err) < 0) {
-            goto out;
-        }
-        if (!has_to) {
-            out->to = INT64_MAX;
-        }
-        if (limit > SMP_CMD_HISTORY_MAX) {
-            set_err(err, "bad_request", "limit must be at most %d", SMP_CMD_HISTORY_MAX);
-            goto out;
-        }
-        if (out->to < out->from) {
-            set_err(err, "bad_request", "to must not be before from");
-            goto out;
-        }
-        out->limit = (size_t)limit;
-    }
-    rc = 0;
-out:
+    int rc = parse_object(root, out, err);
     json_decref(root);
     return rc;
 }
@@ -380,53 +420,10 @@ static void bound_err(smp_cmd_error_t *err, const smp_tag_cfg_t *tag, const char
     }
 }
 
-int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *raw, char **owned,
-                   smp_cmd_error_t *err)
+/* The tag's min and max, in engineering units. */
+static int check_bounds(const smp_tag_cfg_t *tag, const json_t *value, double ev, const char *vtext,
+                        smp_cmd_error_t *err)
 {
-    memset(raw, 0, sizeof *raw);
-    *owned = NULL;
-    char vtext[64];
-    if (!tag->writable) {
-        set_err(err, "not_writable", "%s is read-only", tag->name);
-        return -EPERM;
-    }
-    if (tag->type == SMP_TYPE_BOOL) {
-        if (!json_is_boolean(value)) {
-            set_err(err, "type_mismatch", "%s: expected true or false", tag->name);
-            return -EINVAL;
-        }
-        raw->v.b = json_is_true(value);
-        return 0;
-    }
-    if (tag->type == SMP_TYPE_STRING) {
-        if (!json_is_string(value)) {
-            set_err(err, "type_mismatch", "%s: expected a string", tag->name);
-            return -EINVAL;
-        }
-        *owned = strndup(json_string_value(value), json_string_length(value));
-        if (*owned == NULL) {
-            set_err(err, "busy", "out of memory");
-            return -ENOMEM;
-        }
-        raw->s = *owned;
-        raw->len = strlen(*owned); /* an embedded NUL ends the string */
-        return 0;
-    }
-    if (!json_is_number(value)) {
-        set_err(err, "type_mismatch", "%s: expected a number", tag->name);
-        return -EINVAL;
-    }
-    bool scaled = tag->scale != 1.0 || tag->offset != 0.0;
-    double ev = json_number_value(value);
-    if (json_is_integer(value)) {
-        snprintf(vtext, sizeof vtext, "%" PRId64, (int64_t)json_integer_value(value));
-    } else {
-        snprintf(vtext, sizeof vtext, "%.17g", ev);
-    }
-    if (is_int_type(tag->type) && !scaled && !json_is_integer(value)) {
-        set_err(err, "type_mismatch", "%s: expected an integer, got %s", tag->name, vtext);
-        return -EINVAL;
-    }
     if (json_is_integer(value) && is_int_type(tag->type)) {
         /* Exact: a 64-bit integer and its bounds must not be rounded to doubles. */
         int64_t iv = json_integer_value(value);
@@ -448,60 +445,135 @@ int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *r
             return -ERANGE;
         }
     }
-    double lo = 0, hi = 0;
-    raw_range(tag->type, &lo, &hi);
-    if (is_int_type(tag->type) && !scaled) {
-        json_int_t iv = json_integer_value(value);
-        bool bad = is_signed(tag->type) ? ((double)iv < lo || (double)iv > hi)
-                                        : (iv < 0 || (double)iv > hi);
-        if (tag->type == SMP_TYPE_INT64) {
-            bad = false;
-        }
-        if (bad) {
-            set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
-                    smp_type_name(tag->type));
-            return -ERANGE;
-        }
-        if (is_signed(tag->type)) {
-            raw->v.i = iv;
-        } else {
-            raw->v.u = (uint64_t)iv;
-        }
-        return 0;
+    return 0;
+}
+
+/* An integer tag without scale or offset: the JSON integer itself, if the type holds it. */
+static int raw_unscaled_int(const smp_tag_cfg_t *tag, const json_t *value, const char *vtext,
+                            double lo, double hi, smp_value_t *raw, smp_cmd_error_t *err)
+{
+    json_int_t iv = json_integer_value(value);
+    bool bad =
+        is_signed(tag->type) ? ((double)iv < lo || (double)iv > hi) : (iv < 0 || (double)iv > hi);
+    if (tag->type == SMP_TYPE_INT64) {
+        bad = false;
     }
+    if (bad) {
+        set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
+                smp_type_name(tag->type));
+        return -ERANGE;
+    }
+    if (is_signed(tag->type)) {
+        raw->v.i = iv;
+    } else {
+        raw->v.u = (uint64_t)iv;
+    }
+    return 0;
+}
+
+/* Any other number: (ev - offset) / scale, a whole number for an integer type. */
+static int raw_scaled(const smp_tag_cfg_t *tag, double ev, const char *vtext, double lo, double hi,
+                      smp_value_t *raw, smp_cmd_error_t *err)
+{
     double r = (ev - tag->offset) / tag->scale;
     if (!isfinite(r) || r < lo || r > hi) {
         set_err(err, "out_of_range", "%s: %s does not fit %s after scale and offset", tag->name,
                 vtext, smp_type_name(tag->type));
         return -ERANGE;
     }
-    if (is_int_type(tag->type)) {
-        double rr = nearbyint(r);
-        /* Allow only the rounding noise of the division (a few ulps of its operands, seen
-         * at the raw scale), not a relative tolerance: that one grows with |raw| and let
-         * 100000.05 through as a multiple of 0.1 once |raw| passed ~500,000. */
-        double noise =
-            8 * DBL_EPSILON * (fmax(fabs(ev), fabs(tag->offset)) / fabs(tag->scale) + fabs(r));
-        if (fabs(r - rr) > noise) {
-            set_err(err, "type_mismatch", "%s: %s is not a whole multiple of scale %.17g",
-                    tag->name, vtext, tag->scale);
-            return -EINVAL;
-        }
-        if (rr < lo || rr > hi || (tag->type == SMP_TYPE_INT64 && rr >= 9223372036854775807.0) ||
-            (tag->type == SMP_TYPE_UINT64 && rr >= 18446744073709551615.0)) {
-            set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
-                    smp_type_name(tag->type));
-            return -ERANGE;
-        }
-        if (is_signed(tag->type)) {
-            raw->v.i = (int64_t)rr;
-        } else {
-            raw->v.u = (uint64_t)rr;
-        }
+    if (!is_int_type(tag->type)) {
+        raw->v.d = tag->type == SMP_TYPE_FLOAT32 ? (double)(float)r : r;
         return 0;
     }
-    raw->v.d = tag->type == SMP_TYPE_FLOAT32 ? (double)(float)r : r;
+    double rr = nearbyint(r);
+    /* Allow only the rounding noise of the division (a few ulps of its operands, seen
+     * at the raw scale), not a relative tolerance: that one grows with |raw| and let
+     * 100000.05 through as a multiple of 0.1 once |raw| passed ~500,000. */
+    double noise =
+        8 * DBL_EPSILON * (fmax(fabs(ev), fabs(tag->offset)) / fabs(tag->scale) + fabs(r));
+    if (fabs(r - rr) > noise) {
+        set_err(err, "type_mismatch", "%s: %s is not a whole multiple of scale %.17g", tag->name,
+                vtext, tag->scale);
+        return -EINVAL;
+    }
+    if (rr < lo || rr > hi || (tag->type == SMP_TYPE_INT64 && rr >= 9223372036854775807.0) ||
+        (tag->type == SMP_TYPE_UINT64 && rr >= 18446744073709551615.0)) {
+        set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
+                smp_type_name(tag->type));
+        return -ERANGE;
+    }
+    if (is_signed(tag->type)) {
+        raw->v.i = (int64_t)rr;
+    } else {
+        raw->v.u = (uint64_t)rr;
+    }
     return 0;
+}
+
+/* A boolean or string tag's value. */
+static int raw_bool_string(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *raw,
+                           char **owned, smp_cmd_error_t *err)
+{
+    if (tag->type == SMP_TYPE_BOOL) {
+        if (!json_is_boolean(value)) {
+            set_err(err, "type_mismatch", "%s: expected true or false", tag->name);
+            return -EINVAL;
+        }
+        raw->v.b = json_is_true(value);
+        return 0;
+    }
+    if (!json_is_string(value)) {
+        set_err(err, "type_mismatch", "%s: expected a string", tag->name);
+        return -EINVAL;
+    }
+    *owned = strndup(json_string_value(value), json_string_length(value));
+    if (*owned == NULL) {
+        set_err(err, "busy", "out of memory");
+        return -ENOMEM;
+    }
+    raw->s = *owned;
+    raw->len = strlen(*owned); /* an embedded NUL ends the string */
+    return 0;
+}
+
+int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *raw, char **owned,
+                   smp_cmd_error_t *err)
+{
+    memset(raw, 0, sizeof *raw);
+    *owned = NULL;
+    char vtext[64];
+    if (!tag->writable) {
+        set_err(err, "not_writable", "%s is read-only", tag->name);
+        return -EPERM;
+    }
+    if (tag->type == SMP_TYPE_BOOL || tag->type == SMP_TYPE_STRING) {
+        return raw_bool_string(tag, value, raw, owned, err);
+    }
+    if (!json_is_number(value)) {
+        set_err(err, "type_mismatch", "%s: expected a number", tag->name);
+        return -EINVAL;
+    }
+    bool scaled = tag->scale != 1.0 || tag->offset != 0.0;
+    double ev = json_number_value(value);
+    if (json_is_integer(value)) {
+        snprintf(vtext, sizeof vtext, "%" PRId64, (int64_t)json_integer_value(value));
+    } else {
+        snprintf(vtext, sizeof vtext, "%.17g", ev);
+    }
+    if (is_int_type(tag->type) && !scaled && !json_is_integer(value)) {
+        set_err(err, "type_mismatch", "%s: expected an integer, got %s", tag->name, vtext);
+        return -EINVAL;
+    }
+    int rc = check_bounds(tag, value, ev, vtext, err);
+    if (rc < 0) {
+        return rc;
+    }
+    double lo = 0, hi = 0;
+    raw_range(tag->type, &lo, &hi);
+    if (is_int_type(tag->type) && !scaled) {
+        return raw_unscaled_int(tag, value, vtext, lo, hi, raw, err);
+    }
+    return raw_scaled(tag, ev, vtext, lo, hi, raw, err);
 }
 
 bool smp_cmd_raw_equal(const smp_tag_cfg_t *tag, const smp_value_t *a, const smp_value_t *b)
