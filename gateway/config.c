@@ -1519,18 +1519,12 @@ static void check_device_whole(vctx_t *v, smp_device_cfg_t *dev, report_ctx_t *r
     free(views);
 }
 
-/* The protocol's pass over a device: its connection and the plugin fields of every tag. */
-static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
-                                const tag_src_t *const *srcs)
+/* The device's "connection" against the protocol's keys and its check; then its connection
+ * key. 1 when the keys were valid (the device as a whole may be checked), 0 when not, -1 out
+ * of memory. */
+static int check_device_conn(vctx_t *v, smp_device_cfg_t *dev, json_t *d, report_ctx_t *rc)
 {
     const smp_plugin_host_t *pl = dev->plugin;
-    report_ctx_t rc = {.v = v};
-    size_t diags_before = v->ndiags;
-
-    dev->conn_params = xcalloc(v, pl->nconn_keys, sizeof *dev->conn_params);
-    if (dev->conn_params == NULL) {
-        return;
-    }
     json_t *conn = json_object_get(d, "connection");
     json_t *empty = NULL;
     bool conn_ok = true, conn_checked = false;
@@ -1546,7 +1540,7 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
         conn = empty = json_object();
         if (empty == NULL) {
             v->oom = true;
-            return;
+            return -1;
         }
     } else if (!json_is_object(conn)) {
         conn_ok = false; /* reported by parse_device */
@@ -1557,13 +1551,13 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
             conn_checked = true;
             int bad = 0;
             if (pl->desc->check_connection != NULL) {
-                rc.n = 0;
-                bad = pl->desc->check_connection(dev->conn_params, plugin_report, &rc);
-                if (bad > 0 && rc.n == 0) {
+                rc->n = 0;
+                bad = pl->desc->check_connection(dev->conn_params, plugin_report, rc);
+                if (bad > 0 && rc->n == 0) {
                     err(v, AT_VALUE, "refused by protocol \"%s\"", pl->name);
                 }
             }
-            if (bad == 0 && rc.n == 0 && !v->oom) {
+            if (bad == 0 && rc->n == 0 && !v->oom) {
                 if (pl->desc->conn_key(dev->conn_params, dev->conn_key, sizeof dev->conn_key) !=
                     0) {
                     err(v, AT_VALUE, "protocol \"%s\" could not make a connection key", pl->name);
@@ -1574,11 +1568,15 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
         pop(v, old);
     }
     json_decref(empty);
-    if (srcs == NULL) {
-        return; /* the device shares tags checked already */
-    }
+    return conn_checked ? 1 : 0;
+}
 
-    /* Tags: each is checked where it is written, which for a profile's tag is the profile. */
+/* The plugin fields of every tag, each checked where it is written, which for a profile's tag
+ * is the profile. */
+static void check_device_tags(vctx_t *v, smp_device_cfg_t *dev, const tag_src_t *const *srcs,
+                              report_ctx_t *rc)
+{
+    const smp_plugin_host_t *pl = dev->plugin;
     char *saved = xstrdup(v, cur_path(v));
     if (saved == NULL) {
         return;
@@ -1598,16 +1596,37 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
             pl->desc->check_tag != NULL) {
             smp_tag_t view = {
                 .name = t->name, .type = t->type, .writable = t->writable, .params = t->params};
-            rc.n = 0;
-            int bad = pl->desc->check_tag(&view, plugin_report, &rc);
-            if (bad > 0 && rc.n == 0) {
+            rc->n = 0;
+            int bad = pl->desc->check_tag(&view, plugin_report, rc);
+            if (bad > 0 && rc->n == 0) {
                 err(v, AT_VALUE, "refused by protocol \"%s\"", pl->name);
             }
         }
     }
     path_set(v, saved);
     free(saved);
-    if (conn_checked && v->ndiags == diags_before) {
+}
+
+/* The protocol's pass over a device: its connection and the plugin fields of every tag. */
+static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
+                                const tag_src_t *const *srcs)
+{
+    report_ctx_t rc = {.v = v};
+    size_t diags_before = v->ndiags;
+
+    dev->conn_params = xcalloc(v, dev->plugin->nconn_keys, sizeof *dev->conn_params);
+    if (dev->conn_params == NULL) {
+        return;
+    }
+    int conn_checked = check_device_conn(v, dev, d, &rc);
+    if (conn_checked < 0) {
+        return;
+    }
+    if (srcs == NULL) {
+        return; /* the device shares tags checked already */
+    }
+    check_device_tags(v, dev, srcs, &rc);
+    if (conn_checked == 1 && v->ndiags == diags_before) {
         check_device_whole(v, dev, &rc);
     }
 }
@@ -1910,6 +1929,76 @@ static void report_syntax(vctx_t *v, const char *text, size_t len, const json_er
     add_diag(v, loc, path, msg);
 }
 
+/* The directory of the config file, for relative paths. */
+static void set_dir(vctx_t *v)
+{
+    const char *slash = strrchr(v->name, '/');
+    if (slash != NULL) {
+        size_t n = slash == v->name ? 1 : (size_t)(slash - v->name);
+        v->dir = xmalloc(v, n + 1);
+        if (v->dir != NULL) {
+            memcpy(v->dir, v->name, n);
+            v->dir[n] = '\0';
+        }
+    }
+}
+
+/* The JSON text as a tree, its duplicate keys reported; NULL when it is no JSON object (or
+ * out of memory). */
+static json_t *parse_root(vctx_t *v, const char *text, size_t len)
+{
+    json_error_t je;
+    /* No JSON_DECODE_INT_AS_REAL: integers stay exact (64-bit). No JSON_REJECT_DUPLICATES:
+     * that stops at the first duplicate, jsonpos reports all of them. */
+    json_t *root = json_loadb(text != NULL ? text : "", text != NULL ? len : 0, 0, &je);
+    if (root == NULL) {
+        report_syntax(v, text != NULL ? text : "", text != NULL ? len : 0, &je);
+        return NULL;
+    }
+    if (smp_jsonpos_scan(text, len, &v->pos) != 0) {
+        v->oom = true;
+        json_decref(root);
+        return NULL;
+    }
+    for (size_t i = 0; i < smp_jsonpos_ndups(v->pos); i++) {
+        const smp_jsonpos_dup_t *d = smp_jsonpos_dup(v->pos, i);
+        char msg[96];
+        snprintf(msg, sizeof msg, "duplicate key (first at line %u, column %u)",
+                 (unsigned)d->first.line, (unsigned)d->first.col);
+        add_diag(v, d->at, d->path, msg);
+    }
+    if (!json_is_object(root)) {
+        char gb[128];
+        err(v, AT_VALUE, "the config must be a JSON object, got %s", got(root, gb, sizeof gb));
+        json_decref(root);
+        return NULL;
+    }
+    return root;
+}
+
+/* The plugin set for the devices' protocols, from the override, gateway.plugin_dir or the
+ * default search path. -1 out of memory. */
+static int open_plugins(vctx_t *v, smp_config_t *cfg, const char *plugin_dir_override)
+{
+    const char *dir = plugin_dir_override;
+    if (dir == NULL && cfg->gateway.plugin_dir != NULL) {
+        struct stat st;
+        dir = cfg->gateway.plugin_dir;
+        if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            char sb[PATH_SHOW];
+            size_t old = push_key(v, "gateway");
+            err_key(v, "plugin_dir", AT_VALUE, "%s is not a directory", show(dir, sb, sizeof sb));
+            pop(v, old);
+        }
+    }
+    cfg->plugins = smp_plugin_set_new(dir);
+    if (cfg->plugins == NULL) {
+        v->oom = true;
+        return -1;
+    }
+    return 0;
+}
+
 /* The loader behind both public entry points. `preset` (unit tests) is a plugin set to use
  * instead of a new one; it is owned by this call. */
 static int load_text(const char *name, const char *text, size_t len,
@@ -1929,41 +2018,8 @@ static int load_text(const char *name, const char *text, size_t len,
     }
     cfg->plugins = preset;
     cfg->path = xstrdup(&v, v.name);
-    const char *slash = strrchr(v.name, '/');
-    if (slash != NULL) {
-        size_t n = slash == v.name ? 1 : (size_t)(slash - v.name);
-        v.dir = xmalloc(&v, n + 1);
-        if (v.dir != NULL) {
-            memcpy(v.dir, v.name, n);
-            v.dir[n] = '\0';
-        }
-    }
-    if (set_defaults(&v, cfg) != 0) {
-        goto done;
-    }
-
-    json_error_t je;
-    /* No JSON_DECODE_INT_AS_REAL: integers stay exact (64-bit). No JSON_REJECT_DUPLICATES:
-     * that stops at the first duplicate, jsonpos reports all of them. */
-    root = json_loadb(text != NULL ? text : "", text != NULL ? len : 0, 0, &je);
-    if (root == NULL) {
-        report_syntax(&v, text != NULL ? text : "", text != NULL ? len : 0, &je);
-        goto done;
-    }
-    if (smp_jsonpos_scan(text, len, &v.pos) != 0) {
-        v.oom = true;
-        goto done;
-    }
-    for (size_t i = 0; i < smp_jsonpos_ndups(v.pos); i++) {
-        const smp_jsonpos_dup_t *d = smp_jsonpos_dup(v.pos, i);
-        char msg[96];
-        snprintf(msg, sizeof msg, "duplicate key (first at line %u, column %u)",
-                 (unsigned)d->first.line, (unsigned)d->first.col);
-        add_diag(&v, d->at, d->path, msg);
-    }
-    if (!json_is_object(root)) {
-        char gb[128];
-        err(&v, AT_VALUE, "the config must be a JSON object, got %s", got(root, gb, sizeof gb));
+    set_dir(&v);
+    if (set_defaults(&v, cfg) != 0 || (root = parse_root(&v, text, len)) == NULL) {
         goto done;
     }
     static const char *const root_keys[] = {"gateway", "mqtt",     "store", "profiles",
@@ -1974,24 +2030,8 @@ static int load_text(const char *name, const char *text, size_t len,
     parse_store(&v, cfg, root);
     parse_commands(&v, cfg, root);
 
-    if (cfg->plugins == NULL) {
-        const char *dir = plugin_dir_override;
-        if (dir == NULL && cfg->gateway.plugin_dir != NULL) {
-            struct stat st;
-            dir = cfg->gateway.plugin_dir;
-            if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-                char sb[PATH_SHOW];
-                size_t old = push_key(&v, "gateway");
-                err_key(&v, "plugin_dir", AT_VALUE, "%s is not a directory",
-                        show(dir, sb, sizeof sb));
-                pop(&v, old);
-            }
-        }
-        cfg->plugins = smp_plugin_set_new(dir);
-        if (cfg->plugins == NULL) {
-            v.oom = true;
-            goto done;
-        }
+    if (cfg->plugins == NULL && open_plugins(&v, cfg, plugin_dir_override) < 0) {
+        goto done;
     }
     parse_profiles(&v, root, &ps);
     parse_devices(&v, cfg, root, &ps);
