@@ -6,7 +6,8 @@
  * state; DCMD writes are handed to the engine's command path as JSON commands, so they get the
  * same validation, at-most-once, read-back confirmation and audit as any other command.
  *
- * Engine-internal: runs on the loop thread, reads the engine's device state (engine_internal.h).
+ * Engine-internal: runs on the loop thread, reads the engine's device state (engine_internal.h);
+ * DCMD writes go to the command module (command.h, smp_commands_receive).
  * Every function accepts a NULL session (format "json") and then does nothing. */
 #ifndef SMP_SPARKPLUG_H
 #define SMP_SPARKPLUG_H
