@@ -1299,11 +1299,35 @@ static void parse_profiles(vctx_t *v, json_t *root, profiles_t *ps)
 
 /* ---- plugin keys ------------------------------------------------------------------------- */
 
+/* An enum key's value: one of its choices (p->i its index), else reported with the list. */
+static bool fill_enum(vctx_t *v, const smp_config_key_t *k, const char *s, smp_param_t *p)
+{
+    char sb[SHOW_MAX + 8];
+    size_t c = 0;
+    while (k->choices[c] != NULL && strcmp(k->choices[c], s) != 0) {
+        c++;
+    }
+    if (k->choices[c] == NULL) {
+        char list[512] = "";
+        size_t len = 0;
+        for (size_t i = 0; k->choices[i] != NULL && len < sizeof list; i++) {
+            int w2 = snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", k->choices[i]);
+            len += w2 > 0 ? (size_t)w2 : 0;
+        }
+        err_key(v, k->name, AT_VALUE, "unknown value %s (use one of: %s)", show(s, sb, sizeof sb),
+                list);
+        return false;
+    }
+    p->i = (int64_t)c;
+    p->s = xstrdup(v, k->choices[c]);
+    return p->s != NULL;
+}
+
 /* Fills p from JSON value j for key k; reports at obj.key when it does not fit. The default
  * values of a plugin's table were checked by the plugin host and pass here without reports. */
 static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_param_t *p)
 {
-    char gb[128], sb[SHOW_MAX + 8];
+    char gb[128];
     static const want_t wants[] = {
         [SMP_KEY_STRING] = W_STRING, [SMP_KEY_INT] = W_INT,     [SMP_KEY_NUMBER] = W_NUMBER,
         [SMP_KEY_BOOL] = W_BOOL,     [SMP_KEY_ENUM] = W_STRING, [SMP_KEY_SECRET_FILE] = W_STRING,
@@ -1348,31 +1372,11 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
         p->i = json_is_true(j);
         p->d = (double)p->i;
         break;
-    case SMP_KEY_ENUM: {
-        const char *s = json_string_value(j);
-        size_t c = 0;
-        while (k->choices[c] != NULL && strcmp(k->choices[c], s) != 0) {
-            c++;
-        }
-        if (k->choices[c] == NULL) {
-            char list[512] = "";
-            size_t len = 0;
-            for (size_t i = 0; k->choices[i] != NULL && len < sizeof list; i++) {
-                int w2 =
-                    snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", k->choices[i]);
-                len += w2 > 0 ? (size_t)w2 : 0;
-            }
-            err_key(v, k->name, AT_VALUE, "unknown value %s (use one of: %s)",
-                    show(s, sb, sizeof sb), list);
-            return false;
-        }
-        p->i = (int64_t)c;
-        p->s = xstrdup(v, k->choices[c]);
-        if (p->s == NULL) {
+    case SMP_KEY_ENUM:
+        if (!fill_enum(v, k, json_string_value(j), p)) {
             return false;
         }
         break;
-    }
     }
     p->set = true;
     return true;
