@@ -4,7 +4,8 @@
  * per device and per tag interval, turns readings into engineering values, applies deadbands,
  * builds `data` and `status` payloads, keeps the per-device seq, and moves messages through the
  * store's outbox to the MQTT bridge (persist first, publish, delete on PUBACK). Commands arrive
- * from the bridge and are executed on the device's worker ahead of queued polls. */
+ * from the bridge and go to the command module (command.h), which has them executed on the
+ * device's worker ahead of queued polls through the engine's interface (engine_cmd.h). */
 #ifndef SMP_ENGINE_H
 #define SMP_ENGINE_H
 
