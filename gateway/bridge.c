@@ -141,7 +141,8 @@ struct smp_bridge {
     const char *will_topic;   /* the current connection's Will (Sparkplug) */
     const void *will_payload;
     size_t will_len;
-    bool keep_backoff; /* the last connection was dropped on purpose (smp_bridge_drop) */
+    bool keep_backoff;  /* the last connection was dropped on purpose (smp_bridge_drop) */
+    bool resolve_stale; /* settings changed while resolving: resolve again (a reload) */
 };
 
 static void begin_attempt(smp_bridge_t *b);
@@ -897,6 +898,12 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
         maybe_stopped(b);
         return;
     }
+    if (b->resolve_stale) {
+        b->resolve_stale = false;
+        uv_freeaddrinfo(res);
+        begin_attempt(b);
+        return;
+    }
     if (status < 0) {
         char reason[REASON_LEN];
         snprintf(reason, sizeof reason, "cannot resolve host name: %s", uv_strerror(status));
@@ -1191,6 +1198,66 @@ static void init_timers(smp_bridge_t *b)
 
 /* ---- public API ----------------------------------------------------------------------------- */
 
+/* The settings of cfg, with the defaults of config.h applied; the client id unless a session
+ * has its own. Only between connections: the pending table is made anew. */
+static int apply_settings(smp_bridge_t *b, const smp_config_t *cfg)
+{
+    int version = cfg->mqtt.version != 0 ? cfg->mqtt.version : MQTT_PROTOCOL_V311;
+    if (version != MQTT_PROTOCOL_V31 && version != MQTT_PROTOCOL_V311 &&
+        version != MQTT_PROTOCOL_V5) {
+        return -EINVAL;
+    }
+    int inflight_max = cfg->mqtt.inflight_max > 0 ? cfg->mqtt.inflight_max : DEFAULT_INFLIGHT;
+    /* Mids are 16 bits: everything in flight at once must have distinct ones. */
+    if (inflight_max > UINT16_MAX - 3 - SMP_BRIDGE_RESERVED) {
+        inflight_max = UINT16_MAX - 3 - SMP_BRIDGE_RESERVED;
+    }
+    /* Twice the most that can be in flight (window + reserved room + offline status + online
+     * status), as a power of two. */
+    size_t cap = 16;
+    while (cap < 2 * ((size_t)inflight_max + SMP_BRIDGE_RESERVED + 2)) {
+        cap *= 2;
+    }
+    pending_t *pending = calloc(cap, sizeof *pending);
+    char *id = NULL;
+    if (b->ses.will == NULL && cfg->mqtt.client_id != NULL) {
+        id = dup_str(cfg->mqtt.client_id);
+    } else if (b->ses.will == NULL) {
+        size_t clen = strlen(cfg->gateway.id) + sizeof "simpul-";
+        id = malloc(clen);
+        if (id != NULL) {
+            snprintf(id, clen, "simpul-%s", cfg->gateway.id);
+        }
+    }
+    if (pending == NULL || (b->ses.will == NULL && id == NULL)) {
+        free(pending);
+        free(id);
+        return -ENOMEM;
+    }
+    if (id != NULL) {
+        free(b->client_id);
+        b->client_id = id;
+    }
+    free(b->pending);
+    b->pending = pending;
+    b->pending_mask = cap - 1;
+    b->inflight = 0;
+    b->inflight_max = inflight_max;
+    b->cfg = cfg;
+    b->version = version;
+    b->host = cfg->mqtt.host != NULL ? cfg->mqtt.host : "127.0.0.1";
+    b->port = cfg->mqtt.port > 0 ? cfg->mqtt.port : 1883;
+    /* libmosquitto takes 0 or 5..65535. 0 (no keepalive) is not offered: the keepalive is what
+     * detects a silent broker and bounds the wait for a CONNACK. */
+    b->keepalive = cfg->mqtt.keepalive_s < 5 ? 5 : cfg->mqtt.keepalive_s;
+    if (b->keepalive > UINT16_MAX) {
+        b->keepalive = UINT16_MAX;
+    }
+    b->tls = cfg->mqtt.tls_ca_file != NULL || cfg->mqtt.tls_cert_file != NULL ||
+             cfg->mqtt.tls_key_file != NULL;
+    return 0;
+}
+
 int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cbs_t *cbs, void *arg,
                    smp_bridge_t **out)
 {
@@ -1198,11 +1265,6 @@ int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cb
         return -EINVAL;
     }
     *out = NULL;
-    int version = cfg->mqtt.version != 0 ? cfg->mqtt.version : MQTT_PROTOCOL_V311;
-    if (version != MQTT_PROTOCOL_V31 && version != MQTT_PROTOCOL_V311 &&
-        version != MQTT_PROTOCOL_V5) {
-        return -EINVAL;
-    }
     smp_bridge_t *b = calloc(1, sizeof *b);
     if (b == NULL) {
         return -ENOMEM;
@@ -1213,56 +1275,23 @@ int smp_bridge_new(uv_loop_t *loop, const smp_config_t *cfg, const smp_bridge_cb
         b->cbs = *cbs;
     }
     b->arg = arg;
-    b->host = cfg->mqtt.host != NULL ? cfg->mqtt.host : "127.0.0.1";
-    b->port = cfg->mqtt.port > 0 ? cfg->mqtt.port : 1883;
-    /* libmosquitto takes 0 or 5..65535. 0 (no keepalive) is not offered: the keepalive is what
-     * detects a silent broker and bounds the wait for a CONNACK. */
-    b->keepalive = cfg->mqtt.keepalive_s < 5 ? 5 : cfg->mqtt.keepalive_s;
-    if (b->keepalive > UINT16_MAX) {
-        b->keepalive = UINT16_MAX;
-    }
-    b->version = version;
-    b->inflight_max = cfg->mqtt.inflight_max > 0 ? cfg->mqtt.inflight_max : DEFAULT_INFLIGHT;
-    /* Mids are 16 bits: everything in flight at once must have distinct ones. */
-    if (b->inflight_max > UINT16_MAX - 3 - SMP_BRIDGE_RESERVED) {
-        b->inflight_max = UINT16_MAX - 3 - SMP_BRIDGE_RESERVED;
-    }
-    b->tls = cfg->mqtt.tls_ca_file != NULL || cfg->mqtt.tls_cert_file != NULL ||
-             cfg->mqtt.tls_key_file != NULL;
     b->state = ST_IDLE;
     b->backoff_ms = BACKOFF_MIN_MS;
-
+    int rc = apply_settings(b, cfg);
     const char *prefix = cfg->mqtt.topic_prefix != NULL ? cfg->mqtt.topic_prefix : "simpul";
     size_t tlen = strlen(prefix) + strlen(cfg->gateway.id) + sizeof "//status";
     b->status_topic = malloc(tlen);
-    if (cfg->mqtt.client_id != NULL) {
-        b->client_id = dup_str(cfg->mqtt.client_id);
-    } else {
-        size_t clen = strlen(cfg->gateway.id) + sizeof "simpul-";
-        b->client_id = malloc(clen);
-        if (b->client_id != NULL) {
-            snprintf(b->client_id, clen, "simpul-%s", cfg->gateway.id);
-        }
-    }
-    /* Twice the most that can be in flight (window + reserved room + offline status + online
-     * status), as a power of two. */
-    size_t cap = 16;
-    while (cap < 2 * ((size_t)b->inflight_max + SMP_BRIDGE_RESERVED + 2)) {
-        cap *= 2;
-    }
-    b->pending = calloc(cap, sizeof *b->pending);
-    b->pending_mask = cap - 1;
-    if (b->status_topic == NULL || b->client_id == NULL || b->pending == NULL) {
+    if (rc < 0 || b->status_topic == NULL) {
         free(b->status_topic);
         free(b->client_id);
         free(b->pending);
         free(b);
-        return -ENOMEM;
+        return rc < 0 ? rc : -ENOMEM;
     }
     snprintf(b->status_topic, tlen, "%s/%s/status", prefix, cfg->gateway.id);
 
     /* Reference-counted inside libmosquitto; balanced in smp_bridge_free. */
-    int rc = mosquitto_lib_init();
+    rc = mosquitto_lib_init();
     if (rc != MOSQ_ERR_SUCCESS) {
         free(b->status_topic);
         free(b->client_id);
@@ -1381,6 +1410,47 @@ int smp_bridge_set_session(smp_bridge_t *b, const smp_bridge_session_t *s)
     b->ses = *s;
     b->ses.client_id = b->client_id;
     return 0;
+}
+
+void smp_bridge_rebind(smp_bridge_t *b, const smp_config_t *cfg)
+{
+    if (b != NULL) {
+        b->cfg = cfg;
+        b->host = cfg->mqtt.host != NULL ? cfg->mqtt.host : "127.0.0.1";
+    }
+}
+
+int smp_bridge_reconfigure(smp_bridge_t *b, const smp_config_t *cfg)
+{
+    if (b == NULL || b->stopping) {
+        return -ESHUTDOWN;
+    }
+    bool was_connected = b->state == ST_CONNECTED;
+    if (b->state == ST_CONNECTED || b->state == ST_CONNECTING) {
+        /* A clean end (DISCONNECT: no Will, the offline status is not published). */
+        teardown_conn(b, /* send_disconnect = */ was_connected);
+        b->state = ST_BACKOFF;
+    }
+    int rc = apply_settings(b, cfg); /* after the teardown: it cleared the pending table */
+    if (rc < 0) {
+        LOG_ERR(SCOPE, "cannot take the new MQTT settings: %s; keeping the old ones",
+                strerror(-rc));
+    }
+    LOG_INFO(SCOPE, "MQTT settings changed: %s %s:%d", was_connected ? "reconnecting to" : "now",
+             b->host, b->port);
+    b->backoff_ms = BACKOFF_MIN_MS;
+    b->in_outage = false;
+    if (b->state == ST_RESOLVING) {
+        b->resolve_stale = true; /* on_resolved starts over with the new host */
+    } else if (b->state == ST_BACKOFF) {
+        uv_timer_stop(&b->retry_timer);
+        begin_attempt(b);
+    }
+    /* Last: the callee may call back into the bridge. */
+    if (was_connected && b->cbs.on_disconnect != NULL) {
+        b->cbs.on_disconnect(b->arg);
+    }
+    return rc;
 }
 
 void smp_bridge_drop(smp_bridge_t *b, const char *reason)

@@ -68,6 +68,14 @@ size_t smp_bridge_inflight(const smp_bridge_t *b);
 /* Publishes the retained offline status, waits (bounded by timeout_ms) for outstanding
  * acknowledgements, disconnects, closes its handles, then calls on_stopped. */
 void smp_bridge_stop(smp_bridge_t *b, uint32_t timeout_ms);
+/* A reload changed the MQTT settings (`cfg`, borrowed from now on): ends the connection
+ * cleanly (DISCONNECT), then connects at once with the new settings; on_disconnect and
+ * on_connect follow as for any reconnect. Not from inside a bridge callback. The status topic
+ * and subscriptions stay. Returns 0, or a negative code (the old settings stay). */
+int smp_bridge_reconfigure(smp_bridge_t *b, const smp_config_t *cfg);
+/* The same settings in another config object (a reload that left MQTT as it was): only the
+ * borrowed pointer changes; nothing reconnects. */
+void smp_bridge_rebind(smp_bridge_t *b, const smp_config_t *cfg);
 /* Frees after on_stopped. smp_bridge_free(NULL) is a no-op. */
 void smp_bridge_free(smp_bridge_t *b);
 

@@ -10,8 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine_internal.h"
 #include "log.h"
+#include "store.h"
+#include "value.h"
 
 static void set_err(smp_cmd_error_t *err, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -75,6 +76,185 @@ static int get_int_field(json_t *root, const char *key, int64_t *out, bool *has,
     return 0;
 }
 
+/* The id first, so that every later error can be answered with it. */
+static int parse_id(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    json_t *id = json_object_get(root, "id");
+    if (json_is_string(id) && json_string_length(id) >= 1 &&
+        json_string_length(id) <= SMP_CMD_ID_MAX &&
+        strlen(json_string_value(id)) == json_string_length(id)) {
+        snprintf(out->id, sizeof out->id, "%s", json_string_value(id));
+        out->has_id = true;
+        return 0;
+    }
+    set_err(err, "bad_request", "id must be a string of 1 to %d characters", SMP_CMD_ID_MAX);
+    return -EINVAL;
+}
+
+static int check_keys(json_t *root, smp_cmd_error_t *err)
+{
+    const char *key;
+    json_t *val;
+    json_object_foreach(root, key, val)
+    {
+        static const char *const known[] = {"id",     "op",   "tag", "value", "tags", "ts",
+                                            "ttl_ms", "from", "to",  "limit", NULL};
+        bool ok = false;
+        for (size_t k = 0; known[k] != NULL; k++) {
+            ok = ok || strcmp(known[k], key) == 0;
+        }
+        if (!ok) {
+            set_err(err, "bad_request", "unknown key '%.64s'", key);
+            return -EINVAL;
+        }
+    }
+    return 0;
+}
+
+static int parse_op(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    json_t *op = json_object_get(root, "op");
+    const char *ops = json_is_string(op) ? json_string_value(op) : NULL;
+    if (ops != NULL && strcmp(ops, "write") == 0) {
+        out->op = SMP_CMD_WRITE;
+        out->op_name = "write";
+    } else if (ops != NULL && strcmp(ops, "read") == 0) {
+        out->op = SMP_CMD_READ;
+        out->op_name = "read";
+    } else if (ops != NULL && strcmp(ops, "history") == 0) {
+        out->op = SMP_CMD_HISTORY;
+        out->op_name = "history";
+    } else {
+        set_err(err, "bad_request", "op must be \"write\", \"read\" or \"history\"");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* tag (write, history) or tags (read), value (write), and no key of another op. */
+static int parse_operands(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    json_t *tag = json_object_get(root, "tag");
+    json_t *value = json_object_get(root, "value");
+    json_t *tags = json_object_get(root, "tags");
+    bool wants_tag = out->op != SMP_CMD_READ;
+    if (wants_tag) {
+        if (!json_is_string(tag) || !name_ok(json_string_value(tag), sizeof out->tag - 1)) {
+            set_err(err, "bad_request", "tag must be a tag name");
+            return -EINVAL;
+        }
+        snprintf(out->tag, sizeof out->tag, "%s", json_string_value(tag));
+        if (tags != NULL) {
+            set_err(err, "bad_request", "tags is for op \"read\"");
+            return -EINVAL;
+        }
+    } else if (tag != NULL) {
+        set_err(err, "bad_request", "op \"read\" takes tags, not tag");
+        return -EINVAL;
+    }
+    if (out->op == SMP_CMD_WRITE) {
+        if (value == NULL) {
+            set_err(err, "bad_request", "value is required for op \"write\"");
+            return -EINVAL;
+        }
+        if (json_is_object(value) || json_is_array(value) || json_is_null(value)) {
+            set_err(err, "bad_request", "value must be a number, a boolean or a string");
+            return -EINVAL;
+        }
+        out->value = json_incref(value);
+    } else if (value != NULL) {
+        set_err(err, "bad_request", "value is only for op \"write\"");
+        return -EINVAL;
+    }
+    if (out->op != SMP_CMD_HISTORY &&
+        (json_object_get(root, "from") || json_object_get(root, "to") ||
+         json_object_get(root, "limit"))) {
+        set_err(err, "bad_request", "from, to and limit are for op \"history\"");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* A read's tags: an array of 1 to SMP_CMD_MAX_TAGS names, copied into out->tags. */
+static int parse_tags(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    json_t *tags = json_object_get(root, "tags");
+    if (!json_is_array(tags) || json_array_size(tags) == 0 ||
+        json_array_size(tags) > SMP_CMD_MAX_TAGS) {
+        set_err(err, "bad_request", "tags must be an array of 1 to %d tag names", SMP_CMD_MAX_TAGS);
+        return -EINVAL;
+    }
+    out->tags = calloc(json_array_size(tags), sizeof *out->tags);
+    if (out->tags == NULL) {
+        set_err(err, "bad_request", "out of memory");
+        return -EINVAL;
+    }
+    size_t k;
+    json_t *t;
+    json_array_foreach(tags, k, t)
+    {
+        if (!json_is_string(t) || !name_ok(json_string_value(t), 127)) {
+            set_err(err, "bad_request", "tags[%zu] must be a tag name", k);
+            return -EINVAL;
+        }
+        out->tags[out->ntags] = strdup(json_string_value(t));
+        if (out->tags[out->ntags] == NULL) {
+            set_err(err, "bad_request", "out of memory");
+            return -EINVAL;
+        }
+        out->ntags++;
+    }
+    return 0;
+}
+
+/* A history query's range and page size. */
+static int parse_range(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    bool has_from, has_to, has_limit;
+    int64_t limit = 100;
+    out->to = INT64_MAX;
+    if (get_int_field(root, "from", &out->from, &has_from, 0, err) < 0 ||
+        get_int_field(root, "to", &out->to, &has_to, 0, err) < 0 ||
+        get_int_field(root, "limit", &limit, &has_limit, 1, err) < 0) {
+        return -EINVAL;
+    }
+    if (!has_to) {
+        out->to = INT64_MAX;
+    }
+    if (limit > SMP_CMD_HISTORY_MAX) {
+        set_err(err, "bad_request", "limit must be at most %d", SMP_CMD_HISTORY_MAX);
+        return -EINVAL;
+    }
+    if (out->to < out->from) {
+        set_err(err, "bad_request", "to must not be before from");
+        return -EINVAL;
+    }
+    out->limit = (size_t)limit;
+    return 0;
+}
+
+/* The steps of smp_cmd_parse, in the order their errors are reported. */
+static int parse_object(json_t *root, smp_cmd_t *out, smp_cmd_error_t *err)
+{
+    if (!json_is_object(root)) {
+        set_err(err, "bad_request", "a command is a JSON object");
+        return -EINVAL;
+    }
+    if (parse_id(root, out, err) < 0 || check_keys(root, err) < 0 || parse_op(root, out, err) < 0 ||
+        get_int_field(root, "ts", &out->ts, &out->has_ts, 0, err) < 0 ||
+        get_int_field(root, "ttl_ms", &out->ttl_ms, &out->has_ttl, 0, err) < 0 ||
+        parse_operands(root, out, err) < 0) {
+        return -EINVAL;
+    }
+    if (out->op == SMP_CMD_READ && parse_tags(root, out, err) < 0) {
+        return -EINVAL;
+    }
+    if (out->op == SMP_CMD_HISTORY && parse_range(root, out, err) < 0) {
+        return -EINVAL;
+    }
+    return 0;
+}
+
 int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error_t *err)
 {
     memset(out, 0, sizeof *out);
@@ -90,146 +270,7 @@ int smp_cmd_parse(const void *payload, size_t len, smp_cmd_t *out, smp_cmd_error
         set_err(err, "bad_request", "not valid JSON: %s", jerr.text);
         return -EINVAL;
     }
-    int rc = -EINVAL;
-    if (!json_is_object(root)) {
-        set_err(err, "bad_request", "a command is a JSON object");
-        goto out;
-    }
-    /* The id first, so that every later error can be answered with it. */
-    json_t *id = json_object_get(root, "id");
-    if (json_is_string(id) && json_string_length(id) >= 1 &&
-        json_string_length(id) <= SMP_CMD_ID_MAX &&
-        strlen(json_string_value(id)) == json_string_length(id)) {
-        snprintf(out->id, sizeof out->id, "%s", json_string_value(id));
-        out->has_id = true;
-    } else {
-        set_err(err, "bad_request", "id must be a string of 1 to %d characters", SMP_CMD_ID_MAX);
-        goto out;
-    }
-    const char *key;
-    json_t *val;
-    json_object_foreach(root, key, val)
-    {
-        static const char *const known[] = {"id",     "op",   "tag", "value", "tags", "ts",
-                                            "ttl_ms", "from", "to",  "limit", NULL};
-        bool ok = false;
-        for (size_t k = 0; known[k] != NULL; k++) {
-            ok = ok || strcmp(known[k], key) == 0;
-        }
-        if (!ok) {
-            set_err(err, "bad_request", "unknown key '%.64s'", key);
-            goto out;
-        }
-    }
-    json_t *op = json_object_get(root, "op");
-    const char *ops = json_is_string(op) ? json_string_value(op) : NULL;
-    if (ops != NULL && strcmp(ops, "write") == 0) {
-        out->op = SMP_CMD_WRITE;
-        out->op_name = "write";
-    } else if (ops != NULL && strcmp(ops, "read") == 0) {
-        out->op = SMP_CMD_READ;
-        out->op_name = "read";
-    } else if (ops != NULL && strcmp(ops, "history") == 0) {
-        out->op = SMP_CMD_HISTORY;
-        out->op_name = "history";
-    } else {
-        set_err(err, "bad_request", "op must be \"write\", \"read\" or \"history\"");
-        goto out;
-    }
-    if (get_int_field(root, "ts", &out->ts, &out->has_ts, 0, err) < 0 ||
-        get_int_field(root, "ttl_ms", &out->ttl_ms, &out->has_ttl, 0, err) < 0) {
-        goto out;
-    }
-    json_t *tag = json_object_get(root, "tag");
-    json_t *value = json_object_get(root, "value");
-    json_t *tags = json_object_get(root, "tags");
-    bool wants_tag = out->op != SMP_CMD_READ;
-    if (wants_tag) {
-        if (!json_is_string(tag) || !name_ok(json_string_value(tag), sizeof out->tag - 1)) {
-            set_err(err, "bad_request", "tag must be a tag name");
-            goto out;
-        }
-        snprintf(out->tag, sizeof out->tag, "%s", json_string_value(tag));
-        if (tags != NULL) {
-            set_err(err, "bad_request", "tags is for op \"read\"");
-            goto out;
-        }
-    } else if (tag != NULL) {
-        set_err(err, "bad_request", "op \"read\" takes tags, not tag");
-        goto out;
-    }
-    if (out->op == SMP_CMD_WRITE) {
-        if (value == NULL) {
-            set_err(err, "bad_request", "value is required for op \"write\"");
-            goto out;
-        }
-        if (json_is_object(value) || json_is_array(value) || json_is_null(value)) {
-            set_err(err, "bad_request", "value must be a number, a boolean or a string");
-            goto out;
-        }
-        out->value = json_incref(value);
-    } else if (value != NULL) {
-        set_err(err, "bad_request", "value is only for op \"write\"");
-        goto out;
-    }
-    bool hist = out->op == SMP_CMD_HISTORY;
-    if (!hist && (json_object_get(root, "from") || json_object_get(root, "to") ||
-                  json_object_get(root, "limit"))) {
-        set_err(err, "bad_request", "from, to and limit are for op \"history\"");
-        goto out;
-    }
-    if (out->op == SMP_CMD_READ) {
-        if (!json_is_array(tags) || json_array_size(tags) == 0 ||
-            json_array_size(tags) > SMP_CMD_MAX_TAGS) {
-            set_err(err, "bad_request", "tags must be an array of 1 to %d tag names",
-                    SMP_CMD_MAX_TAGS);
-            goto out;
-        }
-        out->tags = calloc(json_array_size(tags), sizeof *out->tags);
-        if (out->tags == NULL) {
-            set_err(err, "bad_request", "out of memory");
-            goto out;
-        }
-        size_t k;
-        json_t *t;
-        json_array_foreach(tags, k, t)
-        {
-            if (!json_is_string(t) || !name_ok(json_string_value(t), 127)) {
-                set_err(err, "bad_request", "tags[%zu] must be a tag name", k);
-                goto out;
-            }
-            out->tags[out->ntags] = strdup(json_string_value(t));
-            if (out->tags[out->ntags] == NULL) {
-                set_err(err, "bad_request", "out of memory");
-                goto out;
-            }
-            out->ntags++;
-        }
-    }
-    if (hist) {
-        bool has_from, has_to, has_limit;
-        int64_t limit = 100;
-        out->to = INT64_MAX;
-        if (get_int_field(root, "from", &out->from, &has_from, 0, err) < 0 ||
-            get_int_field(root, "to", &out->to, &has_to, 0, err) < 0 ||
-            get_int_field(root, "limit", &limit, &has_limit, 1, err) < 0) {
-            goto out;
-        }
-        if (!has_to) {
-            out->to = INT64_MAX;
-        }
-        if (limit > SMP_CMD_HISTORY_MAX) {
-            set_err(err, "bad_request", "limit must be at most %d", SMP_CMD_HISTORY_MAX);
-            goto out;
-        }
-        if (out->to < out->from) {
-            set_err(err, "bad_request", "to must not be before from");
-            goto out;
-        }
-        out->limit = (size_t)limit;
-    }
-    rc = 0;
-out:
+    int rc = parse_object(root, out, err);
     json_decref(root);
     return rc;
 }
@@ -379,53 +420,10 @@ static void bound_err(smp_cmd_error_t *err, const smp_tag_cfg_t *tag, const char
     }
 }
 
-int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *raw, char **owned,
-                   smp_cmd_error_t *err)
+/* The tag's min and max, in engineering units. */
+static int check_bounds(const smp_tag_cfg_t *tag, const json_t *value, double ev, const char *vtext,
+                        smp_cmd_error_t *err)
 {
-    memset(raw, 0, sizeof *raw);
-    *owned = NULL;
-    char vtext[64];
-    if (!tag->writable) {
-        set_err(err, "not_writable", "%s is read-only", tag->name);
-        return -EPERM;
-    }
-    if (tag->type == SMP_TYPE_BOOL) {
-        if (!json_is_boolean(value)) {
-            set_err(err, "type_mismatch", "%s: expected true or false", tag->name);
-            return -EINVAL;
-        }
-        raw->v.b = json_is_true(value);
-        return 0;
-    }
-    if (tag->type == SMP_TYPE_STRING) {
-        if (!json_is_string(value)) {
-            set_err(err, "type_mismatch", "%s: expected a string", tag->name);
-            return -EINVAL;
-        }
-        *owned = strndup(json_string_value(value), json_string_length(value));
-        if (*owned == NULL) {
-            set_err(err, "busy", "out of memory");
-            return -ENOMEM;
-        }
-        raw->s = *owned;
-        raw->len = strlen(*owned); /* an embedded NUL ends the string */
-        return 0;
-    }
-    if (!json_is_number(value)) {
-        set_err(err, "type_mismatch", "%s: expected a number", tag->name);
-        return -EINVAL;
-    }
-    bool scaled = tag->scale != 1.0 || tag->offset != 0.0;
-    double ev = json_number_value(value);
-    if (json_is_integer(value)) {
-        snprintf(vtext, sizeof vtext, "%" PRId64, (int64_t)json_integer_value(value));
-    } else {
-        snprintf(vtext, sizeof vtext, "%.17g", ev);
-    }
-    if (is_int_type(tag->type) && !scaled && !json_is_integer(value)) {
-        set_err(err, "type_mismatch", "%s: expected an integer, got %s", tag->name, vtext);
-        return -EINVAL;
-    }
     if (json_is_integer(value) && is_int_type(tag->type)) {
         /* Exact: a 64-bit integer and its bounds must not be rounded to doubles. */
         int64_t iv = json_integer_value(value);
@@ -447,60 +445,135 @@ int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *r
             return -ERANGE;
         }
     }
-    double lo = 0, hi = 0;
-    raw_range(tag->type, &lo, &hi);
-    if (is_int_type(tag->type) && !scaled) {
-        json_int_t iv = json_integer_value(value);
-        bool bad = is_signed(tag->type) ? ((double)iv < lo || (double)iv > hi)
-                                        : (iv < 0 || (double)iv > hi);
-        if (tag->type == SMP_TYPE_INT64) {
-            bad = false;
-        }
-        if (bad) {
-            set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
-                    smp_type_name(tag->type));
-            return -ERANGE;
-        }
-        if (is_signed(tag->type)) {
-            raw->v.i = iv;
-        } else {
-            raw->v.u = (uint64_t)iv;
-        }
-        return 0;
+    return 0;
+}
+
+/* An integer tag without scale or offset: the JSON integer itself, if the type holds it. */
+static int raw_unscaled_int(const smp_tag_cfg_t *tag, const json_t *value, const char *vtext,
+                            double lo, double hi, smp_value_t *raw, smp_cmd_error_t *err)
+{
+    json_int_t iv = json_integer_value(value);
+    bool bad =
+        is_signed(tag->type) ? ((double)iv < lo || (double)iv > hi) : (iv < 0 || (double)iv > hi);
+    if (tag->type == SMP_TYPE_INT64) {
+        bad = false;
     }
+    if (bad) {
+        set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
+                smp_type_name(tag->type));
+        return -ERANGE;
+    }
+    if (is_signed(tag->type)) {
+        raw->v.i = iv;
+    } else {
+        raw->v.u = (uint64_t)iv;
+    }
+    return 0;
+}
+
+/* Any other number: (ev - offset) / scale, a whole number for an integer type. */
+static int raw_scaled(const smp_tag_cfg_t *tag, double ev, const char *vtext, double lo, double hi,
+                      smp_value_t *raw, smp_cmd_error_t *err)
+{
     double r = (ev - tag->offset) / tag->scale;
     if (!isfinite(r) || r < lo || r > hi) {
         set_err(err, "out_of_range", "%s: %s does not fit %s after scale and offset", tag->name,
                 vtext, smp_type_name(tag->type));
         return -ERANGE;
     }
-    if (is_int_type(tag->type)) {
-        double rr = nearbyint(r);
-        /* Allow only the rounding noise of the division (a few ulps of its operands, seen
-         * at the raw scale), not a relative tolerance: that one grows with |raw| and let
-         * 100000.05 through as a multiple of 0.1 once |raw| passed ~500,000. */
-        double noise =
-            8 * DBL_EPSILON * (fmax(fabs(ev), fabs(tag->offset)) / fabs(tag->scale) + fabs(r));
-        if (fabs(r - rr) > noise) {
-            set_err(err, "type_mismatch", "%s: %s is not a whole multiple of scale %.17g",
-                    tag->name, vtext, tag->scale);
-            return -EINVAL;
-        }
-        if (rr < lo || rr > hi || (tag->type == SMP_TYPE_INT64 && rr >= 9223372036854775807.0) ||
-            (tag->type == SMP_TYPE_UINT64 && rr >= 18446744073709551615.0)) {
-            set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
-                    smp_type_name(tag->type));
-            return -ERANGE;
-        }
-        if (is_signed(tag->type)) {
-            raw->v.i = (int64_t)rr;
-        } else {
-            raw->v.u = (uint64_t)rr;
-        }
+    if (!is_int_type(tag->type)) {
+        raw->v.d = tag->type == SMP_TYPE_FLOAT32 ? (double)(float)r : r;
         return 0;
     }
-    raw->v.d = tag->type == SMP_TYPE_FLOAT32 ? (double)(float)r : r;
+    double rr = nearbyint(r);
+    /* Allow only the rounding noise of the division (a few ulps of its operands, seen
+     * at the raw scale), not a relative tolerance: that one grows with |raw| and let
+     * 100000.05 through as a multiple of 0.1 once |raw| passed ~500,000. */
+    double noise =
+        8 * DBL_EPSILON * (fmax(fabs(ev), fabs(tag->offset)) / fabs(tag->scale) + fabs(r));
+    if (fabs(r - rr) > noise) {
+        set_err(err, "type_mismatch", "%s: %s is not a whole multiple of scale %.17g", tag->name,
+                vtext, tag->scale);
+        return -EINVAL;
+    }
+    if (rr < lo || rr > hi || (tag->type == SMP_TYPE_INT64 && rr >= 9223372036854775807.0) ||
+        (tag->type == SMP_TYPE_UINT64 && rr >= 18446744073709551615.0)) {
+        set_err(err, "out_of_range", "%s: %s does not fit %s", tag->name, vtext,
+                smp_type_name(tag->type));
+        return -ERANGE;
+    }
+    if (is_signed(tag->type)) {
+        raw->v.i = (int64_t)rr;
+    } else {
+        raw->v.u = (uint64_t)rr;
+    }
     return 0;
+}
+
+/* A boolean or string tag's value. */
+static int raw_bool_string(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *raw,
+                           char **owned, smp_cmd_error_t *err)
+{
+    if (tag->type == SMP_TYPE_BOOL) {
+        if (!json_is_boolean(value)) {
+            set_err(err, "type_mismatch", "%s: expected true or false", tag->name);
+            return -EINVAL;
+        }
+        raw->v.b = json_is_true(value);
+        return 0;
+    }
+    if (!json_is_string(value)) {
+        set_err(err, "type_mismatch", "%s: expected a string", tag->name);
+        return -EINVAL;
+    }
+    *owned = strndup(json_string_value(value), json_string_length(value));
+    if (*owned == NULL) {
+        set_err(err, "busy", "out of memory");
+        return -ENOMEM;
+    }
+    raw->s = *owned;
+    raw->len = strlen(*owned); /* an embedded NUL ends the string */
+    return 0;
+}
+
+int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *raw, char **owned,
+                   smp_cmd_error_t *err)
+{
+    memset(raw, 0, sizeof *raw);
+    *owned = NULL;
+    char vtext[64];
+    if (!tag->writable) {
+        set_err(err, "not_writable", "%s is read-only", tag->name);
+        return -EPERM;
+    }
+    if (tag->type == SMP_TYPE_BOOL || tag->type == SMP_TYPE_STRING) {
+        return raw_bool_string(tag, value, raw, owned, err);
+    }
+    if (!json_is_number(value)) {
+        set_err(err, "type_mismatch", "%s: expected a number", tag->name);
+        return -EINVAL;
+    }
+    bool scaled = tag->scale != 1.0 || tag->offset != 0.0;
+    double ev = json_number_value(value);
+    if (json_is_integer(value)) {
+        snprintf(vtext, sizeof vtext, "%" PRId64, (int64_t)json_integer_value(value));
+    } else {
+        snprintf(vtext, sizeof vtext, "%.17g", ev);
+    }
+    if (is_int_type(tag->type) && !scaled && !json_is_integer(value)) {
+        set_err(err, "type_mismatch", "%s: expected an integer, got %s", tag->name, vtext);
+        return -EINVAL;
+    }
+    int rc = check_bounds(tag, value, ev, vtext, err);
+    if (rc < 0) {
+        return rc;
+    }
+    double lo = 0, hi = 0;
+    raw_range(tag->type, &lo, &hi);
+    if (is_int_type(tag->type) && !scaled) {
+        return raw_unscaled_int(tag, value, vtext, lo, hi, raw, err);
+    }
+    return raw_scaled(tag, ev, vtext, lo, hi, raw, err);
 }
 
 bool smp_cmd_raw_equal(const smp_tag_cfg_t *tag, const smp_value_t *a, const smp_value_t *b)
@@ -519,8 +592,7 @@ bool smp_cmd_raw_equal(const smp_tag_cfg_t *tag, const smp_value_t *a, const smp
     }
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Execution in the engine                                                                     */
+/* Execution through the engine's interface (engine_cmd.h)                                     */
 
 /* A remembered command: the at-most-once record. result is NULL while it runs. */
 struct cmd_entry {
@@ -536,6 +608,7 @@ struct cmd_entry {
 /* Answers waiting for room in the MQTT window or for the broker; beyond this many the oldest
  * is dropped (its result is stored: a retry with the same id gets it). */
 #define UNSENT_MAX 1024u
+#define ERRMSG_LEN SMP_ENGINE_ERRMSG_LEN
 
 /* A token bucket: `rate` commands per second, bursts of as many. */
 struct bucket {
@@ -553,9 +626,16 @@ struct unsent {
     uint64_t token; /* of its publish, once sent */
 };
 static void unsent_free(struct unsent *u);
-static struct unsent *unsent_pop(struct smp_command_state *s);
+static struct unsent *unsent_pop(smp_commands_t *s);
 
-struct smp_command_state {
+/* What the commands keep per device. */
+struct cmd_dev {
+    struct bucket rate; /* commands.rate_per_device */
+    unsigned queued;    /* commands accepted and not yet answered */
+};
+
+struct smp_commands {
+    smp_cmd_engine_t eng;
     struct cmd_entry *buckets[CMD_BUCKETS];
     struct cmd_entry *oldest, *newest;
     size_t count;
@@ -566,14 +646,20 @@ struct smp_command_state {
     size_t unsent_n;
     struct unsent *sent; /* published, waiting for the PUBACK (newest first) */
     uint64_t answer_seq;
-    struct bucket global;   /* commands.rate_global */
-    struct bucket *per_dev; /* commands.rate_per_device, one per device (e->devs order) */
+    uint64_t answered;    /* metrics "commands" */
+    struct bucket global; /* commands.rate_global */
+    struct cmd_dev *devs; /* one per device (eng.ndevs); NULL: out of memory at a reload */
+    struct cmd *live;     /* every command being handled (a reload renumbers their devices) */
 };
 
 /* One command being handled. */
 struct cmd {
-    smp_engine_t *e;
-    struct device *d;
+    smp_commands_t *s;
+    struct cmd *lprev, *lnext; /* s->live */
+    int dev;                   /* the device's index, -1 when there is none of that name, or
+                                * when a reload replaced or removed it (`replaced`) */
+    bool replaced;
+    const smp_device_cfg_t *cfg; /* the device's, NULL with dev -1 */
     char device[128];
     smp_cmd_t c;
     smp_cmd_error_t err;
@@ -584,8 +670,30 @@ struct cmd {
     size_t corr_len;
     struct cmd_entry *entry; /* NULL when the command has no id */
     char *value_json;        /* for the audit */
-    int32_t *tag_idx;        /* read */
+    uint32_t *tag_idx;       /* read */
+    uint32_t write_tag;      /* write: the tag, its raw value and the string behind it */
+    smp_value_t write_raw;
+    char *write_str;
+    uint64_t deadline_mono_ms; /* ttl_ms on the monotonic clock, 0 for none */
 };
+
+/* The per-device state of `dev`; a scratch one for no device (-1, or after an OOM). */
+static struct cmd_dev *cdev(smp_commands_t *s, int dev)
+{
+    static struct cmd_dev none;
+    if (dev < 0 || s->devs == NULL || (size_t)dev >= s->eng.ndevs) {
+        none = (struct cmd_dev){.rate = {.tokens = 1e9}};
+        return &none;
+    }
+    return &s->devs[dev];
+}
+
+static smp_cmd_device_t dev_info(const smp_commands_t *s, int dev)
+{
+    smp_cmd_device_t d;
+    s->eng.ops->device(s->eng.eng, (size_t)dev, &d);
+    return d;
+}
 
 static uint32_t hash_str(const char *s)
 {
@@ -608,7 +716,7 @@ static char *make_key(const char *device, const char *id)
     return k;
 }
 
-static struct cmd_entry *entry_find(struct smp_command_state *s, const char *key)
+static struct cmd_entry *entry_find(smp_commands_t *s, const char *key)
 {
     for (struct cmd_entry *x = s->buckets[hash_str(key) % CMD_BUCKETS]; x; x = x->hnext) {
         if (strcmp(x->key, key) == 0) {
@@ -618,7 +726,7 @@ static struct cmd_entry *entry_find(struct smp_command_state *s, const char *key
     return NULL;
 }
 
-static void entry_unlink(struct smp_command_state *s, struct cmd_entry *x)
+static void entry_unlink(smp_commands_t *s, struct cmd_entry *x)
 {
     struct cmd_entry **pp = &s->buckets[hash_str(x->key) % CMD_BUCKETS];
     while (*pp != x) {
@@ -642,7 +750,7 @@ static void entry_unlink(struct smp_command_state *s, struct cmd_entry *x)
 }
 
 /* Forgets answered commands older than the dedup window. */
-static void entries_expire(struct smp_command_state *s, uint64_t now_mono)
+static void entries_expire(smp_commands_t *s, uint64_t now_mono)
 {
     while (s->oldest != NULL && s->oldest->result != NULL &&
            now_mono - s->oldest->mono_ms > s->window_ms) {
@@ -650,7 +758,7 @@ static void entries_expire(struct smp_command_state *s, uint64_t now_mono)
     }
 }
 
-static struct cmd_entry *entry_add(struct smp_command_state *s, char *key, uint64_t mono_ms)
+static struct cmd_entry *entry_add(smp_commands_t *s, char *key, uint64_t mono_ms)
 {
     struct cmd_entry *x = calloc(1, sizeof *x);
     if (x == NULL) {
@@ -676,18 +784,18 @@ static struct cmd_entry *entry_add(struct smp_command_state *s, char *key, uint6
 static void restore_cmd(void *arg, const char *device, const char *id, const char *result_json,
                         int64_t ts_ms)
 {
-    smp_engine_t *e = arg;
+    smp_commands_t *s = arg;
     uint64_t age = smp__wall_ms() - (uint64_t)ts_ms;
     if ((int64_t)age < 0) {
         age = 0;
     }
     char *key = make_key(device, id);
-    if (key == NULL || entry_find(e->cmds, key) != NULL) {
+    if (key == NULL || entry_find(s, key) != NULL) {
         free(key);
         return;
     }
-    uint64_t now = uv_now(e->loop);
-    struct cmd_entry *x = entry_add(e->cmds, key, now > age ? now - age : 0);
+    uint64_t now = uv_now(s->eng.loop);
+    struct cmd_entry *x = entry_add(s, key, now > age ? now - age : 0);
     if (x == NULL) {
         return;
     }
@@ -707,61 +815,103 @@ static void restore_cmd(void *arg, const char *device, const char *id, const cha
                        smp__wall_ms());
         x->result = b.oom ? NULL : strdup(b.p);
         smp_buf_free(&b);
-        smp_store_cmd_put(e->store, device, id, x->result, ts_ms, NULL, NULL);
+        smp_store_cmd_put(s->eng.store, device, id, x->result, ts_ms, NULL, NULL);
     }
     if (x->result == NULL) {
-        entry_unlink(e->cmds, x);
+        entry_unlink(s, x);
     }
 }
 
-void smp__engine_commands_init(smp_engine_t *e)
+smp_commands_t *smp_commands_new(const smp_cmd_engine_t *eng)
 {
-    e->cmds = calloc(1, sizeof *e->cmds);
-    if (e->cmds == NULL) {
+    smp_commands_t *s = calloc(1, sizeof *s);
+    struct cmd_dev *devs = calloc(eng->ndevs ? eng->ndevs : 1, sizeof *devs);
+    if (s == NULL || devs == NULL) {
+        free(s);
+        free(devs);
         LOG_ERR("cmd", "out of memory");
-        return;
+        return NULL;
     }
-    e->cmds->window_ms = (uint64_t)e->cfg->commands.dedup_window_s * 1000u;
-    uint64_t now = uv_now(e->loop);
-    e->cmds->global = (struct bucket){.tokens = e->cfg->commands.rate_global, .last_ms = now};
-    e->cmds->per_dev = calloc(e->ndevs ? e->ndevs : 1, sizeof *e->cmds->per_dev);
-    for (size_t k = 0; e->cmds->per_dev != NULL && k < e->ndevs; k++) {
-        e->cmds->per_dev[k] =
-            (struct bucket){.tokens = e->cfg->commands.rate_per_device, .last_ms = now};
+    s->eng = *eng;
+    s->devs = devs;
+    const smp_config_t *cfg = eng->cfg;
+    s->window_ms = (uint64_t)cfg->commands.dedup_window_s * 1000u;
+    uint64_t now = uv_now(eng->loop);
+    s->global = (struct bucket){.tokens = cfg->commands.rate_global, .last_ms = now};
+    for (size_t k = 0; k < eng->ndevs; k++) {
+        s->devs[k].rate = (struct bucket){.tokens = cfg->commands.rate_per_device, .last_ms = now};
     }
-    int64_t since = (int64_t)smp__wall_ms() - (int64_t)e->cmds->window_ms;
-    int rc = smp_store_load_cmds(e->store, since, restore_cmd, e);
+    int64_t since = (int64_t)smp__wall_ms() - (int64_t)s->window_ms;
+    int rc = smp_store_load_cmds(eng->store, since, restore_cmd, s);
     if (rc < 0) {
         /* Ids run before the restart are unknown now: a retry of one could run twice. */
-        e->cmds->history_lost = true;
+        s->history_lost = true;
         LOG_ERR("cmd", "could not restore recent command results: %s; writes are refused",
                 strerror(-rc));
     }
-    if (!smp_store_durable(e->store)) {
+    if (!smp_store_durable(eng->store)) {
         LOG_ERR("cmd", "the store is in memory: writes are refused (not_durable)");
     }
+    return s;
 }
 
-void smp__engine_commands_free(smp_engine_t *e)
+void smp_commands_free(smp_commands_t *s)
 {
-    if (e->cmds == NULL) {
+    if (s == NULL) {
         return;
     }
-    while (e->cmds->oldest != NULL) {
-        entry_unlink(e->cmds, e->cmds->oldest);
+    while (s->oldest != NULL) {
+        entry_unlink(s, s->oldest);
     }
-    smp__engine_commands_disconnected(e);
-    while (e->cmds->unsent_head != NULL) {
-        unsent_free(unsent_pop(e->cmds));
+    smp_commands_disconnected(s);
+    while (s->unsent_head != NULL) {
+        unsent_free(unsent_pop(s));
     }
-    free(e->cmds->per_dev);
-    free(e->cmds);
-    e->cmds = NULL;
+    free(s->devs);
+    free(s);
 }
 
-bool smp__engine_commands_busy(smp_engine_t *e)
+bool smp_commands_busy(const smp_commands_t *s)
 {
-    return e->cmds != NULL && e->cmds->in_progress > 0;
+    return s != NULL && s->in_progress > 0;
+}
+
+void smp_commands_devices_changed(smp_commands_t *s, const smp_config_t *cfg, size_t ndevs,
+                                  const int *map, size_t nold)
+{
+    if (s == NULL) {
+        return;
+    }
+    uint64_t now = uv_now(s->eng.loop);
+    struct cmd_dev *devs = calloc(ndevs ? ndevs : 1, sizeof *devs);
+    if (devs == NULL) {
+        LOG_ERR("cmd", "out of memory: no per-device command rate limit until a restart");
+    }
+    for (size_t k = 0; devs != NULL && k < ndevs; k++) {
+        devs[k].rate = (struct bucket){.tokens = cfg->commands.rate_per_device, .last_ms = now};
+    }
+    for (size_t k = 0; devs != NULL && s->devs != NULL && map != NULL && k < nold; k++) {
+        if (map[k] >= 0 && (size_t)map[k] < ndevs) {
+            devs[map[k]] = s->devs[k]; /* a kept device keeps its bucket and queue count */
+        }
+    }
+    for (struct cmd *m = s->live; m != NULL; m = m->lnext) {
+        if (m->dev < 0) {
+            continue;
+        }
+        int to = map != NULL && (size_t)m->dev < nold ? map[m->dev] : -1;
+        m->replaced = to < 0;
+        m->dev = to;
+    }
+    free(s->devs);
+    s->devs = devs;
+    s->eng.ndevs = ndevs;
+    s->eng.cfg = cfg;
+}
+
+uint64_t smp_commands_answered(const smp_commands_t *s)
+{
+    return s != NULL ? s->answered : 0;
 }
 
 static void cmd_free(struct cmd *m)
@@ -769,11 +919,20 @@ static void cmd_free(struct cmd *m)
     if (m == NULL) {
         return;
     }
+    if (m->lprev != NULL) {
+        m->lprev->lnext = m->lnext;
+    } else if (m->s != NULL && m->s->live == m) {
+        m->s->live = m->lnext;
+    }
+    if (m->lnext != NULL) {
+        m->lnext->lprev = m->lprev;
+    }
     smp_cmd_free(&m->c);
     free(m->resp_topic);
     free(m->corr);
     free(m->value_json);
     free(m->tag_idx);
+    free(m->write_str);
     free(m);
 }
 
@@ -785,7 +944,7 @@ static void unsent_free(struct unsent *u)
     free(u);
 }
 
-static struct unsent *unsent_pop(struct smp_command_state *s)
+static struct unsent *unsent_pop(smp_commands_t *s)
 {
     struct unsent *u = s->unsent_head;
     s->unsent_head = u->next;
@@ -797,19 +956,10 @@ static struct unsent *unsent_pop(struct smp_command_state *s)
     return u;
 }
 
-/* Queues an answer; smp__engine_commands_flush sends what the window has room for. */
-static void unsent_push(smp_engine_t *e, const char *topic, const char *text, const void *corr,
-                        size_t corr_len)
+/* A copy of an answer, for the queue; NULL without memory. */
+static struct unsent *unsent_new(const char *topic, const char *text, const void *corr,
+                                 size_t corr_len)
 {
-    struct smp_command_state *s = e->cmds;
-    if (s->unsent_n >= UNSENT_MAX) {
-        struct unsent *old = unsent_pop(s);
-        LOG_ERR("cmd",
-                "too many answers waiting for the broker: one to %s dropped (a retry "
-                "with its id gets the stored result)",
-                old->topic);
-        unsent_free(old);
-    }
     struct unsent *u = calloc(1, sizeof *u);
     if (u != NULL) {
         u->topic = strdup(topic);
@@ -823,10 +973,29 @@ static void unsent_push(smp_engine_t *e, const char *topic, const char *text, co
         }
     }
     if (u == NULL || u->topic == NULL || u->text == NULL || (corr_len > 0 && u->corr == NULL)) {
-        LOG_ERR("cmd", "out of memory keeping an answer for %s", topic);
         if (u != NULL) {
             unsent_free(u);
         }
+        return NULL;
+    }
+    return u;
+}
+
+/* Queues an answer; smp_commands_flush sends what the window has room for. */
+static void unsent_push(smp_commands_t *s, const char *topic, const char *text, const void *corr,
+                        size_t corr_len)
+{
+    if (s->unsent_n >= UNSENT_MAX) {
+        struct unsent *old = unsent_pop(s);
+        LOG_ERR("cmd",
+                "too many answers waiting for the broker: one to %s dropped (a retry "
+                "with its id gets the stored result)",
+                old->topic);
+        unsent_free(old);
+    }
+    struct unsent *u = unsent_new(topic, text, corr, corr_len);
+    if (u == NULL) {
+        LOG_ERR("cmd", "out of memory keeping an answer for %s", topic);
         return;
     }
     if (s->unsent_tail != NULL) {
@@ -838,15 +1007,14 @@ static void unsent_push(smp_engine_t *e, const char *topic, const char *text, co
     s->unsent_n++;
 }
 
-void smp__engine_commands_flush(smp_engine_t *e)
+void smp_commands_flush(smp_commands_t *s)
 {
-    struct smp_command_state *s = e->cmds;
     while (s != NULL && s->unsent_head != NULL) {
         struct unsent *u = s->unsent_head;
         u->token = SMP_CMD_ANSWER_TOKEN | ++s->answer_seq;
         smp_mqtt_props_t props = {.correlation_data = u->corr, .correlation_len = u->corr_len};
-        int rc = smp_bridge_publish_reserved(e->bridge, u->topic, u->text, strlen(u->text), 1,
-                                             false, u->token, u->corr != NULL ? &props : NULL);
+        int rc = s->eng.ops->publish(s->eng.eng, u->topic, u->text, strlen(u->text), u->token,
+                                     u->corr != NULL ? &props : NULL);
         if (rc == -EAGAIN || rc == -ENOTCONN) {
             return; /* the next PUBACK or connect calls again */
         }
@@ -862,15 +1030,15 @@ void smp__engine_commands_flush(smp_engine_t *e)
     }
 }
 
-bool smp__engine_commands_acked(smp_engine_t *e, uint64_t token)
+bool smp_commands_acked(smp_commands_t *s, uint64_t token)
 {
     if ((token & SMP_CMD_ANSWER_TOKEN) == 0) {
         return false;
     }
-    if (e->cmds == NULL) {
+    if (s == NULL) {
         return true;
     }
-    for (struct unsent **pp = &e->cmds->sent; *pp != NULL; pp = &(*pp)->next) {
+    for (struct unsent **pp = &s->sent; *pp != NULL; pp = &(*pp)->next) {
         if ((*pp)->token == token) {
             struct unsent *u = *pp;
             *pp = u->next;
@@ -881,11 +1049,10 @@ bool smp__engine_commands_acked(smp_engine_t *e, uint64_t token)
     return true;
 }
 
-void smp__engine_commands_disconnected(smp_engine_t *e)
+void smp_commands_disconnected(smp_commands_t *s)
 {
     /* Answers sent and not acknowledged go again, first and in their order (the list holds
      * the newest first). QoS 1: the broker may then deliver one twice, the same text. */
-    struct smp_command_state *s = e->cmds;
     while (s != NULL && s->sent != NULL) {
         struct unsent *u = s->sent;
         s->sent = u->next;
@@ -898,28 +1065,28 @@ void smp__engine_commands_disconnected(smp_engine_t *e)
     }
 }
 
-static void publish_result(smp_engine_t *e, struct cmd *m, const char *text)
+static void publish_result(smp_commands_t *s, struct cmd *m, const char *text)
 {
     const char *topic = m->resp_topic;
     char *fallback = NULL;
     if (topic == NULL) {
-        if (m->d != NULL) {
-            topic = m->d->topic_result;
+        if (m->dev >= 0) {
+            topic = dev_info(s, m->dev).topic_result;
         } else {
-            if (asprintf(&fallback, "%s/%s/%s/cmd/result", e->cfg->mqtt.topic_prefix,
-                         e->cfg->gateway.id, m->device) < 0) {
+            if (asprintf(&fallback, "%s/%s/%s/cmd/result", s->eng.cfg->mqtt.topic_prefix,
+                         s->eng.cfg->gateway.id, m->device) < 0) {
                 return;
             }
             topic = fallback;
         }
     }
     /* Through the queue, in order, kept until acknowledged. */
-    unsent_push(e, topic, text, m->corr, m->corr_len);
-    smp__engine_commands_flush(e);
+    unsent_push(s, topic, text, m->corr, m->corr_len);
+    smp_commands_flush(s);
     free(fallback);
 }
 
-static void audit(smp_engine_t *e, struct cmd *m, const char *code, const char *message)
+static void audit(smp_commands_t *s, struct cmd *m, const char *code, const char *message)
 {
     smp_audit_row_t row = {
         .received_ms = (int64_t)m->recv_wall_ms,
@@ -932,7 +1099,7 @@ static void audit(smp_engine_t *e, struct cmd *m, const char *code, const char *
         .message = message,
         .latency_us = (int64_t)((uv_hrtime() - m->recv_hr_ns) / 1000u),
     };
-    smp_store_audit(e->store, &row);
+    smp_store_audit(s->eng.store, &row);
 }
 
 struct result_ctx {
@@ -947,10 +1114,10 @@ static void begin_result(smp_buf_t *b, const struct cmd *m, bool ok);
 /* What is kept of an answer for later duplicates, in memory and in the store: the answer
  * itself, or a short stand-in when it is larger than commands.result_max_bytes (a read of 256
  * tags, a page of history), so a flood of them cannot pile up megabytes for the window. */
-static char *kept_answer(smp_engine_t *e, const struct cmd *m, const char *text)
+static char *kept_answer(const smp_commands_t *s, const struct cmd *m, const char *text)
 {
     size_t n = strlen(text);
-    if (n <= (size_t)e->cfg->commands.result_max_bytes) {
+    if (n <= (size_t)s->eng.cfg->commands.result_max_bytes) {
         return strdup(text);
     }
     smp_buf_t b;
@@ -972,7 +1139,7 @@ static void after_result_stored(void *arg, int status, int64_t id)
     (void)id;
     struct result_ctx *rc = arg;
     struct cmd *m = rc->m;
-    smp_engine_t *e = m->e;
+    smp_commands_t *s = m->s;
     if (status < 0) {
         LOG_WARN("cmd", "result of %s not persisted: %s", m->c.id, strerror(-status));
     }
@@ -993,14 +1160,14 @@ static void after_result_stored(void *arg, int status, int64_t id)
     }
     const char *text = rc->text != NULL ? rc->text : m->entry->result;
     for (unsigned k = 0; k < times; k++) {
-        publish_result(e, m, text);
+        publish_result(s, m, text);
     }
     free(rc->text);
     free(rc->kept);
     free(rc);
     cmd_free(m);
-    e->cmds->in_progress--;
-    smp__engine_stop_progress(e);
+    s->in_progress--;
+    s->eng.ops->progress(s->eng.eng);
 }
 
 /* Final answer: audit, publish, remember (memory + store). Takes ownership of m and of the
@@ -1011,7 +1178,7 @@ static void after_result_stored(void *arg, int status, int64_t id)
  * would put a second fsync on every command's path (p99 5.1 ms instead of 3 ms here). If the
  * machine loses power in between, a retry finds the accepted record without a result and is
  * answered "timeout, outcome unknown" — never run again. */
-static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *code,
+static void finish(smp_commands_t *s, struct cmd *m, smp_buf_t *b, const char *code,
                    const char *message)
 {
     if (b->oom) {
@@ -1020,17 +1187,17 @@ static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *cod
         smp_buf_puts(b,
                      "{\"ok\":false,\"error\":{\"code\":\"busy\",\"message\":\"out of memory\"}}");
     }
-    audit(e, m, code, message);
-    e->stats.commands++;
+    audit(s, m, code, message);
+    s->answered++;
     char *text = b->p;
     b->p = NULL;
     struct result_ctx *rc = calloc(1, sizeof *rc);
-    e->cmds->in_progress++;
+    s->in_progress++;
     if (rc == NULL || text == NULL) {
         free(text);
         free(rc);
         cmd_free(m);
-        e->cmds->in_progress--;
+        s->in_progress--;
         return;
     }
     rc->m = m;
@@ -1038,10 +1205,10 @@ static void finish(smp_engine_t *e, struct cmd *m, smp_buf_t *b, const char *cod
     if (m->entry != NULL) {
         /* In the at-most-once table: remembered in the store too. Commands refused before
          * the table (no id, retained, rate limits) are not, so their id can still run. */
-        publish_result(e, m, text);
+        publish_result(s, m, text);
         rc->published = true;
-        rc->kept = kept_answer(e, m, text);
-        smp_store_cmd_put(e->store, m->device, m->c.id, rc->kept != NULL ? rc->kept : text,
+        rc->kept = kept_answer(s, m, text);
+        smp_store_cmd_put(s->eng.store, m->device, m->c.id, rc->kept != NULL ? rc->kept : text,
                           (int64_t)m->recv_wall_ms, after_result_stored, rc);
     } else {
         after_result_stored(rc, 0, 0);
@@ -1064,7 +1231,7 @@ static void begin_result(smp_buf_t *b, const struct cmd *m, bool ok)
     }
 }
 
-static void fail(smp_engine_t *e, struct cmd *m, const char *code, const char *message)
+static void fail(smp_commands_t *s, struct cmd *m, const char *code, const char *message)
 {
     smp_buf_t b;
     begin_result(&b, m, false);
@@ -1075,8 +1242,16 @@ static void fail(smp_engine_t *e, struct cmd *m, const char *code, const char *m
     smp_buf_printf(&b, "},\"ts\":%" PRIu64 "}", smp__wall_ms());
     LOG_INFO("cmd", "%s %s on %s: %s (%s)", m->c.op_name ? m->c.op_name : "?",
              m->c.has_id ? m->c.id : "(no id)", m->device, code, message);
-    finish(e, m, &b, code, message);
+    finish(s, m, &b, code, message);
     smp_buf_free(&b);
+}
+
+/* The answer to a command for a device that is offline. */
+static void fail_offline(smp_commands_t *s, struct cmd *m)
+{
+    char msg[ERRMSG_LEN + 32];
+    snprintf(msg, sizeof msg, "device is offline: %s", dev_info(s, m->dev).status_err);
+    fail(s, m, "device_offline", msg);
 }
 
 static const char *code_for(int status)
@@ -1100,10 +1275,10 @@ static const char *code_for(int status)
     }
 }
 
-static int find_tag(const struct device *d, const char *name)
+static int find_tag(const smp_device_cfg_t *d, const char *name)
 {
-    for (size_t t = 0; t < d->cfg->ntags; t++) {
-        if (strcmp(d->cfg->tags[t].name, name) == 0) {
+    for (size_t t = 0; t < d->ntags; t++) {
+        if (strcmp(d->tags[t].name, name) == 0) {
             return (int)t;
         }
     }
@@ -1123,29 +1298,26 @@ static bool bucket_take(struct bucket *b, double rate, uint64_t now_ms)
 }
 
 /* Rate limits, per device and in all: NULL when the command may go on, else why not. */
-static const char *over_rate(smp_engine_t *e, const struct device *d, uint64_t now_ms)
+static const char *over_rate(smp_commands_t *s, int dev, uint64_t now_ms)
 {
-    struct smp_command_state *s = e->cmds;
-    if (d != NULL && s->per_dev != NULL) {
-        struct bucket *b = &s->per_dev[d - e->devs];
-        if (!bucket_take(b, e->cfg->commands.rate_per_device, now_ms)) {
-            return "too many commands for this device (commands.rate_per_device)";
-        }
+    if (dev >= 0 &&
+        !bucket_take(&cdev(s, dev)->rate, s->eng.cfg->commands.rate_per_device, now_ms)) {
+        return "too many commands for this device (commands.rate_per_device)";
     }
-    if (!bucket_take(&s->global, e->cfg->commands.rate_global, now_ms)) {
+    if (!bucket_take(&s->global, s->eng.cfg->commands.rate_global, now_ms)) {
         return "too many commands (commands.rate_global)";
     }
     return NULL;
 }
 
 /* Why a write cannot be made at-most-once now, or NULL when it can. */
-static const char *durable_problem(const smp_engine_t *e)
+static const char *durable_problem(const smp_commands_t *s)
 {
-    if (!smp_store_durable(e->store)) {
+    if (!smp_store_durable(s->eng.store)) {
         return "the store runs in memory: the command could not be recorded durably, so a "
                "retry after a restart could run it twice";
     }
-    if (e->cmds->history_lost) {
+    if (s->history_lost) {
         return "the command history could not be loaded at start: a retry of an earlier "
                "command could run twice";
     }
@@ -1153,61 +1325,58 @@ static const char *durable_problem(const smp_engine_t *e)
 }
 
 /* Queues the device I/O of a validated command. */
-/* The caller has counted the command in d->cmd_queued (at acceptance, so that the queue
+/* The caller has counted the command in the device's queue (at acceptance, so that the queue
  * limit also covers commands still waiting for their durable record). */
-static void dispatch(smp_engine_t *e, struct cmd *m, struct job *j)
+static void dispatch(smp_commands_t *s, struct cmd *m, smp_cmd_job_t *j)
 {
-    j->cmd = m;
-    j->dev = m->d;
-    e->cmds->in_progress++;
-    smp__engine_enqueue(m->d->conn, j);
+    s->in_progress++;
+    s->eng.ops->job_enqueue(s->eng.eng, j, m->deadline_mono_ms, m);
 }
 
 struct begin_ctx {
     struct cmd *m;
-    struct job *j;
+    smp_cmd_job_t *j;
 };
 
 static void after_begin_stored(void *arg, int status, int64_t id)
 {
     (void)id;
     struct begin_ctx *bc = arg;
-    smp_engine_t *e = bc->m->e;
-    e->cmds->in_progress--;
-    struct device *d = bc->m->d;
+    struct cmd *m = bc->m;
+    smp_commands_t *s = m->s;
+    s->in_progress--;
     if (status < 0) {
         /* Without a durable record a restart could run the write twice: refuse it. */
-        d->cmd_queued--;
-        bool write = bc->j->type == JOB_WRITE;
-        smp__job_free(bc->j);
-        fail(e, bc->m, write ? "not_durable" : "busy",
+        cdev(s, m->dev)->queued--;
+        s->eng.ops->job_free(s->eng.eng, bc->j);
+        fail(s, m, m->c.op == SMP_CMD_WRITE ? "not_durable" : "busy",
              "the gateway cannot record the command (store error)");
-    } else if (e->stopping) {
-        d->cmd_queued--;
-        smp__job_free(bc->j);
-        fail(e, bc->m, "cancelled", "the gateway is stopping; nothing was written");
-    } else if (d->online == 0) {
+    } else if (s->eng.ops->stopping(s->eng.eng) || m->replaced) {
+        cdev(s, m->dev)->queued--;
+        s->eng.ops->job_free(s->eng.eng, bc->j);
+        fail(s, m, "cancelled",
+             m->replaced ? "a config reload replaced the device; nothing was written"
+                         : "the gateway is stopping; nothing was written");
+    } else if (dev_info(s, m->dev).online == 0) {
         /* The device went offline while the record was being committed. */
-        d->cmd_queued--;
-        smp__job_free(bc->j);
-        char msg[ERRMSG_LEN + 32];
-        snprintf(msg, sizeof msg, "device is offline: %s", d->status_err);
-        fail(e, bc->m, "device_offline", msg);
+        cdev(s, m->dev)->queued--;
+        s->eng.ops->job_free(s->eng.eng, bc->j);
+        fail_offline(s, m);
     } else {
-        dispatch(e, bc->m, bc->j);
+        dispatch(s, m, bc->j);
     }
     free(bc);
-    smp__engine_stop_progress(e);
+    s->eng.ops->progress(s->eng.eng);
 }
 
 static void on_history(void *arg, int status, const smp_history_row_t *rows, size_t n)
 {
     struct cmd *m = arg;
-    smp_engine_t *e = m->e;
-    e->cmds->in_progress--;
-    m->d->cmd_queued--;
+    smp_commands_t *s = m->s;
+    s->in_progress--;
+    cdev(s, m->dev)->queued--;
     if (status < 0) {
-        fail(e, m, "busy", "history is not available (store error)");
+        fail(s, m, "busy", "history is not available (store error)");
         return;
     }
     smp_buf_t b;
@@ -1222,19 +1391,24 @@ static void on_history(void *arg, int status, const smp_history_row_t *rows, siz
         smp_buf_printf(&b, ",\"next\":%" PRId64, rows[n - 1].ts_ms + 1);
     }
     smp_buf_printf(&b, ",\"ts\":%" PRIu64 "}", smp__wall_ms());
-    finish(e, m, &b, "ok", NULL);
+    finish(s, m, &b, "ok", NULL);
     smp_buf_free(&b);
 }
 
 /* Step 1: a command record for a delivery, its payload parsed (the outcome in *prc). */
-static struct cmd *receive(smp_engine_t *e, const smp_cmd_delivery_t *dv,
+static struct cmd *receive(smp_commands_t *s, const smp_cmd_delivery_t *dv,
                            const smp_mqtt_props_t *props, const void *payload, size_t len, int *prc)
 {
     struct cmd *m = calloc(1, sizeof *m);
     if (m == NULL) {
         return NULL;
     }
-    m->e = e;
+    m->s = s;
+    m->lnext = s->live;
+    if (s->live != NULL) {
+        s->live->lprev = m;
+    }
+    s->live = m;
     memcpy(m->device, dv->device, sizeof m->device);
     m->recv_wall_ms = smp__wall_ms();
     m->recv_hr_ns = uv_hrtime();
@@ -1248,11 +1422,8 @@ static struct cmd *receive(smp_engine_t *e, const smp_cmd_delivery_t *dv,
             m->corr_len = props->correlation_len;
         }
     }
-    for (size_t k = 0; k < e->ndevs; k++) {
-        if (strcmp(e->devs[k].cfg->name, m->device) == 0) {
-            m->d = &e->devs[k];
-        }
-    }
+    m->dev = s->eng.ops->find_device(s->eng.eng, m->device);
+    m->cfg = m->dev >= 0 ? dev_info(s, m->dev).cfg : NULL;
     *prc = smp_cmd_parse(payload, len, &m->c, &m->err);
     if (m->c.value != NULL) {
         m->value_json = json_dumps(m->c.value, JSON_ENCODE_ANY | JSON_COMPACT);
@@ -1262,18 +1433,19 @@ static struct cmd *receive(smp_engine_t *e, const smp_cmd_delivery_t *dv,
 
 /* Step 2: refusals that come before the de-dup table (a retained delivery, a Response Topic
  * outside the namespace, a rate limit): the same id may run later. True when answered. */
-static bool refused_early(smp_engine_t *e, struct cmd *m, const smp_cmd_delivery_t *dv,
+static bool refused_early(smp_commands_t *s, struct cmd *m, const smp_cmd_delivery_t *dv,
                           uint64_t now)
 {
     if (dv->refusal_code != NULL) {
         char msg[300];
-        snprintf(msg, sizeof msg, dv->refusal_fmt, e->cfg->mqtt.topic_prefix, e->cfg->gateway.id);
-        fail(e, m, dv->refusal_code, msg);
+        snprintf(msg, sizeof msg, dv->refusal_fmt, s->eng.cfg->mqtt.topic_prefix,
+                 s->eng.cfg->gateway.id);
+        fail(s, m, dv->refusal_code, msg);
         return true;
     }
-    const char *limit = over_rate(e, m->d, now);
+    const char *limit = over_rate(s, m->dev, now);
     if (limit != NULL) {
-        fail(e, m, "busy", limit);
+        fail(s, m, "busy", limit);
         return true;
     }
     return false;
@@ -1282,24 +1454,24 @@ static bool refused_early(smp_engine_t *e, struct cmd *m, const smp_cmd_delivery
 /* Step 3: the at-most-once table. A known id is answered with its first result (now, or when
  * the first one finishes) and never run again; a new one is remembered, unless the table is
  * full. True when answered. */
-static bool seen_before(smp_engine_t *e, struct cmd *m, uint64_t now)
+static bool seen_before(smp_commands_t *s, struct cmd *m, uint64_t now)
 {
-    entries_expire(e->cmds, now);
+    entries_expire(s, now);
     if (!m->c.has_id) {
         return false;
     }
     char *key = make_key(m->device, m->c.id);
-    struct cmd_entry *x = key ? entry_find(e->cmds, key) : NULL;
-    if (x == NULL && e->cmds->count >= (size_t)e->cfg->commands.dedup_max) {
+    struct cmd_entry *x = key ? entry_find(s, key) : NULL;
+    if (x == NULL && s->count >= (size_t)s->eng.cfg->commands.dedup_max) {
         free(key);
-        fail(e, m, "busy", "too many recent commands to remember (commands.dedup_max)");
+        fail(s, m, "busy", "too many recent commands to remember (commands.dedup_max)");
         return true;
     }
     if (x != NULL) {
         free(key);
-        audit(e, m, "duplicate", "answered with the first result");
+        audit(s, m, "duplicate", "answered with the first result");
         if (x->result != NULL) {
-            publish_result(e, m, x->result);
+            publish_result(s, m, x->result);
         } else {
             x->waiting++;
         }
@@ -1307,114 +1479,107 @@ static bool seen_before(smp_engine_t *e, struct cmd *m, uint64_t now)
         return true;
     }
     if (key != NULL) {
-        m->entry = entry_add(e->cmds, key, now);
+        m->entry = entry_add(s, key, now);
     }
     return false;
 }
 
 /* Step 4: what the request itself gets wrong (payload, device, expired on arrival). True
  * when answered. */
-static bool invalid(smp_engine_t *e, struct cmd *m, int prc)
+static bool invalid(smp_commands_t *s, struct cmd *m, int prc)
 {
     if (prc < 0) {
-        fail(e, m, m->err.code, m->err.message);
+        fail(s, m, m->err.code, m->err.message);
         return true;
     }
-    if (m->d == NULL) {
-        fail(e, m, "unknown_device", "no such device on this gateway");
+    if (m->dev < 0) {
+        fail(s, m, "unknown_device", "no such device on this gateway");
         return true;
     }
     if (smp_cmd_expired(&m->c, m->recv_wall_ms)) {
         char msg[128];
         snprintf(msg, sizeof msg, "received %" PRIu64 " ms after ts + ttl_ms",
                  m->recv_wall_ms - (uint64_t)smp_cmd_deadline(&m->c));
-        fail(e, m, "expired", msg);
+        fail(s, m, "expired", msg);
         return true;
     }
     return false;
 }
 
 /* A history query: answered from the store, counted in the device's queue limit. */
-static void run_history(smp_engine_t *e, struct cmd *m)
+static void run_history(smp_commands_t *s, struct cmd *m)
 {
-    if (find_tag(m->d, m->c.tag) < 0) {
-        fail(e, m, "unknown_tag", "no such tag on this device");
+    if (find_tag(m->cfg, m->c.tag) < 0) {
+        fail(s, m, "unknown_tag", "no such tag on this device");
         return;
     }
-    if (m->d->cmd_queued >= SMP_CMD_QUEUE_MAX) {
-        fail(e, m, "busy", "too many commands queued for the device");
+    if (cdev(s, m->dev)->queued >= SMP_CMD_QUEUE_MAX) {
+        fail(s, m, "busy", "too many commands queued for the device");
         return;
     }
-    m->d->cmd_queued++;
-    e->cmds->in_progress++;
-    smp_store_history(e->store, m->device, m->c.tag, m->c.from, m->c.to, m->c.limit, on_history, m);
+    cdev(s, m->dev)->queued++;
+    s->in_progress++;
+    smp_store_history(s->eng.store, m->device, m->c.tag, m->c.from, m->c.to, m->c.limit, on_history,
+                      m);
 }
 
 /* Step 5a: the device job of a write, validated against its tag. NULL when answered. */
-static struct job *write_job(smp_engine_t *e, struct cmd *m)
+static smp_cmd_job_t *write_job(smp_commands_t *s, struct cmd *m)
 {
-    int t = find_tag(m->d, m->c.tag);
+    int t = find_tag(m->cfg, m->c.tag);
     if (t < 0) {
-        fail(e, m, "unknown_tag", "no such tag on this device");
+        fail(s, m, "unknown_tag", "no such tag on this device");
         return NULL;
     }
-    const char *why = durable_problem(e);
+    const char *why = durable_problem(s);
     if (why != NULL) {
-        fail(e, m, "not_durable", why);
-        return NULL;
-    }
-    struct job *j = calloc(1, sizeof *j);
-    if (j == NULL) {
-        fail(e, m, "busy", "out of memory");
+        fail(s, m, "not_durable", why);
         return NULL;
     }
     smp_cmd_error_t verr = {0};
-    if (smp_cmd_to_raw(&m->d->cfg->tags[t], m->c.value, &j->write_raw, &j->write_str, &verr) < 0) {
-        free(j);
-        fail(e, m, verr.code, verr.message);
+    if (smp_cmd_to_raw(&m->cfg->tags[t], m->c.value, &m->write_raw, &m->write_str, &verr) < 0) {
+        fail(s, m, verr.code, verr.message);
         return NULL;
     }
-    j->type = JOB_WRITE;
-    j->tag = (uint32_t)t;
+    m->write_tag = (uint32_t)t;
+    smp_cmd_job_spec_t spec = {.write = true, .tag = m->write_tag, .raw = &m->write_raw};
+    smp_cmd_job_t *j = s->eng.ops->job_new(s->eng.eng, (size_t)m->dev, &spec);
+    if (j == NULL) {
+        fail(s, m, "busy", "out of memory");
+    }
     return j;
 }
 
 /* Step 5b: the device job of a read of m->c.tags. NULL when answered. */
-static struct job *read_job(smp_engine_t *e, struct cmd *m)
+static smp_cmd_job_t *read_job(smp_commands_t *s, struct cmd *m)
 {
-    struct job *j = calloc(1, sizeof *j);
     m->tag_idx = calloc(m->c.ntags, sizeof *m->tag_idx);
-    if (j != NULL) {
-        j->readings = calloc(m->c.ntags, sizeof *j->readings);
-        j->strs = calloc(m->c.ntags, sizeof *j->strs);
-        j->errs = calloc(m->c.ntags, ERRMSG_LEN);
-    }
-    if (j == NULL || !m->tag_idx || !j->readings || !j->strs || !j->errs) {
-        smp__job_free(j);
-        fail(e, m, "busy", "out of memory");
+    if (m->tag_idx == NULL) {
+        fail(s, m, "busy", "out of memory");
         return NULL;
     }
     for (size_t k = 0; k < m->c.ntags; k++) {
-        int t = find_tag(m->d, m->c.tags[k]);
+        int t = find_tag(m->cfg, m->c.tags[k]);
         if (t < 0) {
-            smp__job_free(j);
             char msg[200];
             snprintf(msg, sizeof msg, "no tag %s on this device", m->c.tags[k]);
-            fail(e, m, "unknown_tag", msg);
+            fail(s, m, "unknown_tag", msg);
             return NULL;
         }
-        m->tag_idx[k] = t;
+        m->tag_idx[k] = (uint32_t)t;
     }
-    j->type = JOB_READ;
-    j->idx = (const uint32_t *)m->tag_idx;
-    j->n = m->c.ntags;
+    smp_cmd_job_spec_t spec = {.idx = m->tag_idx, .n = m->c.ntags};
+    smp_cmd_job_t *j = s->eng.ops->job_new(s->eng.eng, (size_t)m->dev, &spec);
+    if (j == NULL) {
+        fail(s, m, "busy", "out of memory");
+    }
     return j;
 }
 
 /* Step 6: the ttl as a deadline on the monotonic clock. Expiry applies to the time spent in
  * the queue and in opening the connection; the wall clock only says how much of the ttl was
  * left at receipt. */
-static void set_deadline(const struct cmd *m, struct job *j)
+static void set_deadline(struct cmd *m)
 {
     if (!m->c.has_ttl) {
         return;
@@ -1425,9 +1590,9 @@ static void set_deadline(const struct cmd *m, struct job *j)
         left = (uint64_t)smp_cmd_deadline(&m->c) - m->recv_wall_ms;
     }
     uint64_t now_mono = m->recv_hr_ns / 1000000u;
-    j->deadline_mono_ms = left > UINT64_MAX - now_mono ? UINT64_MAX : now_mono + left;
-    if (j->deadline_mono_ms == 0) {
-        j->deadline_mono_ms = 1; /* 0 means "no deadline" */
+    m->deadline_mono_ms = left > UINT64_MAX - now_mono ? UINT64_MAX : now_mono + left;
+    if (m->deadline_mono_ms == 0) {
+        m->deadline_mono_ms = 1; /* 0 means "no deadline" */
     }
 }
 
@@ -1435,66 +1600,66 @@ static void set_deadline(const struct cmd *m, struct job *j)
  * record: a crash cannot lead to a re-run. Reads take the same path: store operations
  * complete in order, so the commands of a device reach its queue in the order they arrived
  * (a read sent after a write sees the write). */
-static void enqueue(smp_engine_t *e, struct cmd *m, struct job *j)
+static void enqueue(smp_commands_t *s, struct cmd *m, smp_cmd_job_t *j)
 {
-    if (m->d->online == 0) {
-        smp__job_free(j);
-        char msg[ERRMSG_LEN + 32];
-        snprintf(msg, sizeof msg, "device is offline: %s", m->d->status_err);
-        fail(e, m, "device_offline", msg);
+    struct cmd_dev *cd = cdev(s, m->dev);
+    bool stopping = s->eng.ops->stopping(s->eng.eng);
+    if (dev_info(s, m->dev).online == 0) {
+        s->eng.ops->job_free(s->eng.eng, j);
+        fail_offline(s, m);
         return;
     }
-    if (m->d->cmd_queued >= SMP_CMD_QUEUE_MAX || e->stopping) {
-        smp__job_free(j);
-        fail(e, m, e->stopping ? "cancelled" : "busy",
-             e->stopping ? "the gateway is stopping; nothing was written"
-                         : "too many commands queued for the device");
+    if (cd->queued >= SMP_CMD_QUEUE_MAX || stopping) {
+        s->eng.ops->job_free(s->eng.eng, j);
+        fail(s, m, stopping ? "cancelled" : "busy",
+             stopping ? "the gateway is stopping; nothing was written"
+                      : "too many commands queued for the device");
         return;
     }
-    set_deadline(m, j);
-    m->d->cmd_queued++;
+    set_deadline(m);
+    cd->queued++;
     if (!m->c.has_id) {
-        dispatch(e, m, j);
+        dispatch(s, m, j);
         return;
     }
     struct begin_ctx *bc = calloc(1, sizeof *bc);
     if (bc == NULL) {
-        m->d->cmd_queued--;
-        smp__job_free(j);
-        fail(e, m, "busy", "out of memory");
+        cd->queued--;
+        s->eng.ops->job_free(s->eng.eng, j);
+        fail(s, m, "busy", "out of memory");
         return;
     }
     bc->m = m;
     bc->j = j;
-    e->cmds->in_progress++;
-    smp_store_cmd_put(e->store, m->device, m->c.id, NULL, (int64_t)m->recv_wall_ms,
+    s->in_progress++;
+    smp_store_cmd_put(s->eng.store, m->device, m->c.id, NULL, (int64_t)m->recv_wall_ms,
                       after_begin_stored, bc);
 }
 
-void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
-                         const smp_mqtt_props_t *props)
+void smp_commands_receive(smp_commands_t *s, const char *topic, const void *payload, size_t len,
+                          const smp_mqtt_props_t *props)
 {
     smp_cmd_delivery_t dv;
-    if (e->cmds == NULL ||
-        smp_cmd_delivery(topic, props, e->cfg->mqtt.topic_prefix, e->cfg->gateway.id, &dv) < 0) {
+    if (s == NULL || smp_cmd_delivery(topic, props, s->eng.cfg->mqtt.topic_prefix,
+                                      s->eng.cfg->gateway.id, &dv) < 0) {
         return; /* not a command topic of this gateway */
     }
     int prc;
-    struct cmd *m = receive(e, &dv, props, payload, len, &prc);
+    struct cmd *m = receive(s, &dv, props, payload, len, &prc);
     if (m == NULL) {
         return;
     }
-    uint64_t now = uv_now(e->loop);
-    if (refused_early(e, m, &dv, now) || seen_before(e, m, now) || invalid(e, m, prc)) {
+    uint64_t now = uv_now(s->eng.loop);
+    if (refused_early(s, m, &dv, now) || seen_before(s, m, now) || invalid(s, m, prc)) {
         return;
     }
     if (m->c.op == SMP_CMD_HISTORY) {
-        run_history(e, m);
+        run_history(s, m);
         return;
     }
-    struct job *j = m->c.op == SMP_CMD_WRITE ? write_job(e, m) : read_job(e, m);
+    smp_cmd_job_t *j = m->c.op == SMP_CMD_WRITE ? write_job(s, m) : read_job(s, m);
     if (j != NULL) {
-        enqueue(e, m, j);
+        enqueue(s, m, j);
     }
 }
 
@@ -1509,62 +1674,61 @@ static void append_reading(smp_buf_t *b, const smp_tag_cfg_t *tc, const smp_read
     }
 }
 
-static void write_done(smp_engine_t *e, struct cmd *m, struct job *j)
+static void write_done(smp_commands_t *s, struct cmd *m, const smp_cmd_outcome_t *o)
 {
-    struct device *d = m->d;
-    const smp_tag_cfg_t *tc = &d->cfg->tags[j->tag];
-    if (j->status < 0) {
-        const char *code = code_for(j->status);
-        if (strcmp(code, "device_offline") == 0 && j->started) {
+    const smp_tag_cfg_t *tc = &m->cfg->tags[m->write_tag];
+    if (o->status < 0) {
+        const char *code = code_for(o->status);
+        if (strcmp(code, "device_offline") == 0 && o->started) {
             /* The link failed after the request went out (a reset, a corrupted reply): the
              * device may have applied it. "device_offline" promises nothing was written, so
              * this is a timeout, outcome unknown. */
             char msg[ERRMSG_LEN + 64];
             snprintf(msg, sizeof msg,
                      "the link failed after the write was sent (%s); outcome unknown",
-                     j->errmsg[0] ? j->errmsg : "error");
-            fail(e, m, "timeout", msg);
+                     o->errmsg[0] ? o->errmsg : "error");
+            fail(s, m, "timeout", msg);
             return;
         }
-        fail(e, m, code, j->errmsg[0] ? j->errmsg : "write failed");
+        fail(s, m, code, o->errmsg[0] ? o->errmsg : "write failed");
         return;
     }
-    if (j->rb.status != 0) {
+    if (o->rb->status != 0) {
         char msg[ERRMSG_LEN + 64];
-        snprintf(msg, sizeof msg, "write accepted but the read-back failed: %s", j->errmsg);
-        fail(e, m, "device_error", msg);
+        snprintf(msg, sizeof msg, "write accepted but the read-back failed: %s", o->errmsg);
+        fail(s, m, "device_error", msg);
         return;
     }
     /* The confirmed value is also the tag's newest state: it goes out in a data message now. */
-    smp__engine_apply_reading(e, d, j->tag, &j->rb, NULL, j->done_wall_ms);
-    smp__engine_emit(e, d, j->done_wall_ms, false);
-    if (!smp_cmd_raw_equal(tc, &j->write_raw, &j->rb.value)) {
+    if (m->dev >= 0) { /* a device a reload replaced meanwhile publishes nothing more */
+        s->eng.ops->emit_reading(s->eng.eng, (size_t)m->dev, m->write_tag, o->rb, o->done_wall_ms);
+    }
+    if (!smp_cmd_raw_equal(tc, &m->write_raw, &o->rb->value)) {
         smp_buf_t got;
         smp_buf_init(&got);
-        append_reading(&got, tc, &j->rb);
+        append_reading(&got, tc, o->rb);
         char msg[256];
         snprintf(msg, sizeof msg, "device reads back %s after the write of %s", got.p ? got.p : "?",
                  m->value_json ? m->value_json : "?");
         smp_buf_free(&got);
-        fail(e, m, "device_error", msg);
+        fail(s, m, "device_error", msg);
         return;
     }
     smp_buf_t b;
     begin_result(&b, m, true);
     smp_buf_puts(&b, ",\"value\":");
-    append_reading(&b, tc, &j->rb);
-    smp_buf_printf(&b, ",\"ts\":%" PRIu64 "}", j->done_wall_ms);
+    append_reading(&b, tc, o->rb);
+    smp_buf_printf(&b, ",\"ts\":%" PRIu64 "}", o->done_wall_ms);
     LOG_INFO("cmd", "write %s on %s: %s = %s confirmed", m->c.id, m->device, m->c.tag,
              m->value_json ? m->value_json : "?");
-    finish(e, m, &b, "ok", NULL);
+    finish(s, m, &b, "ok", NULL);
     smp_buf_free(&b);
 }
 
-static void read_done(smp_engine_t *e, struct cmd *m, struct job *j)
+static void read_done(smp_commands_t *s, struct cmd *m, const smp_cmd_outcome_t *o)
 {
-    struct device *d = m->d;
-    if (j->status < 0) {
-        fail(e, m, code_for(j->status), j->errmsg[0] ? j->errmsg : "read failed");
+    if (o->status < 0) {
+        fail(s, m, code_for(o->status), o->errmsg[0] ? o->errmsg : "read failed");
         return;
     }
     smp_buf_t b, errs;
@@ -1572,9 +1736,9 @@ static void read_done(smp_engine_t *e, struct cmd *m, struct job *j)
     smp_buf_init(&errs);
     smp_buf_puts(&b, ",\"values\":{");
     bool first = true, efirst = true;
-    for (size_t k = 0; k < j->n; k++) {
-        const smp_tag_cfg_t *tc = &d->cfg->tags[j->idx[k]];
-        const smp_reading_t *r = &j->readings[k];
+    for (size_t k = 0; k < m->c.ntags; k++) {
+        const smp_tag_cfg_t *tc = &m->cfg->tags[m->tag_idx[k]];
+        const smp_reading_t *r = &o->readings[k];
         smp_eval_t v;
         if (r->status == 0 && smp_eval_from_raw(tc, &r->value, &v) == 0) {
             smp_buf_printf(&b, "%s\"%s\":", first ? "" : ",", tc->name);
@@ -1582,7 +1746,8 @@ static void read_done(smp_engine_t *e, struct cmd *m, struct job *j)
             smp_eval_clear(&v);
             first = false;
         } else {
-            const char *msg = r->status ? JOB_ERR(j, k) : "value is not a finite number";
+            const char *msg =
+                r->status ? o->tag_errs + k * ERRMSG_LEN : "value is not a finite number";
             smp_buf_printf(&errs, "%s\"%s\":", efirst ? "" : ",", tc->name);
             smp_buf_json_string(&errs, msg, strlen(msg));
             efirst = false;
@@ -1594,38 +1759,45 @@ static void read_done(smp_engine_t *e, struct cmd *m, struct job *j)
         smp_buf_add(&b, errs.p, errs.len);
         smp_buf_puts(&b, "}");
     }
-    smp_buf_printf(&b, ",\"ts\":%" PRIu64 "}", j->done_wall_ms);
+    smp_buf_printf(&b, ",\"ts\":%" PRIu64 "}", o->done_wall_ms);
     smp_buf_free(&errs);
-    finish(e, m, &b, "ok", NULL);
+    finish(s, m, &b, "ok", NULL);
     smp_buf_free(&b);
 }
 
-void smp__engine_write_done(smp_engine_t *e, struct job *j)
+void smp_commands_job_done(smp_commands_t *s, void *cookie, const smp_cmd_outcome_t *out)
 {
-    struct cmd *m = j->cmd;
-    m->d->cmd_queued--;
-    e->cmds->in_progress--;
-    if (j->type == JOB_WRITE) {
-        write_done(e, m, j);
+    struct cmd *m = cookie;
+    cdev(s, m->dev)->queued--;
+    s->in_progress--;
+    if (m->c.op == SMP_CMD_WRITE) {
+        write_done(s, m, out);
     } else {
-        read_done(e, m, j);
+        read_done(s, m, out);
     }
-    smp__job_free(j);
-    smp__engine_stop_progress(e);
 }
 
-void smp__engine_command_cancel(smp_engine_t *e, struct job *j)
+static void job_cancelled(smp_commands_t *s, struct cmd *m, const char *why)
 {
-    struct cmd *m = j->cmd;
-    m->d->cmd_queued--;
-    e->cmds->in_progress--;
-    smp__job_free(j);
-    fail(e, m, "cancelled", "the gateway stopped before the command started; nothing was written");
+    cdev(s, m->dev)->queued--;
+    s->in_progress--;
+    fail(s, m, "cancelled", why);
 }
 
-void smp__engine_write_discard(smp_engine_t *e, struct job *j)
+void smp_commands_job_cancelled(smp_commands_t *s, void *cookie)
 {
-    (void)e;
-    cmd_free(j->cmd);
-    smp__job_free(j);
+    job_cancelled(s, cookie, "the gateway stopped before the command started; nothing was written");
+}
+
+void smp_commands_job_replaced(smp_commands_t *s, void *cookie)
+{
+    job_cancelled(s, cookie,
+                  "a config reload replaced the device before the command started; nothing was "
+                  "written");
+}
+
+void smp_commands_job_discard(smp_commands_t *s, void *cookie)
+{
+    (void)s;
+    cmd_free(cookie);
 }

@@ -18,6 +18,7 @@
 
 #include "bridge.h"
 #include "config.h"
+#include "engine_cmd.h"
 
 #define SMP_CMD_MAX_PAYLOAD 65536
 #define SMP_CMD_ID_MAX      128
@@ -84,5 +85,49 @@ int smp_cmd_to_raw(const smp_tag_cfg_t *tag, const json_t *value, smp_value_t *r
                    smp_cmd_error_t *err);
 /* True when the raw read-back equals the raw value written (float32 compared as float32). */
 bool smp_cmd_raw_equal(const smp_tag_cfg_t *tag, const smp_value_t *a, const smp_value_t *b);
+
+/* ------------------------------------------------------------------------------------------ */
+/* The command module: execution, at-most-once, answers (loop thread). It reaches the engine
+ * only through engine_cmd.h; the engine calls it only through these functions. Every function
+ * accepts a NULL module (commands unavailable for lack of memory) and then does nothing. */
+
+typedef struct smp_commands smp_commands_t;
+
+/* PUBACK tokens of command answers carry this bit (outbox row ids never do). */
+#define SMP_CMD_ANSWER_TOKEN (UINT64_C(1) << 63)
+
+/* Creates the module and restores the recent results from the store (blocking: start-up
+ * only). `eng` is copied; what it points to is borrowed. NULL without memory. */
+smp_commands_t *smp_commands_new(const smp_cmd_engine_t *eng);
+void smp_commands_free(smp_commands_t *s);
+/* A delivery on a subscribed topic: a command when the topic is PREFIX/GATEWAY_ID/D/cmd of
+ * this gateway (else ignored). `props` may be NULL. */
+void smp_commands_receive(smp_commands_t *s, const char *topic, const void *payload, size_t len,
+                          const smp_mqtt_props_t *props);
+/* The result of the device job queued with `cookie` (the job is the engine's to free). */
+void smp_commands_job_done(smp_commands_t *s, void *cookie, const smp_cmd_outcome_t *out);
+/* The job queued with `cookie` never reached the device (a forced stop): answered "cancelled". */
+void smp_commands_job_cancelled(smp_commands_t *s, void *cookie);
+/* The job queued with `cookie` never reached the device because a reload replaced or removed
+ * the device: answered "cancelled", saying so. */
+void smp_commands_job_replaced(smp_commands_t *s, void *cookie);
+/* The job queued with `cookie` finished after the loop stopped: forgotten, unanswered. */
+void smp_commands_job_discard(smp_commands_t *s, void *cookie);
+/* True while a command is accepted and not yet answered (the stop waits for it). */
+bool smp_commands_busy(const smp_commands_t *s);
+/* Publishes answers that waited for room in the MQTT window (call on PUBACK and connect). */
+void smp_commands_flush(smp_commands_t *s);
+/* A PUBACK: true when `token` was an answer's (then handled), false for an outbox row. */
+bool smp_commands_acked(smp_commands_t *s, uint64_t token);
+/* The connection is gone: answers not acknowledged are sent again after the next connect. */
+void smp_commands_disconnected(smp_commands_t *s);
+/* A reload changed the engine's devices: now `ndevs` under `cfg`; map[k] is the new index of
+ * the device that had index k (nold of them), -1 when it was replaced or removed. Commands of
+ * a replaced device that have not reached it are answered "cancelled"; one already running
+ * finishes and is answered, its read-back not published. */
+void smp_commands_devices_changed(smp_commands_t *s, const smp_config_t *cfg, size_t ndevs,
+                                  const int *map, size_t nold);
+/* Commands answered so far (metrics "commands"). */
+uint64_t smp_commands_answered(const smp_commands_t *s);
 
 #endif

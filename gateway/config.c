@@ -1299,11 +1299,35 @@ static void parse_profiles(vctx_t *v, json_t *root, profiles_t *ps)
 
 /* ---- plugin keys ------------------------------------------------------------------------- */
 
+/* An enum key's value: one of its choices (p->i its index), else reported with the list. */
+static bool fill_enum(vctx_t *v, const smp_config_key_t *k, const char *s, smp_param_t *p)
+{
+    char sb[SHOW_MAX + 8];
+    size_t c = 0;
+    while (k->choices[c] != NULL && strcmp(k->choices[c], s) != 0) {
+        c++;
+    }
+    if (k->choices[c] == NULL) {
+        char list[512] = "";
+        size_t len = 0;
+        for (size_t i = 0; k->choices[i] != NULL && len < sizeof list; i++) {
+            int w2 = snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", k->choices[i]);
+            len += w2 > 0 ? (size_t)w2 : 0;
+        }
+        err_key(v, k->name, AT_VALUE, "unknown value %s (use one of: %s)", show(s, sb, sizeof sb),
+                list);
+        return false;
+    }
+    p->i = (int64_t)c;
+    p->s = xstrdup(v, k->choices[c]);
+    return p->s != NULL;
+}
+
 /* Fills p from JSON value j for key k; reports at obj.key when it does not fit. The default
  * values of a plugin's table were checked by the plugin host and pass here without reports. */
 static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_param_t *p)
 {
-    char gb[128], sb[SHOW_MAX + 8];
+    char gb[128];
     static const want_t wants[] = {
         [SMP_KEY_STRING] = W_STRING, [SMP_KEY_INT] = W_INT,     [SMP_KEY_NUMBER] = W_NUMBER,
         [SMP_KEY_BOOL] = W_BOOL,     [SMP_KEY_ENUM] = W_STRING, [SMP_KEY_SECRET_FILE] = W_STRING,
@@ -1348,31 +1372,11 @@ static bool fill_param(vctx_t *v, const smp_config_key_t *k, json_t *j, smp_para
         p->i = json_is_true(j);
         p->d = (double)p->i;
         break;
-    case SMP_KEY_ENUM: {
-        const char *s = json_string_value(j);
-        size_t c = 0;
-        while (k->choices[c] != NULL && strcmp(k->choices[c], s) != 0) {
-            c++;
-        }
-        if (k->choices[c] == NULL) {
-            char list[512] = "";
-            size_t len = 0;
-            for (size_t i = 0; k->choices[i] != NULL && len < sizeof list; i++) {
-                int w2 =
-                    snprintf(list + len, sizeof list - len, "%s%s", i ? ", " : "", k->choices[i]);
-                len += w2 > 0 ? (size_t)w2 : 0;
-            }
-            err_key(v, k->name, AT_VALUE, "unknown value %s (use one of: %s)",
-                    show(s, sb, sizeof sb), list);
-            return false;
-        }
-        p->i = (int64_t)c;
-        p->s = xstrdup(v, k->choices[c]);
-        if (p->s == NULL) {
+    case SMP_KEY_ENUM:
+        if (!fill_enum(v, k, json_string_value(j), p)) {
             return false;
         }
         break;
-    }
     }
     p->set = true;
     return true;
@@ -1519,18 +1523,12 @@ static void check_device_whole(vctx_t *v, smp_device_cfg_t *dev, report_ctx_t *r
     free(views);
 }
 
-/* The protocol's pass over a device: its connection and the plugin fields of every tag. */
-static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
-                                const tag_src_t *const *srcs)
+/* The device's "connection" against the protocol's keys and its check; then its connection
+ * key. 1 when the keys were valid (the device as a whole may be checked), 0 when not, -1 out
+ * of memory. */
+static int check_device_conn(vctx_t *v, smp_device_cfg_t *dev, json_t *d, report_ctx_t *rc)
 {
     const smp_plugin_host_t *pl = dev->plugin;
-    report_ctx_t rc = {.v = v};
-    size_t diags_before = v->ndiags;
-
-    dev->conn_params = xcalloc(v, pl->nconn_keys, sizeof *dev->conn_params);
-    if (dev->conn_params == NULL) {
-        return;
-    }
     json_t *conn = json_object_get(d, "connection");
     json_t *empty = NULL;
     bool conn_ok = true, conn_checked = false;
@@ -1546,7 +1544,7 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
         conn = empty = json_object();
         if (empty == NULL) {
             v->oom = true;
-            return;
+            return -1;
         }
     } else if (!json_is_object(conn)) {
         conn_ok = false; /* reported by parse_device */
@@ -1557,13 +1555,13 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
             conn_checked = true;
             int bad = 0;
             if (pl->desc->check_connection != NULL) {
-                rc.n = 0;
-                bad = pl->desc->check_connection(dev->conn_params, plugin_report, &rc);
-                if (bad > 0 && rc.n == 0) {
+                rc->n = 0;
+                bad = pl->desc->check_connection(dev->conn_params, plugin_report, rc);
+                if (bad > 0 && rc->n == 0) {
                     err(v, AT_VALUE, "refused by protocol \"%s\"", pl->name);
                 }
             }
-            if (bad == 0 && rc.n == 0 && !v->oom) {
+            if (bad == 0 && rc->n == 0 && !v->oom) {
                 if (pl->desc->conn_key(dev->conn_params, dev->conn_key, sizeof dev->conn_key) !=
                     0) {
                     err(v, AT_VALUE, "protocol \"%s\" could not make a connection key", pl->name);
@@ -1574,11 +1572,15 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
         pop(v, old);
     }
     json_decref(empty);
-    if (srcs == NULL) {
-        return; /* the device shares tags checked already */
-    }
+    return conn_checked ? 1 : 0;
+}
 
-    /* Tags: each is checked where it is written, which for a profile's tag is the profile. */
+/* The plugin fields of every tag, each checked where it is written, which for a profile's tag
+ * is the profile. */
+static void check_device_tags(vctx_t *v, smp_device_cfg_t *dev, const tag_src_t *const *srcs,
+                              report_ctx_t *rc)
+{
+    const smp_plugin_host_t *pl = dev->plugin;
     char *saved = xstrdup(v, cur_path(v));
     if (saved == NULL) {
         return;
@@ -1598,16 +1600,37 @@ static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
             pl->desc->check_tag != NULL) {
             smp_tag_t view = {
                 .name = t->name, .type = t->type, .writable = t->writable, .params = t->params};
-            rc.n = 0;
-            int bad = pl->desc->check_tag(&view, plugin_report, &rc);
-            if (bad > 0 && rc.n == 0) {
+            rc->n = 0;
+            int bad = pl->desc->check_tag(&view, plugin_report, rc);
+            if (bad > 0 && rc->n == 0) {
                 err(v, AT_VALUE, "refused by protocol \"%s\"", pl->name);
             }
         }
     }
     path_set(v, saved);
     free(saved);
-    if (conn_checked && v->ndiags == diags_before) {
+}
+
+/* The protocol's pass over a device: its connection and the plugin fields of every tag. */
+static void check_device_plugin(vctx_t *v, smp_device_cfg_t *dev, json_t *d,
+                                const tag_src_t *const *srcs)
+{
+    report_ctx_t rc = {.v = v};
+    size_t diags_before = v->ndiags;
+
+    dev->conn_params = xcalloc(v, dev->plugin->nconn_keys, sizeof *dev->conn_params);
+    if (dev->conn_params == NULL) {
+        return;
+    }
+    int conn_checked = check_device_conn(v, dev, d, &rc);
+    if (conn_checked < 0) {
+        return;
+    }
+    if (srcs == NULL) {
+        return; /* the device shares tags checked already */
+    }
+    check_device_tags(v, dev, srcs, &rc);
+    if (conn_checked == 1 && v->ndiags == diags_before) {
         check_device_whole(v, dev, &rc);
     }
 }
@@ -1910,6 +1933,76 @@ static void report_syntax(vctx_t *v, const char *text, size_t len, const json_er
     add_diag(v, loc, path, msg);
 }
 
+/* The directory of the config file, for relative paths. */
+static void set_dir(vctx_t *v)
+{
+    const char *slash = strrchr(v->name, '/');
+    if (slash != NULL) {
+        size_t n = slash == v->name ? 1 : (size_t)(slash - v->name);
+        v->dir = xmalloc(v, n + 1);
+        if (v->dir != NULL) {
+            memcpy(v->dir, v->name, n);
+            v->dir[n] = '\0';
+        }
+    }
+}
+
+/* The JSON text as a tree, its duplicate keys reported; NULL when it is no JSON object (or
+ * out of memory). */
+static json_t *parse_root(vctx_t *v, const char *text, size_t len)
+{
+    json_error_t je;
+    /* No JSON_DECODE_INT_AS_REAL: integers stay exact (64-bit). No JSON_REJECT_DUPLICATES:
+     * that stops at the first duplicate, jsonpos reports all of them. */
+    json_t *root = json_loadb(text != NULL ? text : "", text != NULL ? len : 0, 0, &je);
+    if (root == NULL) {
+        report_syntax(v, text != NULL ? text : "", text != NULL ? len : 0, &je);
+        return NULL;
+    }
+    if (smp_jsonpos_scan(text, len, &v->pos) != 0) {
+        v->oom = true;
+        json_decref(root);
+        return NULL;
+    }
+    for (size_t i = 0; i < smp_jsonpos_ndups(v->pos); i++) {
+        const smp_jsonpos_dup_t *d = smp_jsonpos_dup(v->pos, i);
+        char msg[96];
+        snprintf(msg, sizeof msg, "duplicate key (first at line %u, column %u)",
+                 (unsigned)d->first.line, (unsigned)d->first.col);
+        add_diag(v, d->at, d->path, msg);
+    }
+    if (!json_is_object(root)) {
+        char gb[128];
+        err(v, AT_VALUE, "the config must be a JSON object, got %s", got(root, gb, sizeof gb));
+        json_decref(root);
+        return NULL;
+    }
+    return root;
+}
+
+/* The plugin set for the devices' protocols, from the override, gateway.plugin_dir or the
+ * default search path. -1 out of memory. */
+static int open_plugins(vctx_t *v, smp_config_t *cfg, const char *plugin_dir_override)
+{
+    const char *dir = plugin_dir_override;
+    if (dir == NULL && cfg->gateway.plugin_dir != NULL) {
+        struct stat st;
+        dir = cfg->gateway.plugin_dir;
+        if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+            char sb[PATH_SHOW];
+            size_t old = push_key(v, "gateway");
+            err_key(v, "plugin_dir", AT_VALUE, "%s is not a directory", show(dir, sb, sizeof sb));
+            pop(v, old);
+        }
+    }
+    cfg->plugins = smp_plugin_set_new(dir);
+    if (cfg->plugins == NULL) {
+        v->oom = true;
+        return -1;
+    }
+    return 0;
+}
+
 /* The loader behind both public entry points. `preset` (unit tests) is a plugin set to use
  * instead of a new one; it is owned by this call. */
 static int load_text(const char *name, const char *text, size_t len,
@@ -1929,41 +2022,8 @@ static int load_text(const char *name, const char *text, size_t len,
     }
     cfg->plugins = preset;
     cfg->path = xstrdup(&v, v.name);
-    const char *slash = strrchr(v.name, '/');
-    if (slash != NULL) {
-        size_t n = slash == v.name ? 1 : (size_t)(slash - v.name);
-        v.dir = xmalloc(&v, n + 1);
-        if (v.dir != NULL) {
-            memcpy(v.dir, v.name, n);
-            v.dir[n] = '\0';
-        }
-    }
-    if (set_defaults(&v, cfg) != 0) {
-        goto done;
-    }
-
-    json_error_t je;
-    /* No JSON_DECODE_INT_AS_REAL: integers stay exact (64-bit). No JSON_REJECT_DUPLICATES:
-     * that stops at the first duplicate, jsonpos reports all of them. */
-    root = json_loadb(text != NULL ? text : "", text != NULL ? len : 0, 0, &je);
-    if (root == NULL) {
-        report_syntax(&v, text != NULL ? text : "", text != NULL ? len : 0, &je);
-        goto done;
-    }
-    if (smp_jsonpos_scan(text, len, &v.pos) != 0) {
-        v.oom = true;
-        goto done;
-    }
-    for (size_t i = 0; i < smp_jsonpos_ndups(v.pos); i++) {
-        const smp_jsonpos_dup_t *d = smp_jsonpos_dup(v.pos, i);
-        char msg[96];
-        snprintf(msg, sizeof msg, "duplicate key (first at line %u, column %u)",
-                 (unsigned)d->first.line, (unsigned)d->first.col);
-        add_diag(&v, d->at, d->path, msg);
-    }
-    if (!json_is_object(root)) {
-        char gb[128];
-        err(&v, AT_VALUE, "the config must be a JSON object, got %s", got(root, gb, sizeof gb));
+    set_dir(&v);
+    if (set_defaults(&v, cfg) != 0 || (root = parse_root(&v, text, len)) == NULL) {
         goto done;
     }
     static const char *const root_keys[] = {"gateway", "mqtt",     "store", "profiles",
@@ -1974,24 +2034,8 @@ static int load_text(const char *name, const char *text, size_t len,
     parse_store(&v, cfg, root);
     parse_commands(&v, cfg, root);
 
-    if (cfg->plugins == NULL) {
-        const char *dir = plugin_dir_override;
-        if (dir == NULL && cfg->gateway.plugin_dir != NULL) {
-            struct stat st;
-            dir = cfg->gateway.plugin_dir;
-            if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
-                char sb[PATH_SHOW];
-                size_t old = push_key(&v, "gateway");
-                err_key(&v, "plugin_dir", AT_VALUE, "%s is not a directory",
-                        show(dir, sb, sizeof sb));
-                pop(&v, old);
-            }
-        }
-        cfg->plugins = smp_plugin_set_new(dir);
-        if (cfg->plugins == NULL) {
-            v.oom = true;
-            goto done;
-        }
+    if (cfg->plugins == NULL && open_plugins(&v, cfg, plugin_dir_override) < 0) {
+        goto done;
     }
     parse_profiles(&v, root, &ps);
     parse_devices(&v, cfg, root, &ps);
@@ -2146,6 +2190,114 @@ const smp_device_cfg_t *smp_config_device(const smp_config_t *cfg, const char *n
     for (size_t i = 0; cfg != NULL && name != NULL && i < cfg->ndevices; i++) {
         if (cfg->devices[i].name != NULL && strcmp(cfg->devices[i].name, name) == 0) {
             return &cfg->devices[i];
+        }
+    }
+    return NULL;
+}
+
+static bool str_eq(const char *a, const char *b)
+{
+    return a == b || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+static bool params_eq(const smp_param_t *a, const smp_param_t *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (a[i].set != b[i].set || a[i].i != b[i].i || a[i].d != b[i].d ||
+            !str_eq(a[i].s, b[i].s)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool tag_eq(const smp_tag_cfg_t *a, const smp_tag_cfg_t *b, size_t nkeys)
+{
+    return str_eq(a->name, b->name) && a->type == b->type && a->scale == b->scale &&
+           a->offset == b->offset && str_eq(a->unit, b->unit) && a->interval_ms == b->interval_ms &&
+           a->deadband == b->deadband && a->writable == b->writable && a->has_min == b->has_min &&
+           a->has_max == b->has_max && a->min == b->min && a->max == b->max &&
+           a->min_is_int == b->min_is_int && a->max_is_int == b->max_is_int &&
+           a->min_i == b->min_i && a->max_i == b->max_i && params_eq(a->params, b->params, nkeys);
+}
+
+bool smp_plugin_host_same(const smp_plugin_host_t *a, const smp_plugin_host_t *b)
+{
+    /* Each config has its own host record; dlopen gives both the one library's handle. */
+    return a != NULL && b != NULL && a->handle == b->handle && strcmp(a->name, b->name) == 0;
+}
+
+bool smp_device_cfg_equal(const smp_device_cfg_t *a, const smp_device_cfg_t *b)
+{
+    /* Not the profile's name: the tags it gives are compared themselves. */
+    if (!str_eq(a->name, b->name) || !str_eq(a->protocol, b->protocol) ||
+        a->interval_ms != b->interval_ms || a->refresh_s != b->refresh_s ||
+        !smp_plugin_host_same(a->plugin, b->plugin) || strcmp(a->conn_key, b->conn_key) != 0 ||
+        a->ntags != b->ntags) {
+        return false;
+    }
+    if (!params_eq(a->conn_params, b->conn_params, a->plugin->nconn_keys)) {
+        return false;
+    }
+    for (size_t t = 0; t < a->ntags; t++) {
+        if (!tag_eq(&a->tags[t], &b->tags[t], a->plugin->ntag_keys)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+bool smp_config_mqtt_equal(const smp_config_t *a, const smp_config_t *b)
+{
+    return str_eq(a->mqtt.host, b->mqtt.host) && a->mqtt.port == b->mqtt.port &&
+           str_eq(a->mqtt.client_id, b->mqtt.client_id) && a->mqtt.qos == b->mqtt.qos &&
+           a->mqtt.keepalive_s == b->mqtt.keepalive_s && a->mqtt.version == b->mqtt.version &&
+           str_eq(a->mqtt.username, b->mqtt.username) &&
+           str_eq(a->mqtt.password, b->mqtt.password) &&
+           str_eq(a->mqtt.tls_ca_file, b->mqtt.tls_ca_file) &&
+           str_eq(a->mqtt.tls_cert_file, b->mqtt.tls_cert_file) &&
+           str_eq(a->mqtt.tls_key_file, b->mqtt.tls_key_file) &&
+           a->mqtt.tls_no_verify == b->mqtt.tls_no_verify &&
+           a->mqtt.inflight_max == b->mqtt.inflight_max;
+}
+
+/* The keys a running gateway cannot take over: the store is open on them, or every topic and
+ * session is named after them. */
+const char *smp_config_fixed_change(const smp_config_t *a, const smp_config_t *b)
+{
+    const struct {
+        bool changed;
+        const char *key;
+    } fixed[] = {
+        {!str_eq(a->gateway.id, b->gateway.id), "gateway.id"},
+        {!str_eq(a->gateway.data_dir, b->gateway.data_dir), "gateway.data_dir"},
+        {!str_eq(a->mqtt.topic_prefix, b->mqtt.topic_prefix), "mqtt.topic_prefix"},
+        {a->mqtt.format != b->mqtt.format, "mqtt.format"},
+        {!str_eq(a->mqtt.sparkplug.group_id, b->mqtt.sparkplug.group_id) ||
+             !str_eq(a->mqtt.sparkplug.edge_node_id, b->mqtt.sparkplug.edge_node_id) ||
+             !str_eq(a->mqtt.sparkplug.primary_host_id, b->mqtt.sparkplug.primary_host_id) ||
+             a->mqtt.sparkplug.use_aliases != b->mqtt.sparkplug.use_aliases,
+         "mqtt.sparkplug"},
+        {a->mqtt.format != SMP_FORMAT_JSON && !str_eq(a->mqtt.client_id, b->mqtt.client_id),
+         "mqtt.client_id (with a sparkplug format)"},
+        {!str_eq(a->store.path, b->store.path), "store.path"},
+        {!str_eq(a->store.runtime_dir, b->store.runtime_dir), "store.runtime_dir"},
+        {a->store.history_retention_h != b->store.history_retention_h ||
+             a->store.outbox_max_mb != b->store.outbox_max_mb ||
+             a->store.sync_normal != b->store.sync_normal ||
+             a->store.on_error_refuse != b->store.on_error_refuse ||
+             a->store.history_max_mb != b->store.history_max_mb ||
+             a->store.history_chunk_max_s != b->store.history_chunk_max_s ||
+             a->store.commit_interval_ms != b->store.commit_interval_ms,
+         "store"},
+        {a->commands.dedup_window_s != b->commands.dedup_window_s ||
+             a->commands.audit_max_rows != b->commands.audit_max_rows ||
+             a->commands.audit_retention_days != b->commands.audit_retention_days,
+         "commands.dedup_window_s/audit_max_rows/audit_retention_days"},
+    };
+    for (size_t k = 0; k < sizeof fixed / sizeof fixed[0]; k++) {
+        if (fixed[k].changed) {
+            return fixed[k].key;
         }
     }
     return NULL;

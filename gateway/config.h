@@ -93,7 +93,7 @@ typedef struct smp_config {
         int history_chunk_max_s; /* default 900: longest time a history chunk stays open */
         char *runtime_dir;       /* default $RUNTIME_DIRECTORY, else /dev/shm/simpul-<gateway.id> */
         int commit_interval_ms;  /* default 1000; 0: commit every message before publishing */
-        bool skip_check;         /* "quick_check": "off"; main also sets it for a reload's config */
+        bool skip_check;         /* "quick_check": "off" (read at start only) */
     } store;
     struct {
         /* Commands and their limits (docs/config.md, "commands"). */
@@ -126,5 +126,18 @@ void smp_config_free(smp_config_t *cfg);
 const smp_device_cfg_t *smp_config_device(const smp_config_t *cfg, const char *name);
 
 const char *smp_type_name(smp_type_t t);
+
+/* A reload (engine.h, smp_engine_reload). Two devices are equal when everything that defines
+ * them is: name, protocol, intervals, plugin, connection keys and every tag (compared by
+ * content, whether a profile or the device gives them: a profile's tags are shared within one
+ * config only). */
+bool smp_device_cfg_equal(const smp_device_cfg_t *a, const smp_device_cfg_t *b);
+/* The same plugin library, loaded by two configs. */
+bool smp_plugin_host_same(const smp_plugin_host_t *a, const smp_plugin_host_t *b);
+/* The MQTT client settings (broker, client id, credentials, TLS, keepalive, version, window). */
+bool smp_config_mqtt_equal(const smp_config_t *a, const smp_config_t *b);
+/* The first key of `b` that differs from `a` and cannot change while simpul runs (gateway.id,
+ * data_dir, topic_prefix, format, sparkplug, store.*, the commands' store limits), or NULL. */
+const char *smp_config_fixed_change(const smp_config_t *a, const smp_config_t *b);
 
 #endif

@@ -369,6 +369,52 @@ static void sample_job(struct conn *c, struct job *j, uint64_t start_ns)
     j->sample.reconnects = c->reconnects;
 }
 
+/* The driver's object for device d. Worker thread. */
+static void create_device(struct conn *c, struct device *d)
+{
+    if (c->pconn != NULL) {
+        d->pdev = c->plugin->desc->device_create(c->pconn, d->cfg->conn_params, d->ptags,
+                                                 d->cfg->ntags, d->scope);
+        if (d->pdev == NULL) {
+            LOG_ERR(d->scope, "driver could not create the device");
+        }
+    }
+}
+
+/* A reload's JOB_ATTACH (freed here) or JOB_DETACH (handed back: the device may be freed).
+ * Worker thread. */
+static struct job *run_ctl(struct conn *c, struct job *j)
+{
+    struct device *d = j->dev;
+    if (j->type == JOB_ATTACH) {
+        free(j);
+        if (c->nwdevs == c->wcap) {
+            size_t cap = c->wcap ? 2 * c->wcap : 4;
+            struct device **p = realloc(c->wdevs, cap * sizeof *p);
+            if (p == NULL) {
+                LOG_ERR(d->scope, "out of memory: the device is not polled");
+                return NULL;
+            }
+            c->wdevs = p;
+            c->wcap = cap;
+        }
+        c->wdevs[c->nwdevs++] = d;
+        create_device(c, d);
+        return NULL;
+    }
+    for (size_t k = 0; k < c->nwdevs; k++) {
+        if (c->wdevs[k] == d) {
+            c->wdevs[k] = c->wdevs[--c->nwdevs];
+            break;
+        }
+    }
+    if (d->pdev != NULL) {
+        c->plugin->desc->device_destroy(d->pdev);
+        d->pdev = NULL;
+    }
+    return j;
+}
+
 static void worker_main(void *arg)
 {
     struct conn *c = arg;
@@ -379,15 +425,8 @@ static void worker_main(void *arg)
     if (c->pconn == NULL) {
         LOG_ERR(c->scope, "driver could not create the connection");
     }
-    for (size_t k = 0; k < c->ndevs; k++) {
-        struct device *d = c->devs[k];
-        if (c->pconn != NULL) {
-            d->pdev =
-                p->device_create(c->pconn, d->cfg->conn_params, d->ptags, d->cfg->ntags, d->scope);
-            if (d->pdev == NULL) {
-                LOG_ERR(d->scope, "driver could not create the device");
-            }
-        }
+    for (size_t k = 0; k < c->nwdevs; k++) {
+        create_device(c, c->wdevs[k]);
     }
     /* Finished jobs go to the loop in batches while more are queued (a busy shared line),
      * at most DONE_BATCH_MAX at a time, and always in the order they ran. */
@@ -396,7 +435,8 @@ static void worker_main(void *arg)
     uint64_t batch_ns = 0;
     for (;;) {
         uv_mutex_lock(&c->mu);
-        bool more = c->cmd_head != NULL || (c->poll_head != NULL && !c->stop);
+        bool more =
+            c->ctl_head != NULL || c->cmd_head != NULL || (c->poll_head != NULL && !c->stop);
         if (nbatch > 0 &&
             (!more || nbatch >= DONE_BATCH_MAX || uv_hrtime() - batch_ns >= DONE_BATCH_MAX_NS)) {
             uv_mutex_unlock(&c->mu);
@@ -405,11 +445,17 @@ static void worker_main(void *arg)
             nbatch = 0;
             continue;
         }
-        while (c->cmd_head == NULL && c->poll_head == NULL && !c->stop) {
+        while (c->ctl_head == NULL && c->cmd_head == NULL && c->poll_head == NULL && !c->stop) {
             uv_cond_wait(&c->cv, &c->mu);
         }
         struct job *j = NULL;
-        if (c->cmd_head != NULL && !c->cancel_cmds) {
+        if (c->ctl_head != NULL) {
+            j = c->ctl_head;
+            c->ctl_head = j->next;
+            if (c->ctl_head == NULL) {
+                c->ctl_tail = NULL;
+            }
+        } else if (c->cmd_head != NULL && !c->cancel_cmds) {
             j = c->cmd_head;
             c->cmd_head = j->next;
             if (c->cmd_head == NULL) {
@@ -427,7 +473,11 @@ static void worker_main(void *arg)
             break; /* stop requested and no command left */
         }
         uint64_t start_ns = uv_hrtime();
-        if (deadline_passed(j)) {
+        if (j->type == JOB_ATTACH || j->type == JOB_DETACH) {
+            if ((j = run_ctl(c, j)) == NULL) {
+                continue;
+            }
+        } else if (deadline_passed(j)) {
             set_worker_error(j, -ETIME, "expired while waiting in the device's queue");
         } else if (j->type == JOB_READ) {
             run_read(c, j);
@@ -437,7 +487,9 @@ static void worker_main(void *arg)
         } else {
             run_write(c, j);
         }
-        sample_job(c, j, start_ns);
+        if (j->type != JOB_DETACH) {
+            sample_job(c, j, start_ns);
+        }
         j->next = NULL;
         if (batch_tail != NULL) {
             batch_tail->next = j;
@@ -450,17 +502,18 @@ static void worker_main(void *arg)
         }
         /* A command's answer does not wait for the batch (nor overtakes the polls before it). */
         bool slow = uv_hrtime() - start_ns >= DONE_BATCH_MAX_NS;
-        nbatch = j->cmd != NULL || slow ? DONE_BATCH_MAX : nbatch + 1;
+        nbatch = j->cmd != NULL || j->type == JOB_DETACH || slow ? DONE_BATCH_MAX : nbatch + 1;
     }
     if (nbatch > 0) {
         done_push(c->eng, batch, batch_tail);
     }
-    for (size_t k = 0; k < c->ndevs; k++) {
-        if (c->devs[k]->pdev != NULL) {
-            p->device_destroy(c->devs[k]->pdev);
-            c->devs[k]->pdev = NULL;
+    for (size_t k = 0; k < c->nwdevs; k++) {
+        if (c->wdevs[k]->pdev != NULL) {
+            p->device_destroy(c->wdevs[k]->pdev);
+            c->wdevs[k]->pdev = NULL;
         }
     }
+    c->nwdevs = 0;
     if (c->pconn != NULL) {
         p->conn_close(c->pconn);
         p->conn_destroy(c->pconn);
@@ -483,8 +536,15 @@ void smp__engine_enqueue(struct conn *c, struct job *j)
     j->next = NULL;
     j->conn = c;
     uv_mutex_lock(&c->mu);
-    bool idle = c->cmd_head == NULL && c->poll_head == NULL;
-    if (j->cmd != NULL) {
+    bool idle = c->ctl_head == NULL && c->cmd_head == NULL && c->poll_head == NULL;
+    if (j->type == JOB_ATTACH || j->type == JOB_DETACH) {
+        if (c->ctl_tail != NULL) {
+            c->ctl_tail->next = j;
+        } else {
+            c->ctl_head = j;
+        }
+        c->ctl_tail = j;
+    } else if (j->cmd != NULL) {
         if (c->cmd_tail != NULL) {
             c->cmd_tail->next = j;
         } else {
@@ -555,16 +615,19 @@ static void publish_device_status(smp_engine_t *e, struct device *d)
 /* Answers and statuses that waited for room in the window go first when room frees up. */
 static void flush_reserved(smp_engine_t *e)
 {
-    smp__engine_commands_flush(e);
+    smp_commands_flush(e->cmds);
     for (size_t k = 0; k < e->ndevs; k++) {
-        if (e->devs[k].status_unsent) {
-            publish_device_status(e, &e->devs[k]);
+        if (e->devs[k]->status_unsent) {
+            publish_device_status(e, e->devs[k]);
         }
     }
 }
 
 static void set_device_state(smp_engine_t *e, struct device *d, bool online, const char *err)
 {
+    if (d->retiring) {
+        return; /* a reload replaced it: its successor reports */
+    }
     if (!online) {
         smp_episode_fail(&d->offline, uv_now(e->loop));
     }
@@ -744,7 +807,7 @@ static void pump(smp_engine_t *e)
 /* A data message waiting for its outbox row; one allocation, the payload inside. */
 struct pending {
     smp_engine_t *e;
-    const char *topic; /* the device's: devices outlive the store and its callbacks */
+    const char *topic; /* a copy after the payload: a reload may free the device before */
     size_t len;
     char payload[];
 };
@@ -784,15 +847,17 @@ static void on_outbox_added(void *arg, int status, int64_t id)
 
 static void queue_data(smp_engine_t *e, struct device *d, const smp_buf_t *b)
 {
-    struct pending *m = b->oom ? NULL : malloc(sizeof *m + b->len);
+    size_t tlen = strlen(d->topic_data) + 1;
+    struct pending *m = b->oom ? NULL : malloc(sizeof *m + b->len + tlen);
     if (m == NULL) {
         e->stats.lost++;
         return;
     }
     m->e = e;
-    m->topic = d->topic_data;
     m->len = b->len;
     memcpy(m->payload, b->p, b->len);
+    memcpy(m->payload + b->len, d->topic_data, tlen);
+    m->topic = m->payload + b->len;
     e->pending_adds++;
     smp_store_outbox_add(e->store, d->cfg->name, d->seq, m->topic, m->payload, m->len,
                          on_outbox_added, m);
@@ -841,6 +906,9 @@ static void record_value(smp_engine_t *e, struct device *d, size_t t, uint64_t t
  * lists the tags this poll read (all tags are candidates on a full refresh). */
 void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full)
 {
+    if (d->retiring) {
+        return; /* a reload replaced it: the seq goes on in its successor */
+    }
     smp__sparkplug_emit(e->spb, d, ts); /* reads the dirty flags the loop below clears */
     /* The engine's buffers, reused: a message costs no allocation but its outbox copy. */
     smp_buf_t *vals = &e->emit_vals, *errs = &e->emit_errs;
@@ -967,7 +1035,7 @@ static void handle_read(smp_engine_t *e, struct job *j)
     struct group *g = j->grp;
     struct device *d = j->dev;
     g->in_flight = false;
-    if (e->stopping) {
+    if (e->stopping || d->retiring) {
         return;
     }
     smp_devstats_poll(&d->health, j->status >= 0, j->read_us, j->done_wall_ms, j->backoff_ms);
@@ -998,7 +1066,7 @@ static void on_group_timer(uv_timer_t *t)
     struct group *g = t->data;
     struct device *d = g->dev;
     smp_engine_t *e = d->eng;
-    if (e->stopping) {
+    if (e->stopping || d->retiring) {
         return;
     }
     if (g->in_flight) {
@@ -1035,10 +1103,13 @@ static void on_group_timer(uv_timer_t *t)
 static void metrics_connections(smp_engine_t *e, smp_buf_t *b)
 {
     smp_buf_puts(b, ",\"connections\":{");
+    bool first = true;
     for (size_t m = 0; m < e->nconns; m++) {
-        if (m > 0) {
-            smp_buf_puts(b, ",");
+        if (e->conns[m]->retiring) {
+            continue; /* a reload closes it; a new one to its endpoint may be listed */
         }
+        smp_buf_puts(b, first ? "" : ",");
+        first = false;
         smp__conn_load_json(&e->conns[m]->load, e->conns[m]->key, b, uv_now(e->loop));
     }
     smp_buf_puts(b, "}");
@@ -1052,7 +1123,7 @@ static void metrics_devices(const smp_engine_t *e, smp_buf_t *b)
         if (k > 0) {
             smp_buf_printf(b, ",");
         }
-        smp_devstats_json(&e->devs[k].health, e->devs[k].cfg->name, b);
+        smp_devstats_json(&e->devs[k]->health, e->devs[k]->cfg->name, b);
     }
     smp_buf_printf(b, "}");
 }
@@ -1124,7 +1195,7 @@ static void metrics_publish(smp_engine_t *e)
                    ",\"commands\":%" PRIu64 ",\"outbox_depth\":%" PRIu64
                    ",\"outbox_bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"store_errors\":%" PRIu64
                    ",\"rss_kb\":%ld",
-                   e->stats.commands, ss.outbox_rows, ss.outbox_bytes,
+                   smp_commands_answered(e->cmds), ss.outbox_rows, ss.outbox_bytes,
                    ss.outbox_dropped + e->stats.lost, ss.errors + e->stats.store_errors, rss_kb);
     metrics_connections(e, &b);
     metrics_log(&b);
@@ -1144,8 +1215,8 @@ void smp_engine_health(smp_engine_t *e, smp_engine_health_t *out)
                                  .mqtt_connected = smp_bridge_connected(e->bridge),
                                  .store_degraded = e->store_degraded};
     for (size_t k = 0; k < e->ndevs; k++) {
-        out->online += e->devs[k].online == 1;
-        out->tried += e->devs[k].online >= 0;
+        out->online += e->devs[k]->online == 1;
+        out->tried += e->devs[k]->online >= 0;
     }
 }
 
@@ -1164,15 +1235,18 @@ static void on_pump_timer(uv_timer_t *t)
 /* ------------------------------------------------------------------------------------------ */
 /* Bridge callbacks                                                                            */
 
-int smp_engine_retire(smp_engine_t *e, const char *const *names, size_t n)
+/* Devices a reload removed: at the next connect (or now, when connected) each one's retained
+ * status says so, so the platform does not see a removed device online forever. */
+int smp__engine_retire_names(smp_engine_t *e, const char *const *names, size_t n)
 {
-    e->retired = calloc(n ? n : 1, sizeof *e->retired);
-    if (e->retired == NULL) {
+    char **p = realloc(e->retired, (e->nretired + n + 1) * sizeof *p);
+    if (p == NULL) {
         return -ENOMEM;
     }
+    e->retired = p;
     for (size_t k = 0; k < n; k++) {
-        e->retired[k] = strdup(names[k]);
-        if (e->retired[k] == NULL) {
+        e->retired[e->nretired] = strdup(names[k]);
+        if (e->retired[e->nretired] == NULL) {
             return -ENOMEM; /* the ones copied are still published; smp_engine_free frees */
         }
         e->nretired++;
@@ -1190,9 +1264,12 @@ static void free_retired(smp_engine_t *e)
     e->nretired = 0;
 }
 
-/* Once, at the first connect after a reload that removed devices. */
-static void publish_retired(smp_engine_t *e)
+/* Once, at the first connect after a reload that removed devices (or at once if connected). */
+void smp__engine_publish_retired(smp_engine_t *e)
 {
+    if (!smp_bridge_connected(e->bridge)) {
+        return;
+    }
     for (size_t k = 0; k < e->nretired; k++) {
         char *topic = xasprintf("%s/%s/%s/status", e->cfg->mqtt.topic_prefix, e->cfg->gateway.id,
                                 e->retired[k]);
@@ -1221,13 +1298,13 @@ static void on_mqtt_connect(void *arg)
     e->backlog = true;
     /* A fetch still out for the previous connection is recognised by its epoch in on_fetch;
      * clearing fetch_in_flight here would start a second replay chain beside it. */
-    smp__engine_commands_flush(e);
+    smp_commands_flush(e->cmds);
     for (size_t k = 0; k < e->ndevs; k++) {
-        struct device *d = &e->devs[k];
+        struct device *d = e->devs[k];
         publish_device_status(e, d);
         d->need_full = true; /* the platform may have missed changes: send everything */
     }
-    publish_retired(e);
+    smp__engine_publish_retired(e);
     pump(e);
 }
 
@@ -1236,7 +1313,7 @@ static void on_mqtt_disconnect(void *arg)
     smp_engine_t *e = arg;
     e->backlog = true;
     e->conn_epoch++;
-    smp__engine_commands_disconnected(e);
+    smp_commands_disconnected(e->cmds);
 }
 
 static void flush_acks(smp_engine_t *e)
@@ -1257,7 +1334,7 @@ static void on_acks_check(uv_check_t *c)
 static void on_mqtt_ack(void *arg, uint64_t token)
 {
     smp_engine_t *e = arg;
-    if (smp__engine_commands_acked(e, token)) {
+    if (smp_commands_acked(e->cmds, token)) {
         flush_reserved(e); /* an answer: not an outbox row, not counted in "acked" */
         return;
     }
@@ -1294,7 +1371,8 @@ static void on_mqtt_ack(void *arg, uint64_t token)
 static void on_mqtt_message(void *arg, const char *topic, const void *payload, size_t len,
                             const smp_mqtt_props_t *props)
 {
-    smp__engine_command(arg, topic, payload, len, props);
+    smp_engine_t *e = arg;
+    smp_commands_receive(e->cmds, topic, payload, len, props);
 }
 
 static void on_bridge_stopped(void *arg)
@@ -1319,6 +1397,9 @@ static void recycle_read_job(struct job *j)
     g->spare = j;
 }
 
+static void command_job_done(smp_engine_t *e, struct job *j);
+static smp_commands_t *commands_new(smp_engine_t *e);
+
 static void on_done(uv_async_t *a)
 {
     smp_engine_t *e = a->data;
@@ -1328,20 +1409,20 @@ static void on_done(uv_async_t *a)
     uv_mutex_unlock(&e->done_mu);
     while (j != NULL) {
         struct job *next = j->next;
-        if (j->type != JOB_EXIT) {
+        if (j->type == JOB_READ || j->type == JOB_WRITE) {
             smp__conn_load_add(&j->conn->load, j->conn->key, &j->sample, uv_now(e->loop));
         }
         switch (j->type) {
         case JOB_READ:
             if (j->cmd != NULL) {
-                smp__engine_write_done(e, j); /* a command's read; takes ownership */
+                command_job_done(e, j); /* a command's read; takes ownership */
                 break;
             }
             handle_read(e, j);
             recycle_read_job(j);
             break;
         case JOB_WRITE:
-            smp__engine_write_done(e, j); /* takes ownership */
+            command_job_done(e, j); /* takes ownership */
             break;
         case JOB_EXIT:
             j->conn->exited = true;
@@ -1349,9 +1430,61 @@ static void on_done(uv_async_t *a)
             free(j);
             smp__engine_stop_progress(e);
             break;
+        case JOB_DETACH:
+            j->dev->detached = true;
+            free(j);
+            break;
+        case JOB_ATTACH:
+            free(j); /* never handed back; kept for completeness */
+            break;
         }
         j = next;
     }
+    smp__engine_reload_progress(e);
+}
+
+/* A connection (and, once started, its worker) for dc's endpoint, in e->conns. */
+struct conn *smp__engine_new_conn(smp_engine_t *e, const smp_device_cfg_t *dc,
+                                  const smp_config_t *src)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        return NULL;
+    }
+    struct conn **p = realloc(e->conns, (e->nconns + 1) * sizeof *p);
+    if (p == NULL) {
+        free(c);
+        return NULL;
+    }
+    e->conns = p;
+    e->conns[e->nconns++] = c;
+    c->eng = e;
+    c->src = src;
+    c->plugin = dc->plugin;
+    c->params = dc->conn_params;
+    snprintf(c->key, sizeof c->key, "%s", dc->conn_key);
+    snprintf(c->scope, sizeof c->scope, "%s:%s", dc->protocol, dc->conn_key);
+    uv_mutex_init(&c->mu);
+    uv_cond_init(&c->cv);
+    c->sync_init = true;
+    return c;
+}
+
+/* Adds d to c's devices (loop side). Before the worker starts it gets d's driver object at
+ * once; after, through a JOB_ATTACH (engine_reload.c). */
+int smp__engine_conn_add_device(struct conn *c, struct device *d)
+{
+    /* Grown, not sized for every device: 500 connections x 2000 devices would be 8 MB. */
+    if ((c->ndevs & (c->ndevs - 1)) == 0) {
+        struct device **p = realloc(c->devs, (c->ndevs ? 2 * c->ndevs : 1) * sizeof *p);
+        if (p == NULL) {
+            return -ENOMEM;
+        }
+        c->devs = p;
+    }
+    c->devs[c->ndevs++] = d;
+    d->conn = c;
+    return 0;
 }
 
 static int cmp_u32(const void *a, const void *b)
@@ -1360,12 +1493,16 @@ static int cmp_u32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static int setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_t *dc)
+/* Sets up device d for dc (of config src); shares the driver's tag view with one of `peers`
+ * of the same profile. The seq is the caller's to set. */
+int smp__engine_setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_t *dc,
+                             const smp_config_t *src, struct device *const *peers, size_t npeers)
 {
-    const char *pre = e->cfg->mqtt.topic_prefix;
-    const char *gid = e->cfg->gateway.id;
+    const char *pre = src->mqtt.topic_prefix;
+    const char *gid = src->gateway.id;
     d->eng = e;
     d->cfg = dc;
+    d->src = src;
     d->online = -1;
     d->need_full = true;
     snprintf(d->scope, sizeof d->scope, "%s:%s", dc->protocol, dc->name);
@@ -1378,9 +1515,9 @@ static int setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_
     }
     /* Devices sharing their tag definitions (one profile) share the driver's view of them
      * too; the nearest earlier one is usually the previous device. */
-    for (struct device *o = d; dc->tags_shared && o-- > e->devs;) {
-        if (o->cfg->tags == dc->tags) {
-            d->ptags = o->ptags;
+    for (size_t k = npeers; dc->tags_shared && k-- > 0;) {
+        if (peers[k] != NULL && peers[k]->cfg->tags == dc->tags) {
+            d->ptags = peers[k]->ptags;
             d->ptags_shared = true;
             break;
         }
@@ -1440,10 +1577,6 @@ static int setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_
         g->timer_init = true;
     }
     free(ivals);
-    int rc = smp_store_load_seq(e->store, dc->name, &d->seq);
-    if (rc < 0) {
-        LOG_WARN(d->scope, "seq continues from %" PRIu64 " (%s)", d->seq, strerror(-rc));
-    }
     return 0;
 }
 
@@ -1462,7 +1595,7 @@ static void restore_last(void *arg, const char *device, const char *tag, const c
     smp_engine_t *e = rc->e;
     for (size_t i = 0; i < e->ndevs; i++) {
         size_t k = (rc->dev + i) % e->ndevs;
-        struct device *d = &e->devs[k];
+        struct device *d = e->devs[k];
         if (strcmp(d->cfg->name, device) != 0) {
             continue;
         }
@@ -1542,63 +1675,51 @@ int smp_engine_new(uv_loop_t *loop, const smp_config_t *cfg, smp_engine_t **out)
     e->topic_metrics = xasprintf("%s/%s/metrics", cfg->mqtt.topic_prefix, cfg->gateway.id);
     e->topic_cmd_sub = xasprintf("%s/%s/+/cmd", cfg->mqtt.topic_prefix, cfg->gateway.id);
     e->devs = calloc(cfg->ndevices ? cfg->ndevices : 1, sizeof *e->devs);
-    e->conns = calloc(cfg->ndevices ? cfg->ndevices : 1, sizeof *e->conns);
-    if (e->topic_metrics == NULL || e->topic_cmd_sub == NULL || e->devs == NULL ||
-        e->conns == NULL) {
+    if (e->topic_metrics == NULL || e->topic_cmd_sub == NULL || e->devs == NULL) {
         rc = -ENOMEM;
         goto fail;
     }
-    e->ndevs = cfg->ndevices;
     for (size_t k = 0; k < cfg->ndevices; k++) {
-        rc = setup_device(e, &e->devs[k], &cfg->devices[k]);
+        struct device *d = calloc(1, sizeof *d);
+        if (d == NULL) {
+            rc = -ENOMEM;
+            goto fail;
+        }
+        e->devs[e->ndevs++] = d;
+        d->index = k;
+        rc = smp__engine_setup_device(e, d, &cfg->devices[k], cfg, e->devs, k);
         if (rc < 0) {
             goto fail;
+        }
+        rc = smp_store_load_seq(e->store, d->cfg->name, &d->seq);
+        if (rc < 0) {
+            LOG_WARN(d->scope, "seq continues from %" PRIu64 " (%s)", d->seq, strerror(-rc));
         }
     }
     /* Devices with the same connection key share one connection and one worker. */
     for (size_t k = 0; k < e->ndevs; k++) {
-        struct device *d = &e->devs[k];
+        struct device *d = e->devs[k];
         struct conn *c = NULL;
-        for (size_t m = 0; m < e->nconns; m++) {
+        for (size_t m = 0; m < e->nconns && c == NULL; m++) {
             if (e->conns[m]->plugin == d->cfg->plugin &&
                 strcmp(e->conns[m]->key, d->cfg->conn_key) == 0) {
                 c = e->conns[m];
             }
         }
-        if (c == NULL) {
-            c = calloc(1, sizeof *c);
-            if (c == NULL) {
-                rc = -ENOMEM;
-                goto fail;
-            }
-            e->conns[e->nconns++] = c;
-            c->eng = e;
-            c->plugin = d->cfg->plugin;
-            c->params = d->cfg->conn_params;
-            snprintf(c->key, sizeof c->key, "%s", d->cfg->conn_key);
-            snprintf(c->scope, sizeof c->scope, "%s:%s", d->cfg->protocol, d->cfg->conn_key);
-            uv_mutex_init(&c->mu);
-            uv_cond_init(&c->cv);
-            c->sync_init = true;
+        if (c == NULL && (c = smp__engine_new_conn(e, d->cfg, cfg)) == NULL) {
+            rc = -ENOMEM;
+            goto fail;
         }
-        /* Grown, not sized for every device: 500 connections x 2000 devices would be 8 MB. */
-        if ((c->ndevs & (c->ndevs - 1)) == 0) {
-            struct device **p = realloc(c->devs, (c->ndevs ? 2 * c->ndevs : 1) * sizeof *p);
-            if (p == NULL) {
-                rc = -ENOMEM;
-                goto fail;
-            }
-            c->devs = p;
+        if ((rc = smp__engine_conn_add_device(c, d)) < 0) {
+            goto fail;
         }
-        c->devs[c->ndevs++] = d;
-        d->conn = c;
     }
     struct restore_ctx restore = {.e = e};
     rc = smp_store_load_last(e->store, restore_last, &restore);
     if (rc < 0) {
         LOG_WARN("engine", "could not restore last values: %s", strerror(-rc));
     }
-    smp__engine_commands_init(e);
+    e->cmds = commands_new(e);
     smp_bridge_cbs_t cbs = {
         .on_connect = on_mqtt_connect,
         .on_disconnect = on_mqtt_disconnect,
@@ -1632,28 +1753,49 @@ fail:
     return rc;
 }
 
+/* Starts c's worker thread with the devices c has now (later ones come by JOB_ATTACH). */
+int smp__engine_start_conn(smp_engine_t *e, struct conn *c)
+{
+    c->wdevs = malloc((c->ndevs ? c->ndevs : 1) * sizeof *c->wdevs);
+    if (c->wdevs == NULL) {
+        return -ENOMEM;
+    }
+    memcpy(c->wdevs, c->devs, c->ndevs * sizeof *c->wdevs);
+    c->nwdevs = c->wcap = c->ndevs;
+    uv_thread_options_t topt = {.flags = UV_THREAD_HAS_STACK_SIZE,
+                                .stack_size = WORKER_STACK_BYTES};
+    if (uv_thread_create_ex(&c->thread, &topt, worker_main, c) != 0) {
+        LOG_ERR(c->scope, "cannot start the worker thread");
+        return -EAGAIN;
+    }
+    c->started = true;
+    e->workers_alive++;
+    smp__conn_load_init(&c->load, uv_now(e->loop));
+    return 0;
+}
+
+/* Starts the poll timers of d, the k-th device. */
+void smp__engine_start_device(smp_engine_t *e, struct device *d, size_t k)
+{
+    (void)e;
+    for (size_t g = 0; g < d->ngroups; g++) {
+        /* Spread first polls a little so a street of lights does not fire at once. */
+        uint64_t first = (k * 37u) % (d->groups[g].interval_ms < 250 ? 1 : 250);
+        uv_timer_start(&d->groups[g].timer, on_group_timer, first, d->groups[g].interval_ms);
+    }
+}
+
 int smp_engine_start(smp_engine_t *e)
 {
     e->started_ms = uv_now(e->loop);
     for (size_t m = 0; m < e->nconns; m++) {
-        struct conn *c = e->conns[m];
-        uv_thread_options_t topt = {.flags = UV_THREAD_HAS_STACK_SIZE,
-                                    .stack_size = WORKER_STACK_BYTES};
-        if (uv_thread_create_ex(&c->thread, &topt, worker_main, c) != 0) {
-            LOG_ERR(c->scope, "cannot start the worker thread");
-            return -EAGAIN;
+        int rc = smp__engine_start_conn(e, e->conns[m]);
+        if (rc < 0) {
+            return rc;
         }
-        c->started = true;
-        e->workers_alive++;
-        smp__conn_load_init(&c->load, e->started_ms);
     }
     for (size_t k = 0; k < e->ndevs; k++) {
-        struct device *d = &e->devs[k];
-        for (size_t g = 0; g < d->ngroups; g++) {
-            /* Spread first polls a little so a street of lights does not fire at once. */
-            uint64_t first = (k * 37u) % (d->groups[g].interval_ms < 250 ? 1 : 250);
-            uv_timer_start(&d->groups[g].timer, on_group_timer, first, d->groups[g].interval_ms);
-        }
+        smp__engine_start_device(e, e->devs[k], k);
     }
     uint64_t mi =
         (uint64_t)(e->cfg->gateway.metrics_interval_s ? e->cfg->gateway.metrics_interval_s : 60) *
@@ -1718,7 +1860,7 @@ void smp__engine_stop_progress(smp_engine_t *e)
     if (!e->stopping || e->stop_done) {
         return;
     }
-    if ((e->workers_alive > 0 || e->pending_adds > 0 || smp__engine_commands_busy(e)) &&
+    if ((e->workers_alive > 0 || e->pending_adds > 0 || smp_commands_busy(e->cmds)) &&
         !e->stop_forced) {
         return;
     }
@@ -1755,8 +1897,8 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
     e->stop_arg = arg;
     LOG_INFO("engine", "stopping");
     for (size_t k = 0; k < e->ndevs; k++) {
-        for (size_t g = 0; g < e->devs[k].ngroups; g++) {
-            uv_timer_stop(&e->devs[k].groups[g].timer);
+        for (size_t g = 0; g < e->devs[k]->ngroups; g++) {
+            uv_timer_stop(&e->devs[k]->groups[g].timer);
         }
     }
     uv_timer_stop(&e->metrics_timer);
@@ -1765,11 +1907,20 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
         struct conn *c = e->conns[m];
         uv_mutex_lock(&c->mu);
         c->stop = true;
-        /* Queued polls are dropped; queued commands still run (they were accepted). */
-        struct job *j = c->poll_head;
+        /* Queued polls are dropped; queued commands still run (they were accepted), unless
+         * their worker never started (a reload's, waiting for its endpoint to be free). */
+        struct job *j = c->poll_head, *cmds = c->started ? NULL : c->cmd_head;
         c->poll_head = c->poll_tail = NULL;
+        if (!c->started) {
+            c->cmd_head = c->cmd_tail = NULL;
+        }
         uv_cond_signal(&c->cv);
         uv_mutex_unlock(&c->mu);
+        while (cmds != NULL) {
+            struct job *next = cmds->next;
+            smp__engine_command_cancel(e, cmds);
+            cmds = next;
+        }
         while (j != NULL) {
             struct job *next = j->next;
             j->grp->in_flight = false;
@@ -1782,7 +1933,7 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
     smp__engine_stop_progress(e);
 }
 
-static void free_device(struct device *d)
+void smp__engine_free_device(struct device *d)
 {
     free(d->topic_data);
     free(d->topic_status);
@@ -1807,6 +1958,38 @@ static void free_device(struct device *d)
 static void close_noop(uv_handle_t *h)
 {
     (void)h;
+}
+
+static void close_device_timers(struct device *d)
+{
+    for (size_t g = 0; g < d->ngroups; g++) {
+        if (d->groups[g].timer_init) {
+            uv_close((uv_handle_t *)&d->groups[g].timer, close_noop);
+            d->groups[g].timer_init = false;
+        }
+    }
+}
+
+/* After its worker has exited (or never started): the jobs left in its queues go too. */
+void smp__engine_free_conn(struct conn *c)
+{
+    struct job *lists[] = {c->ctl_head, c->poll_head};
+    for (size_t k = 0; k < 2; k++) {
+        for (struct job *j = lists[k], *next; j != NULL; j = next) {
+            next = j->next;
+            if (j->type == JOB_READ && j->grp != NULL) {
+                j->grp->in_flight = false;
+            }
+            smp__job_free(j);
+        }
+    }
+    if (c->sync_init) {
+        uv_mutex_destroy(&c->mu);
+        uv_cond_destroy(&c->cv);
+    }
+    free(c->wdevs);
+    free(c->devs);
+    free(c);
 }
 
 int smp_engine_free(smp_engine_t *e)
@@ -1843,31 +2026,23 @@ int smp_engine_free(smp_engine_t *e)
             uv_thread_join(&e->conns[m]->thread);
         }
     }
+    for (size_t k = 0; k < e->ndevs; k++) {
+        close_device_timers(e->devs[k]);
+    }
+    /* A reload's retiring devices: their timers may be closing already. */
+    for (size_t k = 0; k < e->ndraining; k++) {
+        close_device_timers(e->draining[k]);
+    }
+    smp__engine_reload_free(e);
     if (e->handles_init) {
         /* Close our handles and let the loop run their close callbacks. */
-        for (size_t k = 0; k < e->ndevs; k++) {
-            for (size_t g = 0; g < e->devs[k].ngroups; g++) {
-                if (e->devs[k].groups[g].timer_init) {
-                    uv_close((uv_handle_t *)&e->devs[k].groups[g].timer, close_noop);
-                }
-            }
-        }
         uv_close((uv_handle_t *)&e->done_async, close_noop);
         uv_close((uv_handle_t *)&e->metrics_timer, close_noop);
         uv_close((uv_handle_t *)&e->stop_timer, close_noop);
         uv_close((uv_handle_t *)&e->acks_check, close_noop);
         uv_close((uv_handle_t *)&e->pump_timer, close_noop);
-        uv_run(e->loop, UV_RUN_NOWAIT);
-    } else {
-        for (size_t k = 0; k < e->ndevs; k++) {
-            for (size_t g = 0; g < e->devs[k].ngroups; g++) {
-                if (e->devs[k].groups[g].timer_init) {
-                    uv_close((uv_handle_t *)&e->devs[k].groups[g].timer, close_noop);
-                }
-            }
-        }
-        uv_run(e->loop, UV_RUN_NOWAIT);
     }
+    uv_run(e->loop, UV_RUN_NOWAIT);
     /* Jobs that finished after the loop stopped. */
     struct job *j = e->done_head;
     while (j != NULL) {
@@ -1875,7 +2050,11 @@ int smp_engine_free(smp_engine_t *e)
         if (j->type == JOB_READ && j->cmd == NULL) {
             smp__job_free(j);
         } else if (j->type == JOB_READ || j->type == JOB_WRITE) {
-            smp__engine_write_discard(e, j);
+            smp_commands_job_discard(e->cmds, j->cmd);
+            smp__job_free(j);
+        } else if (j->type == JOB_DETACH) {
+            j->dev->detached = true;
+            free(j);
         } else {
             free(j);
         }
@@ -1889,19 +2068,20 @@ int smp_engine_free(smp_engine_t *e)
     e->store = NULL;
     smp_bridge_free(e->bridge);
     smp__sparkplug_free(e->spb);
-    smp__engine_commands_free(e);
+    smp_commands_free(e->cmds);
+    e->cmds = NULL;
     free_retired(e);
     for (size_t k = 0; k < e->ndevs; k++) {
-        free_device(&e->devs[k]);
+        smp__engine_free_device(e->devs[k]);
+        free(e->devs[k]);
     }
+    for (size_t k = 0; k < e->ndraining; k++) {
+        smp__engine_free_device(e->draining[k]);
+        free(e->draining[k]);
+    }
+    free(e->draining);
     for (size_t m = 0; m < e->nconns; m++) {
-        struct conn *c = e->conns[m];
-        if (c->sync_init) {
-            uv_mutex_destroy(&c->mu);
-            uv_cond_destroy(&c->cv);
-        }
-        free(c->devs);
-        free(c);
+        smp__engine_free_conn(e->conns[m]);
     }
     free(e->conns);
     free(e->devs);
@@ -1918,4 +2098,148 @@ int smp_engine_free(smp_engine_t *e)
     uv_mutex_destroy(&e->done_mu);
     free(e);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The engine's side of the command interface (engine_cmd.h); results go back via command.h   */
+
+static int cmd_find_device(void *eng, const char *name)
+{
+    smp_engine_t *e = eng;
+    for (size_t k = 0; k < e->ndevs; k++) {
+        if (strcmp(e->devs[k]->cfg->name, name) == 0) {
+            return (int)k;
+        }
+    }
+    return -1;
+}
+
+static void cmd_device(void *eng, size_t dev, smp_cmd_device_t *out)
+{
+    const struct device *d = ((smp_engine_t *)eng)->devs[dev];
+    *out = (smp_cmd_device_t){.cfg = d->cfg,
+                              .topic_result = d->topic_result,
+                              .online = d->online,
+                              .status_err = d->status_err};
+}
+
+static smp_cmd_job_t *cmd_job_new(void *eng, size_t dev, const smp_cmd_job_spec_t *spec)
+{
+    smp_engine_t *e = eng;
+    struct job *j = calloc(1, sizeof *j);
+    if (j == NULL) {
+        return NULL;
+    }
+    j->dev = e->devs[dev];
+    if (spec->write) {
+        j->type = JOB_WRITE;
+        j->tag = spec->tag;
+        j->write_raw = *spec->raw; /* the string behind it stays the command's */
+        return (smp_cmd_job_t *)j;
+    }
+    j->type = JOB_READ;
+    j->idx = spec->idx;
+    j->n = spec->n;
+    j->readings = calloc(j->n, sizeof *j->readings);
+    j->strs = calloc(j->n, sizeof *j->strs);
+    j->errs = calloc(j->n, ERRMSG_LEN);
+    if (!j->readings || !j->strs || !j->errs) {
+        smp__job_free(j);
+        return NULL;
+    }
+    return (smp_cmd_job_t *)j;
+}
+
+static void cmd_job_free(void *eng, smp_cmd_job_t *job)
+{
+    (void)eng;
+    smp__job_free((struct job *)job);
+}
+
+static void cmd_job_enqueue(void *eng, smp_cmd_job_t *job, uint64_t deadline_mono_ms, void *cookie)
+{
+    (void)eng;
+    struct job *j = (struct job *)job;
+    j->cmd = cookie;
+    j->deadline_mono_ms = deadline_mono_ms;
+    smp__engine_enqueue(j->dev->conn, j);
+}
+
+static void cmd_emit_reading(void *eng, size_t dev, uint32_t tag, const smp_reading_t *r,
+                             uint64_t ts_ms)
+{
+    smp_engine_t *e = eng;
+    smp__engine_apply_reading(e, e->devs[dev], tag, r, NULL, ts_ms);
+    smp__engine_emit(e, e->devs[dev], ts_ms, false);
+}
+
+static int cmd_publish(void *eng, const char *topic, const char *text, size_t len, uint64_t token,
+                       const smp_mqtt_props_t *props)
+{
+    smp_engine_t *e = eng;
+    return smp_bridge_publish_reserved(e->bridge, topic, text, len, 1, false, token, props);
+}
+
+static bool cmd_stopping(void *eng)
+{
+    return ((smp_engine_t *)eng)->stopping;
+}
+
+static void cmd_progress(void *eng)
+{
+    smp__engine_stop_progress(eng);
+    smp__engine_reload_progress(eng);
+}
+
+static const smp_cmd_engine_ops_t cmd_ops = {
+    .find_device = cmd_find_device,
+    .device = cmd_device,
+    .job_new = cmd_job_new,
+    .job_free = cmd_job_free,
+    .job_enqueue = cmd_job_enqueue,
+    .emit_reading = cmd_emit_reading,
+    .publish = cmd_publish,
+    .stopping = cmd_stopping,
+    .progress = cmd_progress,
+};
+
+static smp_commands_t *commands_new(smp_engine_t *e)
+{
+    smp_cmd_engine_t ce = {.ops = &cmd_ops,
+                           .eng = e,
+                           .loop = e->loop,
+                           .cfg = e->cfg,
+                           .store = e->store,
+                           .ndevs = e->ndevs};
+    return smp_commands_new(&ce);
+}
+
+/* A command's job is back from its worker: its result goes to the command module. */
+static void command_job_done(smp_engine_t *e, struct job *j)
+{
+    smp_cmd_outcome_t o = {.status = j->status,
+                           .errmsg = j->errmsg,
+                           .started = j->started,
+                           .done_wall_ms = j->done_wall_ms,
+                           .rb = &j->rb,
+                           .readings = j->readings,
+                           .tag_errs = j->errs};
+    smp_commands_job_done(e->cmds, j->cmd, &o);
+    smp__job_free(j);
+    smp__engine_stop_progress(e);
+    smp__engine_reload_progress(e);
+}
+
+/* A command's job that never reached its worker (a forced stop, a reload replacing its
+ * device): answered "cancelled" by the command module. */
+void smp__engine_command_cancel(smp_engine_t *e, struct job *j)
+{
+    void *cookie = j->cmd;
+    bool replaced = j->dev != NULL && j->dev->retiring && !e->stopping;
+    smp__job_free(j);
+    if (replaced) {
+        smp_commands_job_replaced(e->cmds, cookie);
+    } else {
+        smp_commands_job_cancelled(e->cmds, cookie);
+    }
 }

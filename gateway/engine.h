@@ -4,7 +4,8 @@
  * per device and per tag interval, turns readings into engineering values, applies deadbands,
  * builds `data` and `status` payloads, keeps the per-device seq, and moves messages through the
  * store's outbox to the MQTT bridge (persist first, publish, delete on PUBACK). Commands arrive
- * from the bridge and are executed on the device's worker ahead of queued polls. */
+ * from the bridge and go to the command module (command.h), which has them executed on the
+ * device's worker ahead of queued polls through the engine's interface (engine_cmd.h). */
 #ifndef SMP_ENGINE_H
 #define SMP_ENGINE_H
 
@@ -33,11 +34,17 @@ void smp_engine_stop(smp_engine_t *e, uint32_t timeout_ms, void (*done)(void *ar
  * caller must end the process (_exit) rather than go on. */
 int smp_engine_free(smp_engine_t *e);
 
-/* Devices the previous config had and this one has not (a reload): at the next MQTT connect
- * each one's retained status becomes {"state":"offline","ts":...,"error":"removed from the
- * config"}, so the platform does not see a removed device online forever. `names` and its
- * strings are copied. Call before smp_engine_start. Returns 0 or -ENOMEM. */
-int smp_engine_retire(smp_engine_t *e, const char *const *names, size_t n);
+/* Applies `cfg` (borrowed, must outlive its use) to the running engine, on the loop thread:
+ * the store stays open; devices whose definition is unchanged keep polling (same timers, same
+ * connection); removed devices retire with a retained status {"state":"offline",...,"error":
+ * "removed from the config"}; changed devices are replaced (their seq goes on); added ones
+ * start; changed MQTT settings reconnect once, unchanged ones not at all. Returns 0, -EPERM
+ * when cfg changes a key that cannot change live (smp_config_fixed_change: logged, nothing
+ * changed), -EBUSY while the previous reload is still letting devices go, or -ENOMEM.
+ * Each earlier config the engine no longer refers to is handed to `release(arg, cfg)` (later,
+ * from the loop); one still held when the engine is freed is the caller's to free after. */
+int smp_engine_reload(smp_engine_t *e, const smp_config_t *cfg,
+                      void (*release)(void *arg, const smp_config_t *cfg), void *arg);
 
 /* What the service manager is told (systemd's readiness and STATUS= line). */
 typedef struct smp_engine_health {

@@ -1,4 +1,6 @@
-/* Engine internals shared by engine.c and command.c. Not a public surface. */
+/* Engine internals shared by engine.c and sparkplug.c (which builds its messages from the
+ * engine's device and tag state). Not a public surface: the command module reaches the engine
+ * only through engine_cmd.h. */
 #ifndef SMP_ENGINE_INTERNAL_H
 #define SMP_ENGINE_INTERNAL_H
 
@@ -9,19 +11,22 @@
 #include <uv.h>
 
 #include "bridge.h"
+#include "command.h"
 #include "config.h"
 #include "conn_load.h"
 #include "devstats.h"
 #include "engine.h"
+#include "engine_cmd.h"
 #include "log.h"
 #include "store.h"
 #include "value.h"
 
-#define ERRMSG_LEN 128
+#define ERRMSG_LEN SMP_ENGINE_ERRMSG_LEN
 /* Longest string value kept from a driver (a Modbus string is at most 250 bytes). */
 #define SMP_STRING_MAX 1024
 
-enum job_type { JOB_READ = 1, JOB_WRITE, JOB_EXIT };
+/* JOB_ATTACH/JOB_DETACH (a reload): the worker creates/destroys a device's driver object. */
+enum job_type { JOB_READ = 1, JOB_WRITE, JOB_EXIT, JOB_ATTACH, JOB_DETACH };
 
 struct conn;
 struct device;
@@ -47,7 +52,7 @@ struct job {
     smp_reading_t rb;
     char *rb_str;
     bool started;
-    void *cmd;                 /* the command this job serves (command.c); NULL for polls */
+    void *cmd; /* the command this job serves (its cookie, command.h); NULL for polls */
     uint64_t deadline_mono_ms; /* commands with ttl_ms (CLOCK_MONOTONIC ms): no device write
                                 * starts after it (expired), 0 for none */
     /* result */
@@ -85,7 +90,13 @@ struct tag_rt {
 struct device {
     smp_engine_t *eng;
     const smp_device_cfg_t *cfg;
+    const smp_config_t *src; /* the config cfg belongs to (a reload keeps it while in use) */
     struct conn *conn;
+    size_t index; /* in e->devs */
+    /* A reload removed or changed it: no more polls or messages; freed once its worker has
+     * let go of it (detached, or the worker exited) and its commands are answered. */
+    bool retiring, detached;
+    unsigned open_timers; /* group timers not closed yet, once retiring */
     char scope[160];
     smp_tag_t *ptags;  /* the driver's view of the tags */
     bool ptags_shared; /* ptags belong to an earlier device with the same definitions */
@@ -102,7 +113,6 @@ struct device {
     bool need_full;
     bool status_unsent; /* the last status change could not be published yet */
     uint64_t last_full_ms;
-    unsigned cmd_queued;   /* commands accepted and not yet answered */
     smp_devstats_t health; /* P/G/metrics "devices" */
     /* worker */
     void *pdev;
@@ -123,9 +133,15 @@ struct conn {
     uv_mutex_t mu;
     uv_cond_t cv;
     struct job *cmd_head, *cmd_tail, *poll_head, *poll_tail;
+    struct job *ctl_head, *ctl_tail; /* JOB_ATTACH/JOB_DETACH, ahead of everything */
     bool stop;
-    bool cancel_cmds; /* forced stop: the worker starts no further command */
+    const smp_config_t *src; /* the config params and plugin belong to */
+    bool retiring;           /* a reload closes it: no device of it stayed */
+    struct conn *after;      /* a reload: starts once this one (same endpoint) has exited */
+    bool cancel_cmds;        /* forced stop: the worker starts no further command */
     /* worker */
+    struct device **wdevs; /* the devices with a driver object; set before the thread starts */
+    size_t nwdevs, wcap;
     void *pconn;
     bool open;
     uint32_t backoff_ms;
@@ -141,18 +157,19 @@ struct conn {
 
 struct smp_engine_stats {
     uint64_t polls, poll_errors, requests, overruns, values, publishes, acked, replayed;
-    uint64_t commands, store_errors, lost;
+    uint64_t store_errors, lost;
 };
-
-struct smp_command_state; /* command.c */
 
 struct smp_engine {
     uv_loop_t *loop;
     const smp_config_t *cfg;
     smp_store_t *store;
     smp_bridge_t *bridge;
-    struct device *devs;
+    struct device **devs;
     size_t ndevs;
+    struct device **draining; /* retiring devices not freed yet (a reload) */
+    size_t ndraining;
+    struct smp_engine_reload_state *reload; /* engine_reload.c; NULL when none under way */
     struct conn **conns;
     size_t nconns;
     uv_async_t done_async;
@@ -182,8 +199,8 @@ struct smp_engine {
     int workers_alive;
     void (*stop_cb)(void *arg);
     void *stop_arg;
-    struct smp_command_state *cmds;
-    bool store_degraded; /* store.on_error "degraded" in effect: write commands are refused */
+    smp_commands_t *cmds; /* command.c; NULL without memory for it */
+    bool store_degraded;  /* store.on_error "degraded" in effect: write commands are refused */
     /* Distinct texts of tag errors, owned: tags in error point into this small set. */
     char **err_texts;
     size_t err_texts_n, err_texts_cap;
@@ -192,10 +209,11 @@ struct smp_engine {
     smp_episode_t fetch_errors; /* failed outbox reads (log.h) */
     char **retired;             /* removed devices whose offline status is still to publish */
     size_t nretired;
+    struct smp_gone *gone; /* seqs of devices a reload removed, for a later re-add */
+    size_t ngone;
     struct smp_sparkplug *spb; /* sparkplug.c; NULL with mqtt.format "json" */
 };
 
-uint64_t smp__wall_ms(void);
 /* Frees a job and everything it owns (not the command it serves). NULL is a no-op. */
 void smp__job_free(struct job *j);
 void smp__engine_enqueue(struct conn *c, struct job *j);
@@ -204,23 +222,21 @@ void smp__engine_apply_reading(smp_engine_t *e, struct device *d, uint32_t t,
                                const smp_reading_t *r, const char *errmsg, uint64_t ts);
 void smp__engine_emit(smp_engine_t *e, struct device *d, uint64_t ts, bool full);
 
-/* command.c */
-void smp__engine_commands_init(smp_engine_t *e);
-void smp__engine_commands_free(smp_engine_t *e);
-bool smp__engine_commands_busy(smp_engine_t *e);
-/* Publishes answers that waited for room in the MQTT window (call on PUBACK and connect). */
-void smp__engine_commands_flush(smp_engine_t *e);
-/* PUBACK tokens of command answers carry this bit (outbox row ids never do). */
-#define SMP_CMD_ANSWER_TOKEN (UINT64_C(1) << 63)
-/* A PUBACK: true when `token` was an answer's (then handled), false for an outbox row. */
-bool smp__engine_commands_acked(smp_engine_t *e, uint64_t token);
-/* The connection is gone: answers not acknowledged are sent again after the next connect. */
-void smp__engine_commands_disconnected(smp_engine_t *e);
-void smp__engine_command(smp_engine_t *e, const char *topic, const void *payload, size_t len,
-                         const smp_mqtt_props_t *props);
-void smp__engine_write_done(smp_engine_t *e, struct job *j);
-void smp__engine_write_discard(smp_engine_t *e, struct job *j);
-/* Answers a command job that never reached its worker ("cancelled") and frees it. */
+/* engine.c, for engine_reload.c */
+int smp__engine_setup_device(smp_engine_t *e, struct device *d, const smp_device_cfg_t *dc,
+                             const smp_config_t *src, struct device *const *peers, size_t npeers);
+void smp__engine_free_device(struct device *d);
+void smp__engine_start_device(smp_engine_t *e, struct device *d, size_t k);
+int smp__engine_start_conn(smp_engine_t *e, struct conn *c);
+struct conn *smp__engine_new_conn(smp_engine_t *e, const smp_device_cfg_t *dc,
+                                  const smp_config_t *src);
+int smp__engine_conn_add_device(struct conn *c, struct device *d);
+void smp__engine_free_conn(struct conn *c);
+int smp__engine_retire_names(smp_engine_t *e, const char *const *names, size_t n);
+void smp__engine_publish_retired(smp_engine_t *e);
+/* engine_reload.c: a reload's drain went on (a worker let go of a device, a command ended). */
+void smp__engine_reload_progress(smp_engine_t *e);
+void smp__engine_reload_free(smp_engine_t *e);
+/* engine.c: a command's job that never reached its worker is answered "cancelled" and freed. */
 void smp__engine_command_cancel(smp_engine_t *e, struct job *j);
-
 #endif

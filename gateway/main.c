@@ -26,8 +26,6 @@
  * must not hold up the start (systemd's TimeoutStartSec). */
 #define READY_MAX_WAIT_MS 10000u
 #define SD_TICK_MS        500u
-/* The watchdog period while a reload reopens the store (sd_watchdog_for_reload). */
-#define RELOAD_WATCHDOG_USEC (600u * 1000000u)
 /* At exit, buffered log lines get this long to reach a slow stderr (inside the 5 s stop). */
 #define LOG_FLUSH_MS 500u
 
@@ -71,9 +69,9 @@ struct app {
     smp_engine_t *engine;
     uv_signal_t sigterm, sigint, sighup;
     bool stopping;
-    bool reloading;
-    bool reload_pending;    /* the new config is being read off the loop */
-    smp_config_t *next_cfg; /* validated config waiting for the engine to stop */
+    bool reload_pending;     /* the new config is being read off the loop */
+    smp_config_t **old_cfgs; /* configs a reload replaced that the engine may still refer to */
+    size_t nold_cfgs;
     int exit_code;
     /* systemd notifications (sdnotify.h); all no-ops without $NOTIFY_SOCKET */
     bool sd_on;
@@ -83,8 +81,6 @@ struct app {
     bool sd_ready;       /* READY=1 sent for the running engine */
     uint64_t sd_since;   /* loop time the running engine started */
     char sd_status[160]; /* the last STATUS= sent */
-    char **removed;      /* device names a reload dropped (for smp_engine_retire) */
-    size_t nremoved;
 };
 
 static void apply_log_level(struct app *a, const smp_config_t *cfg)
@@ -108,7 +104,7 @@ static void sd_status_text(const smp_engine_health_t *h, char *buf, size_t n)
 static void on_sd_timer(uv_timer_t *t)
 {
     struct app *a = t->data;
-    if (a->engine == NULL || a->stopping || a->reloading) {
+    if (a->engine == NULL || a->stopping) {
         return;
     }
     smp_engine_health_t h;
@@ -157,19 +153,7 @@ static void sd_start(struct app *a)
     }
 }
 
-/* A reload opens the store again on this thread, with the loop not running (the store's
- * integrity check reads every page: long on a big store and slow flash). The watchdog must not
- * take that for a hung loop: its period is raised for the reload and restored after. */
-static void sd_watchdog_for_reload(struct app *a, bool reloading)
-{
-    if (a->wd_usec > 0) {
-        smp_sd_notifyf("WATCHDOG=1\nWATCHDOG_USEC=%" PRIu64,
-                       reloading && a->wd_usec < RELOAD_WATCHDOG_USEC ? RELOAD_WATCHDOG_USEC
-                                                                      : a->wd_usec);
-    }
-}
-
-/* The engine (re)started: readiness is judged again from now. */
+/* The engine started: readiness is judged from now. */
 static void sd_engine_started(struct app *a)
 {
     a->sd_ready = false;
@@ -216,6 +200,45 @@ static void reload_load(uv_work_t *req)
     }
 }
 
+/* The engine no longer refers to `cfg`, a config an earlier reload replaced. */
+static void release_config(void *arg, const smp_config_t *cfg)
+{
+    struct app *a = arg;
+    for (size_t k = 0; k < a->nold_cfgs; k++) {
+        if (a->old_cfgs[k] == cfg) {
+            a->old_cfgs[k] = a->old_cfgs[--a->nold_cfgs];
+            smp_config_free((smp_config_t *)cfg);
+            return;
+        }
+    }
+}
+
+/* The running engine takes the new config over (smp_engine_reload): the store stays open,
+ * unchanged devices go on polling, MQTT reconnects only if its settings changed. */
+static void apply_reload(struct app *a, smp_config_t *cfg)
+{
+    smp_config_t **p = realloc(a->old_cfgs, (a->nold_cfgs + 1) * sizeof *p);
+    int rc = p == NULL ? -ENOMEM : 0;
+    if (p != NULL) {
+        a->old_cfgs = p;
+        a->old_cfgs[a->nold_cfgs] = a->cfg;
+        rc = smp_engine_reload(a->engine, cfg, release_config, a);
+    }
+    if (rc < 0) {
+        LOG_ERR("main", "reload rejected (%s); the running config stays", strerror(-rc));
+        smp_config_free(cfg);
+        smp_sd_notify("READY=1\nSTATUS=reload rejected: the running config stays");
+        a->sd_status[0] = '\0';
+        return;
+    }
+    a->nold_cfgs++;
+    a->cfg = cfg;
+    apply_log_level(a, cfg);
+    LOG_INFO("main", "config reloaded");
+    smp_sd_notify("READY=1");
+    a->sd_status[0] = '\0';
+}
+
 static void reload_loaded(uv_work_t *req, int status)
 {
     struct reload *r = req->data;
@@ -236,11 +259,7 @@ static void reload_loaded(uv_work_t *req, int status)
                        r->n);
         a->sd_status[0] = '\0';
     } else {
-        /* Restart the engine on the new config: polls pause for the stop, nothing queued is
-         * lost (the outbox is in the store and is replayed by the new engine). */
-        a->reloading = true;
-        a->next_cfg = r->cfg;
-        smp_engine_stop(a->engine, STOP_TIMEOUT_MS, on_engine_stopped, a);
+        apply_reload(a, r->cfg);
     }
     free(r->errs);
     free(r);
@@ -250,7 +269,7 @@ static void on_hup(uv_signal_t *s, int signum)
 {
     (void)signum;
     struct app *a = s->data;
-    if (a->stopping || a->reloading || a->reload_pending) {
+    if (a->stopping || a->reload_pending) {
         return;
     }
     struct reload *r = calloc(1, sizeof *r);
@@ -274,40 +293,15 @@ static void on_hup(uv_signal_t *s, int signum)
     a->reload_pending = true;
 }
 
-static void free_removed(struct app *a)
-{
-    for (size_t k = 0; k < a->nremoved; k++) {
-        free(a->removed[k]);
-    }
-    free(a->removed);
-    a->removed = NULL;
-    a->nremoved = 0;
-}
-
-/* The devices of `old` that `next` does not have: their status must say so (a reload). */
-static void removed_devices(struct app *a, const smp_config_t *old, const smp_config_t *next)
-{
-    free_removed(a);
-    a->removed = calloc(old->ndevices ? old->ndevices : 1, sizeof *a->removed);
-    for (size_t k = 0; a->removed != NULL && k < old->ndevices; k++) {
-        const char *name = old->devices[k].name;
-        if (smp_config_device(next, name) == NULL) {
-            a->removed[a->nremoved] = strdup(name);
-            a->nremoved += a->removed[a->nremoved] != NULL;
-        }
-    }
-}
-
 /* Frees the stopped engine. When a worker thread is stuck in a driver call past the stop
  * deadline its memory cannot be freed safely: the store is already committed, so the process
- * ends here. After a reload request that is exit 1, so that systemd (Restart=always) starts
- * simpul again on the new config. */
+ * ends here. */
 static void engine_free_or_exit(struct app *a)
 {
     if (smp_engine_free(a->engine) == -EBUSY) {
         LOG_ERR("main", "exiting without freeing: a device call did not return in time");
         smp_log_stop(LOG_FLUSH_MS);
-        _exit(a->reloading && !a->stopping ? 1 : a->exit_code);
+        _exit(a->exit_code);
     }
     a->engine = NULL;
 }
@@ -457,50 +451,22 @@ int main(int argc, char **argv)
     uv_signal_start(&a.sighup, on_hup, SIGHUP);
     sd_start(&a);
 
-    for (bool again = false;; again = true) {
-        if (again) {
-            sd_watchdog_for_reload(&a, true);
+    int rc = smp_engine_new(a.loop, a.cfg, &a.engine);
+    if (rc == 0) {
+        rc = smp_engine_start(a.engine);
+        sd_engine_started(&a);
+    }
+    if (rc < 0) {
+        a.exit_code = 1;
+        if (a.engine != NULL) {
+            a.stopping = true;
+            smp_engine_stop(a.engine, STOP_TIMEOUT_MS, on_engine_stopped, &a);
         }
-        int rc = smp_engine_new(a.loop, a.cfg, &a.engine);
-        if (rc == 0 && a.nremoved > 0) {
-            rc = smp_engine_retire(a.engine, (const char *const *)a.removed, a.nremoved);
-        }
-        free_removed(&a);
-        if (rc == 0) {
-            rc = smp_engine_start(a.engine);
-            sd_engine_started(&a);
-        }
-        if (again) {
-            sd_watchdog_for_reload(&a, false);
-        }
-        if (rc < 0) {
-            a.exit_code = 1;
-            if (a.engine != NULL) {
-                a.stopping = true;
-                smp_engine_stop(a.engine, STOP_TIMEOUT_MS, on_engine_stopped, &a);
-                uv_run(a.loop, UV_RUN_DEFAULT);
-                engine_free_or_exit(&a);
-            }
-            break;
-        }
+    }
+    if (a.engine != NULL) {
         uv_run(a.loop, UV_RUN_DEFAULT);
         engine_free_or_exit(&a);
-        if (a.reloading && !a.stopping) {
-            removed_devices(&a, a.cfg, a.next_cfg);
-            smp_config_free(a.cfg);
-            a.cfg = a.next_cfg;
-            a.next_cfg = NULL;
-            /* The store was checked at start and in use since: a reload reopens it without
-             * reading every page again (store.quick_check: at start only). */
-            a.cfg->store.skip_check = true;
-            a.reloading = false;
-            apply_log_level(&a, a.cfg);
-            LOG_INFO("main", "config reloaded");
-            continue;
-        }
-        break;
     }
-    smp_config_free(a.next_cfg);
     uv_close((uv_handle_t *)&a.sd_timer, NULL);
     uv_close((uv_handle_t *)&a.wd_timer, NULL);
     uv_close((uv_handle_t *)&a.sigterm, NULL);
@@ -509,6 +475,10 @@ int main(int argc, char **argv)
     uv_run(a.loop, UV_RUN_DEFAULT);
     uv_loop_close(a.loop);
     smp_config_free(a.cfg);
+    for (size_t k = 0; k < a.nold_cfgs; k++) {
+        smp_config_free(a.old_cfgs[k]);
+    }
+    free(a.old_cfgs);
     LOG_INFO("main", "stopped");
     smp_log_stop(LOG_FLUSH_MS);
     return a.exit_code;

@@ -55,6 +55,7 @@ struct smp_sparkplug {
     const smp_config_t *cfg;
     smp_bridge_t *bridge;
     struct spb_dev *devs;
+    size_t ndevs; /* e->ndevs when devs was made (a reload changes e->devs) */
     char *client_id, *bdseq_path;
     char *t_nbirth, *t_ndeath, *t_ncmd, *t_dcmd_sub, *t_state;
     int bdseq; /* of the current CONNECT; -1 before the first */
@@ -80,7 +81,8 @@ static char *xasprintf(const char *fmt, ...)
 
 static size_t dev_index(const smp_sparkplug_t *s, const struct device *d)
 {
-    return (size_t)(d - s->e->devs);
+    (void)s;
+    return d->index;
 }
 
 /* ---- bdSeq ----------------------------------------------------------------------------------- */
@@ -355,8 +357,8 @@ static void hist_replay(smp_sparkplug_t *s)
     size_t sent = 0, skipped = 0;
     while (s->hist_head != NULL) {
         struct hist *h = s->hist_head;
-        struct spb_dev *sd = &s->devs[h->dev];
-        if (sd->born) {
+        struct spb_dev *sd = h->dev < s->ndevs ? &s->devs[h->dev] : NULL;
+        if (sd != NULL && sd->born) {
             size_t len = 0;
             uint8_t *p = with_seq(h->payload, h->len, next_seq(s), &len);
             if (p != NULL) {
@@ -388,8 +390,8 @@ static void births(smp_sparkplug_t *s)
     uint64_t ts = smp__wall_ms();
     for (size_t k = 0; k < s->e->ndevs; k++) {
         s->devs[k].born = false;
-        if (s->e->devs[k].online == 1) {
-            send_dbirth(s, &s->e->devs[k], ts);
+        if (s->e->devs[k]->online == 1) {
+            send_dbirth(s, s->e->devs[k], ts);
         }
     }
     hist_replay(s);
@@ -536,7 +538,8 @@ static void dcmd_metric(smp_sparkplug_t *s, struct device *d, const smp_spb_in_m
                  vtext != NULL ? vtext : "?");
         /* The delivery's properties go along, so the command path's rules for them apply
          * to a DCMD as to a JSON command. */
-        smp__engine_command(s->e, s->devs[dev_index(s, d)].t_cmd_json, text, strlen(text), props);
+        smp_commands_receive(s->e->cmds, s->devs[dev_index(s, d)].t_cmd_json, text, strlen(text),
+                             props);
     }
     free(text);
     free(vtext);
@@ -548,8 +551,8 @@ static void on_dcmd(smp_sparkplug_t *s, const char *dev_name, const smp_spb_payl
 {
     struct device *d = NULL;
     for (size_t k = 0; k < s->e->ndevs; k++) {
-        if (strcmp(s->e->devs[k].cfg->name, dev_name) == 0) {
-            d = &s->e->devs[k];
+        if (strcmp(s->e->devs[k]->cfg->name, dev_name) == 0) {
+            d = s->e->devs[k];
         }
     }
     if (d == NULL) {
@@ -665,6 +668,8 @@ static void on_stopped(void *arg)
 
 /* ---- life cycle ------------------------------------------------------------------------------ */
 
+static int setup_devices(smp_sparkplug_t *s);
+
 static int setup_topics(smp_sparkplug_t *s)
 {
     const char *g = s->cfg->mqtt.sparkplug.group_id, *n = s->cfg->mqtt.sparkplug.edge_node_id;
@@ -681,12 +686,37 @@ static int setup_topics(smp_sparkplug_t *s)
     if (!s->t_nbirth || !s->t_ndeath || !s->t_ncmd || !s->t_dcmd_sub) {
         return -ENOMEM;
     }
+    return setup_devices(s);
+}
+
+static void free_devices(smp_sparkplug_t *s)
+{
+    for (size_t k = 0; s->devs != NULL && k < s->ndevs; k++) {
+        free(s->devs[k].t_birth);
+        free(s->devs[k].t_death);
+        free(s->devs[k].t_data);
+        free(s->devs[k].t_cmd_json);
+    }
+    free(s->devs);
+    s->devs = NULL;
+    s->ndevs = 0;
+}
+
+/* Per-device topics and alias ranges, for the engine's devices as they are now. */
+static int setup_devices(smp_sparkplug_t *s)
+{
+    const char *g = s->cfg->mqtt.sparkplug.group_id, *n = s->cfg->mqtt.sparkplug.edge_node_id;
+    s->devs = calloc(s->e->ndevs ? s->e->ndevs : 1, sizeof *s->devs);
+    if (s->devs == NULL) {
+        return -ENOMEM;
+    }
+    s->ndevs = s->e->ndevs;
     uint64_t alias = ALIAS_DEVICE;
     for (size_t k = 0; k < s->e->ndevs; k++) {
         struct spb_dev *sd = &s->devs[k];
-        const char *dn = s->e->devs[k].cfg->name;
+        const char *dn = s->e->devs[k]->cfg->name;
         sd->alias0 = alias;
-        alias += s->e->devs[k].cfg->ntags;
+        alias += s->e->devs[k]->cfg->ntags;
         sd->t_birth = xasprintf(NS "/%s/DBIRTH/%s/%s", g, n, dn);
         sd->t_death = xasprintf(NS "/%s/DDEATH/%s/%s", g, n, dn);
         sd->t_data = xasprintf(NS "/%s/DDATA/%s/%s", g, n, dn);
@@ -712,13 +742,12 @@ int smp__sparkplug_new(smp_engine_t *e, smp_sparkplug_t **out)
     }
     s->e = e;
     s->cfg = cfg;
-    s->devs = calloc(e->ndevs ? e->ndevs : 1, sizeof *s->devs);
     /* With both formats each session needs its own client id: the broker would otherwise
      * close one when the other connects. */
     s->client_id = cfg->mqtt.format == SMP_FORMAT_BOTH ? xasprintf("%s-spb", cfg->mqtt.client_id)
                                                        : xasprintf("%s", cfg->mqtt.client_id);
     s->bdseq_path = xasprintf("%s/sparkplug-bdseq", cfg->gateway.data_dir);
-    int rc = s->devs && s->client_id && s->bdseq_path ? setup_topics(s) : -ENOMEM;
+    int rc = s->client_id && s->bdseq_path ? setup_topics(s) : -ENOMEM;
     if (rc == 0) {
         s->bdseq = bdseq_load(s->bdseq_path);
         smp_bridge_cbs_t cbs = {
@@ -788,13 +817,7 @@ void smp__sparkplug_free(smp_sparkplug_t *s)
     while (s->hist_head != NULL) {
         hist_drop_oldest(s);
     }
-    for (size_t k = 0; s->devs != NULL && k < s->e->ndevs; k++) {
-        free(s->devs[k].t_birth);
-        free(s->devs[k].t_death);
-        free(s->devs[k].t_data);
-        free(s->devs[k].t_cmd_json);
-    }
-    free(s->devs);
+    free_devices(s);
     free(s->client_id);
     free(s->bdseq_path);
     free(s->t_nbirth);
@@ -804,4 +827,51 @@ void smp__sparkplug_free(smp_sparkplug_t *s)
     free(s->t_state);
     free(s->will);
     free(s);
+}
+
+/* A reload changed the engine's devices (`old`, indexed as before, is what they were): each
+ * removed or changed device that was born gets its DDEATH, kept DATA follows its device to its
+ * new index, and a live session is born again (NBIRTH, then a DBIRTH per online device): the
+ * new device list, aliases and metrics are announced as a whole. */
+int smp__sparkplug_devices_changed(smp_sparkplug_t *s, struct device *const *old, size_t nold)
+{
+    if (s == NULL || s->stopped) {
+        return 0;
+    }
+    for (size_t k = 0; k < nold && k < s->ndevs; k++) {
+        if (old[k]->retiring && s->live && s->devs[k].born) {
+            send_msg(s, s->devs[k].t_death, smp__wall_ms(), NULL, 0, false);
+        }
+    }
+    for (struct hist *h = s->hist_head; h != NULL; h = h->next) {
+        h->dev = h->dev < nold && !old[h->dev]->retiring ? old[h->dev]->index : SIZE_MAX;
+    }
+    free_devices(s);
+    int rc = setup_devices(s);
+    if (rc < 0) {
+        LOG_ERR(SCOPE, "out of memory after a reload: stopping the session");
+        s->live = false;
+        smp_bridge_drop(s->bridge, "out of memory");
+        return rc;
+    }
+    if (s->live) {
+        LOG_INFO(SCOPE, "the devices changed: rebirth");
+        births(s);
+    }
+    return 0;
+}
+
+/* A reload's config: one reconnect with its MQTT settings when they changed. */
+void smp__sparkplug_reconfigure(smp_sparkplug_t *s, const smp_config_t *cfg, bool reconnect)
+{
+    if (s == NULL || s->stopped) {
+        return;
+    }
+    s->cfg = cfg;
+    if (reconnect) {
+        s->live = false;
+        smp_bridge_reconfigure(s->bridge, cfg);
+    } else {
+        smp_bridge_rebind(s->bridge, cfg);
+    }
 }

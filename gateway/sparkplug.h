@@ -6,7 +6,8 @@
  * state; DCMD writes are handed to the engine's command path as JSON commands, so they get the
  * same validation, at-most-once, read-back confirmation and audit as any other command.
  *
- * Engine-internal: runs on the loop thread, reads the engine's device state (engine_internal.h).
+ * Engine-internal: runs on the loop thread, reads the engine's device state (engine_internal.h);
+ * DCMD writes go to the command module (command.h, smp_commands_receive).
  * Every function accepts a NULL session (format "json") and then does nothing. */
 #ifndef SMP_SPARKPLUG_H
 #define SMP_SPARKPLUG_H
@@ -34,6 +35,12 @@ void smp__sparkplug_device_state(smp_sparkplug_t *s, struct device *d);
 void smp__sparkplug_stop(smp_sparkplug_t *s, uint32_t timeout_ms);
 /* True when stopped (or NULL). */
 bool smp__sparkplug_stopped(const smp_sparkplug_t *s);
+/* A reload changed e->devs (`old`: the list before, whose retiring devices are going): DDEATH
+ * for those that were born, then a rebirth (NBIRTH and DBIRTHs) of a live session. */
+int smp__sparkplug_devices_changed(smp_sparkplug_t *s, struct device *const *old, size_t nold);
+/* A reload's config (borrowed, as at new): reconnects once when `reconnect` (MQTT settings
+ * changed), else only takes the new config's pointers. */
+void smp__sparkplug_reconfigure(smp_sparkplug_t *s, const smp_config_t *cfg, bool reconnect);
 /* After the stop; NULL is a no-op. */
 void smp__sparkplug_free(smp_sparkplug_t *s);
 

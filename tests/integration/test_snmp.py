@@ -306,20 +306,25 @@ class SnmpTest(h.TestCase):
         g.stop()
 
     def test_reload_keeps_polling(self):
-        # SIGHUP unloads and reloads the plugins: net-snmp, initialised once per process, must
-        # serve the new config's sessions as it did the old one's.
+        # SIGHUP loads the plugins again for the new config: net-snmp, initialised once per
+        # process, must serve the new device's session beside the running one's, and the
+        # unchanged device goes on polling (its values do not change: counted in metrics).
         s = self.snmpd()
-        b, sub, g = self.start([device("ups-01", s.port, TAGS[:2])])
+        b, sub, g = self.start([device("ups-01", s.port, TAGS[:2])], metrics=True)
         topic = "simpul/gw-test/ups-01/data"
         first = sub.wait_json(topic, lambda j: "neg" in j["values"], 20)
+        assert first["values"]["neg"] == -5, first
         g.config["devices"].append(device("ups-02", s.port, TAGS[2:4]))
         g.write_config()
         g.proc.signal(signal.SIGHUP)
         h.wait_for(lambda: "config reloaded" in g.proc.output(), 20, "reload")
+        assert "1 device(s) kept, 0 changed, 1 added" in g.proc.output(), g.proc.output()[-2000:]
         d2 = sub.wait_json("simpul/gw-test/ups-02/data", lambda j: "setpoint" in j["values"], 20)
         assert d2["values"]["setpoint"] == 100, d2
-        later = sub.wait_json(topic, lambda j: j["seq"] > first["seq"], 20, "ups-01 after reload")
-        assert later["values"]["neg"] == -5, later
+        polls = [j["devices"]["ups-01"]["polls"] for j in sub.json("simpul/gw-test/metrics")]
+        sub.wait_json("simpul/gw-test/metrics",
+                      lambda j: j["devices"]["ups-01"]["polls"] >= max(polls + [0]) + 2, 20,
+                      "ups-01 polled after the reload")
         g.stop()
 
     def test_config_errors(self):

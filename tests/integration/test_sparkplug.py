@@ -342,6 +342,32 @@ class SparkplugTests(h.TestCase):
         assert n_data == len([o for o in order[:i] if o == "DDATA"])
         self.gw.stop()
 
+    def test_reload_changing_devices_rebirths(self):
+        """A SIGHUP that changes the devices: DDEATH for the replaced device, then a rebirth in
+        the same session (NBIRTH seq 0, same bdSeq: no reconnect) and DBIRTHs for the new list."""
+        self.setup()
+        nb = self.host.wait("NBIRTH")[0][1]
+        self.host.wait("DBIRTH", "pump-01")
+        dev = self.cfg["devices"][0]
+        changed = dict(dev, tags=[t for t in TAGS if t["name"] != "name"])
+        added = dict(dev, name="pump-01b")
+        self.gw.config["devices"] = [changed, added]
+        self.gw.write_config()
+        self.gw.proc.signal(signal.SIGHUP)
+        self.host.wait("DDEATH", "pump-01")
+        nb2 = self.host.wait("NBIRTH", n=2)[1][1]
+        assert nb2.seq == 0
+        assert by_name(nb2)["bdSeq"].long_value == by_name(nb)["bdSeq"].long_value
+        db = self.host.wait("DBIRTH", "pump-01", n=2)[1][1]
+        assert set(by_name(db)) == {t["name"] for t in TAGS} - {"name"}, set(by_name(db))
+        self.host.wait("DBIRTH", "pump-01b")
+        kinds = [t.split("/")[2] for t, _, _ in self.host.msgs()]
+        i = kinds.index("DDEATH")
+        assert kinds.index("NBIRTH", 1) > i, kinds
+        log = self.gw.proc.output()
+        assert "1 changed, 1 added, 0 removed" in log and "MQTT unchanged" in log, log[-2000:]
+        self.gw.stop()
+
     # ---- commands -----------------------------------------------------------------------------
 
     def test_rebirth_on_ncmd(self):

@@ -799,6 +799,50 @@ static void test_profile_tags_shared(void **state)
     res_free(&r);
 }
 
+/* A reload's diff: devices compared by content across two loads (a profile's shared tags
+ * against the same tags given inline), MQTT settings, and the keys that cannot change live. */
+static void test_reload_diff(void **state)
+{
+    (void)state;
+    const char *fmt = "{\"gateway\": {\"id\": \"gw-1\"}, \"mqtt\": {\"keepalive_s\": %d},\n"
+                      " \"store\": {\"path\": \"%s\"},\n"
+                      " \"profiles\": {\"p\": {\"tags\": [{\"name\": \"t\", \"type\": \"bool\", "
+                      "\"reg\": 1}]}},\n"
+                      " \"devices\": [\n"
+                      "  {\"name\": \"d1\", \"protocol\": \"fix\", %s, "
+                      "\"connection\": {\"addr\": \"%s\"}}]}\n";
+    const char *profile = "\"profile\": \"p\"";
+    const char *inline_tags = "\"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 1}]";
+    const char *other_reg = "\"tags\": [{\"name\": \"t\", \"type\": \"bool\", \"reg\": 2}]";
+    char text[1024];
+    res_t r[5];
+    snprintf(text, sizeof text, fmt, 30, "a.db", profile, "a");
+    r[0] = load(text);
+    snprintf(text, sizeof text, fmt, 30, "a.db", inline_tags, "a");
+    r[1] = load(text);
+    snprintf(text, sizeof text, fmt, 30, "a.db", other_reg, "a");
+    r[2] = load(text);
+    snprintf(text, sizeof text, fmt, 30, "a.db", profile, "b");
+    r[3] = load(text);
+    snprintf(text, sizeof text, fmt, 45, "b.db", profile, "a");
+    r[4] = load(text);
+    for (size_t k = 0; k < 5; k++) {
+        assert_int_equal(r[k].n, 0);
+    }
+    const smp_device_cfg_t *d0 = &r[0].cfg->devices[0];
+    assert_true(smp_device_cfg_equal(d0, &r[1].cfg->devices[0]));
+    assert_false(smp_device_cfg_equal(d0, &r[2].cfg->devices[0])); /* a tag's protocol key */
+    assert_false(smp_device_cfg_equal(d0, &r[3].cfg->devices[0])); /* its connection */
+    assert_true(smp_device_cfg_equal(d0, &r[4].cfg->devices[0]));
+    assert_true(smp_config_mqtt_equal(r[0].cfg, r[3].cfg));
+    assert_false(smp_config_mqtt_equal(r[0].cfg, r[4].cfg)); /* keepalive */
+    assert_null(smp_config_fixed_change(r[0].cfg, r[3].cfg));
+    assert_string_equal(smp_config_fixed_change(r[0].cfg, r[4].cfg), "store.path");
+    for (size_t k = 0; k < 5; k++) {
+        res_free(&r[k]);
+    }
+}
+
 static void test_duplicate_device(void **state)
 {
     (void)state;
@@ -1593,6 +1637,7 @@ int main(void)
         cmocka_unit_test(test_invalid_names),
         cmocka_unit_test(test_unknown_profile),
         cmocka_unit_test(test_profile_tags_shared),
+        cmocka_unit_test(test_reload_diff),
         cmocka_unit_test(test_duplicate_device),
         cmocka_unit_test(test_duplicate_tag),
         cmocka_unit_test(test_duplicate_json_keys),
