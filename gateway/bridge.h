@@ -98,6 +98,6 @@ int smp_bridge_set_session(smp_bridge_t *b, const smp_bridge_session_t *s);
 void smp_bridge_drop(smp_bridge_t *b, const char *reason);
 
 /* Builds P/G/status payloads: {"state":"online","version":"1.0.0","ts":...}. */
-#define SMP_VERSION "1.0.0"
+#define SMP_VERSION "1.1.0"
 
 #endif

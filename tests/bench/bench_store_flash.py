@@ -12,6 +12,9 @@ outbox rows written, then the replay rate of the outage's backlog. The configura
 run, so the figures compare on a shared machine. Never fails on time.
 
     /usr/bin/python3 tests/bench/bench_store_flash.py [UP_S [OUTAGE_S]]   (default 60 60)
+    env FLASH_INTERVALS (default "0,1000"): the commit_interval_ms values to run;
+    env FLASH_CHUNK_S: store.history_chunk_max_s, so that history chunks close (and are
+    written) inside a short window (the default 900 s needs a run of more than 15 minutes)
     (env SIMPUL, SIMPUL_SIM, SIMPUL_PLUGIN_DIR, as for meson test --benchmark)
 """
 import json
@@ -107,6 +110,8 @@ def run(t, sims, interval_ms, up_s, outage_s):
     cfg["gateway"]["metrics_interval_s"] = 5
     cfg["store"]["commit_interval_ms"] = interval_ms
     cfg["store"]["runtime_dir"] = h.runtime_dir(wd)
+    if os.environ.get("FLASH_CHUNK_S"):  # history chunks that close within the window
+        cfg["store"]["history_chunk_max_s"] = int(os.environ["FLASH_CHUNK_S"])
     sub = t.subscriber(b.port, [P + "/+/data", P + "/metrics"], client_id="flash-%d" % interval_ms,
                        clean_session=False)
     seqs = Seqs(sub)
@@ -150,7 +155,7 @@ def main():
         print("%-22s %12s %9s %7s %12s %9s %7s %10s %s" % (
             "config", "up B/s", "up RSS", "up CPU", "outage B/s", "out RSS", "out CPU",
             "replay/s", "store metrics"))
-        for iv in (0, 1000):
+        for iv in [int(x) for x in os.environ.get("FLASH_INTERVALS", "0,1000").split(",")]:
             up, out, rate, store = run(t, sims, iv, up_s, outage_s)
             print("%-22s %12.0f %7d kB %6.1f%% %12.0f %6d kB %6.1f%% %10.0f %s" % (
                 "commit_interval_ms %d" % iv, up["write_Bps"], up["rss_kb"], up["cpu_pct"],

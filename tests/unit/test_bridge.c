@@ -649,12 +649,12 @@ static void bridge_sync(smp_bridge_t *b, rec_t *r, uint64_t token)
     assert_true(has_ack(r, token));
 }
 
-/* Checks {"state":"<state>","version":"1.0.0","ts":N} with N in [lo, hi]. */
+/* Checks {"state":"<state>","version":"1.1.0","ts":N} with N in [lo, hi]. */
 static void assert_status(const obs_msg_t *m, const char *state, uint64_t lo, uint64_t hi)
 {
     assert_non_null(m);
     char prefix[64];
-    snprintf(prefix, sizeof prefix, "{\"state\":\"%s\",\"version\":\"1.0.0\",\"ts\":", state);
+    snprintf(prefix, sizeof prefix, "{\"state\":\"%s\",\"version\":\"1.1.0\",\"ts\":", state);
     const char *p = (const char *)m->payload;
     assert_int_equal(strncmp(p, prefix, strlen(prefix)), 0);
     char *end = NULL;
