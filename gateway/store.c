@@ -58,7 +58,7 @@ static size_t ring_region_bytes = 4 * 1024 * 1024; /* per ring region; sparse, o
 static uint64_t lv_flush_ms = 300000;   /* last values written this often (and at stop) */
 static uint64_t seq_headroom_min = 8;   /* seqs reserved ahead of the last committed one */
 static uint64_t seq_reserve_blocks = 8; /* a reservation spans this many headrooms */
-static size_t pack_min_msgs = 16;       /* fewer unacked messages at a commit: one row each */
+static size_t pack_min_msgs = 8;        /* fewer unacked messages at a commit: one row each */
 
 enum op_kind {
     OP_PUT_VALUE,

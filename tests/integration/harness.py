@@ -310,6 +310,16 @@ def _varint(b, i):
             return v, i
 
 
+def query_rows(db_path, sql):
+    """Rows of a read-only query on a store (another process may be writing it)."""
+    import sqlite3
+    db = sqlite3.connect("file:%s?mode=ro" % db_path, uri=True, timeout=5)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
 def outbox_messages(db_path):
     """Every message waiting in a store's outbox: (id, device, seq, topic, payload) tuples in id
     order, from single rows and from packs (an interval's backlog in one deflated row; its

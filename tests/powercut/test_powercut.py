@@ -31,6 +31,9 @@ IV = 200  # commit_interval_ms of the recorded run
 CUTS = int(os.environ.get("PCUT_CUTS", "200"))
 SLACK_MS = 1500  # the commit's own duration and scheduling on a loaded 2-core machine
 DEVICES = ["pump-01", "pump-02", "pump-03"]
+# Telemetry only: with them an outage's interval holds enough messages to be packed
+# (docs/store.md, "Outbox packs"), so cut points also fall into packs being written.
+EXTRA = ["pump-%02d" % u for u in range(4, 9)]
 T_OPEN, T_WRITE, T_TRUNC, T_SYNC, T_RENAME, T_UNLINK = range(1, 7)
 HDR = struct.Struct("<IIQQQII")
 
@@ -164,7 +167,8 @@ class PowerCutTest(h.TestCase):
 
     def cfg(self, workdir, data_dir, broker_port, sim_port):
         cfg = h.base_config(workdir, broker_port,
-                            [device(d, k + 1, sim_port) for k, d in enumerate(DEVICES)], gw_id=GW)
+                            [device(d, k + 1, sim_port) for k, d in enumerate(DEVICES + EXTRA)],
+                            gw_id=GW)
         cfg["gateway"]["log_level"] = "info"
         cfg["store"] = {"path": os.path.join(data_dir, "simpul.db"),
                         "runtime_dir": self.rundir(data_dir), "commit_interval_ms": IV}
@@ -185,7 +189,8 @@ class PowerCutTest(h.TestCase):
         # simpul reconnects before the platform does.
         self.b = self.broker(persistence=True)
         self.wlog = os.path.join(wd, "writes.log")
-        self.simu = self.sim(["--pumps", "3", "--lights", "0", "--write-log", self.wlog])
+        self.simu = self.sim(["--pumps", str(len(DEVICES + EXTRA)), "--lights", "0", "--write-log",
+                              self.wlog])
         tail = Tail(self.wlog)
         tail.start()
         cfg = self.cfg(wd, data, self.b.port, self.simu.port)
@@ -210,6 +215,8 @@ class PowerCutTest(h.TestCase):
         self.b.stop()
         t_out = self.t_outage = time.time()
         h.wait_for(lambda: time.time() - t_out > 2.5, 5, "an outage of 2.5 s")
+        packs = h.query_rows(cfg["store"]["path"], "select count(*) from outbox_pack")[0][0]
+        assert packs > 0, "the outage's backlog was not packed: the cut points miss packs"
         self.b = h.Broker(wd, port, persistence=True).start()
         self.defer(self.b.stop)
         h.wait_for(lambda: answered(3) and max(m[4] for m in sub.messages()) > t_out, 20,
