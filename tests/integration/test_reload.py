@@ -47,15 +47,21 @@ def check_seq_and_gap(sub, topic, since_ms, interval_ms, what):
 
 
 class ReloadTest(h.TestCase):
-    def test_config_read_off_the_loop(self):
+    def one_pump_polling(self, pumps=1):
+        """A broker, a simulator, a gateway polling pump-01 every 50 ms and a subscriber that
+        has seen its first five data messages."""
         b = self.broker()
-        sim = self.sim(["--counter", "--pumps", "2", "--lights", "0"])
+        sim = self.sim(["--counter", "--pumps", str(pumps), "--lights", "0"])
         cfg = h.base_config(self.workdir, b.port,
                             [h.tcp_device("pump-01", sim.port, [HEARTBEAT], interval_ms=50)])
         sub = self.subscriber(b.port, [P + "/+/data"])
         g = self.gateway(cfg)
-        topic1 = P + "/pump-01/data"
-        h.wait_for(lambda: len(sub.messages(topic1)) >= 5, 10, "pump-01 data")
+        topic = P + "/pump-01/data"
+        h.wait_for(lambda: len(sub.messages(topic)) >= 5, 10, "pump-01 data")
+        return b, sim, cfg, sub, g, topic
+
+    def test_config_read_off_the_loop(self):
+        b, sim, cfg, sub, g, topic1 = self.one_pump_polling(pumps=2)
         # The config path becomes a FIFO: reading it blocks until the test writes it.
         os.unlink(g.config_path)
         os.mkfifo(g.config_path)
@@ -199,14 +205,7 @@ class ReloadTest(h.TestCase):
     def test_connection_settings_changed(self):
         """A device whose connection settings changed gets a new connection to its endpoint,
         opened only once the old one is closed (a serial line takes one master at a time)."""
-        b = self.broker()
-        sim = self.sim(["--counter", "--pumps", "1", "--lights", "0"])
-        cfg = h.base_config(self.workdir, b.port,
-                            [h.tcp_device("pump-01", sim.port, [HEARTBEAT], interval_ms=50)])
-        sub = self.subscriber(b.port, [P + "/+/data"])
-        g = self.gateway(cfg)
-        topic = P + "/pump-01/data"
-        h.wait_for(lambda: len(sub.messages(topic)) >= 5, 10, "data")
+        b, sim, cfg, sub, g, topic = self.one_pump_polling()
         cfg["devices"][0]["connection"]["timeout_ms"] = 700
         g.config = cfg
         g.write_config()
@@ -312,14 +311,7 @@ class ReloadTest(h.TestCase):
                       "the answer to the write")
 
     def test_fixed_keys_rejected(self):
-        b = self.broker()
-        sim = self.sim(["--counter", "--pumps", "1", "--lights", "0"])
-        cfg = h.base_config(self.workdir, b.port,
-                            [h.tcp_device("pump-01", sim.port, [HEARTBEAT], interval_ms=50)])
-        sub = self.subscriber(b.port, [P + "/+/data"])
-        g = self.gateway(cfg)
-        topic = P + "/pump-01/data"
-        h.wait_for(lambda: len(sub.messages(topic)) >= 5, 10, "data")
+        b, sim, cfg, sub, g, topic = self.one_pump_polling()
         cfg["store"]["path"] = os.path.join(self.workdir, "other.db")
         g.config = cfg
         g.write_config()
@@ -333,14 +325,7 @@ class ReloadTest(h.TestCase):
         g.stop()
 
     def test_mqtt_changed_reconnects_once(self):
-        b = self.broker()
-        sim = self.sim(["--counter", "--pumps", "1", "--lights", "0"])
-        cfg = h.base_config(self.workdir, b.port,
-                            [h.tcp_device("pump-01", sim.port, [HEARTBEAT], interval_ms=50)])
-        sub = self.subscriber(b.port, [P + "/+/data"])
-        g = self.gateway(cfg)
-        topic = P + "/pump-01/data"
-        h.wait_for(lambda: len(sub.messages(topic)) >= 5, 10, "data")
+        b, sim, cfg, sub, g, topic = self.one_pump_polling()
         cfg["mqtt"]["keepalive_s"] = 7
         g.config = cfg
         g.write_config()
