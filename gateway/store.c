@@ -1374,6 +1374,16 @@ static int insert_snapshot(smp_store_t *st)
             if (r->state != SMP_RING_LIVE) {
                 continue;
             }
+            /* A message too big for a pack goes in a row of its own, between packs. */
+            if (r->len > SMP_OBPACK_MAX_RAW / 2) {
+                if (n > 0) {
+                    break;
+                }
+                if ((rc = insert_outbox(st, r)) != 0) {
+                    break;
+                }
+                continue;
+            }
             /* A pack's bitmap spans its id range: a bounded one keeps it small. */
             if (n > 0 && (n == SMP_OBPACK_MAX_MSGS || raw + r->len > SMP_OBPACK_MAX_RAW ||
                           r->id - run[0].id >= 8 * SMP_OBPACK_MAX_MSGS)) {

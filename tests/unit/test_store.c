@@ -1456,6 +1456,38 @@ static void test_outage_backlog_packed(void **state)
     smp_store_close(st);
 }
 
+/* A message too big for a pack (over half of SMP_OBPACK_MAX_RAW) takes a row of its own
+ * between the packs of its interval, and comes back whole and in order. */
+static void test_outage_big_message_beside_packs(void **state)
+{
+    (void)state;
+    smp_store_t *st = open_ring(100);
+    load_seq_ok(st, "d");
+    adds_t a;
+    adds_init(&a);
+    size_t big_len = 2 * (size_t)SMP_OBPACK_MAX_RAW; /* a pack of it would not decode */
+    char *big = malloc(big_len);
+    assert_non_null(big);
+    memset(big, 'x', big_len);
+    add_n(st, &a, "d", 1, 20);
+    smp_store_outbox_add(st, "d", 21, "t", big, big_len, on_added, &a);
+    add_n(st, &a, "d", 22, 20);
+    WAIT_FOR(a.n == 41);
+    free(big);
+    WAIT_POLL(count_rows(g_path, OUTBOX_MSGS) == 41);
+    assert_int_equal(count_rows(g_path, "SELECT count(*) FROM outbox WHERE seq = 21"), 1);
+    fetched_t *f = fetch_sync(st, 0, 100);
+    assert_int_equal(f->n, 41);
+    for (size_t k = 0; k < f->n; k++) {
+        assert_int_equal(f->seq[k], k + 1);
+        assert_int_equal(f->len[k], k == 20 ? big_len : 7);
+    }
+    free(f);
+    smp_store_outbox_ack_many(st, a.ids, 41);
+    WAIT_POLL(count_rows(g_path, OUTBOX_MSGS) == 0);
+    smp_store_close(st);
+}
+
 /* In a forked child: the store in ring mode and device d's seq (exits 2 when it cannot). */
 static smp_store_t *child_open(uv_loop_t *loop, int interval_ms, uint64_t *seq)
 {
@@ -1652,6 +1684,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_ring_unacked_reach_db_on_interval, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ring_recovered_after_crash, setup, teardown),
         cmocka_unit_test_setup_teardown(test_outage_backlog_packed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_outage_big_message_beside_packs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_seq_slot_resumes_exactly_after_crash, setup, teardown),
         cmocka_unit_test_setup_teardown(test_powercut_reported_and_seq_skips, setup, teardown),
         cmocka_unit_test_setup_teardown(test_moved_aside_store_seq_floor, setup, teardown),
