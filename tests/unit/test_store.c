@@ -1602,9 +1602,11 @@ static int rm_tree(const char *dir)
 static void test_powercut_reported_and_seq_skips(void **state)
 {
     (void)state;
-    crash_child(100, 10, true);
+    crash_child(
+        100, 6,
+        true); /* 5 unacked: single rows (a pack keeps an acked member until a clean stop) */
     int64_t upto = count_rows(g_path, "SELECT upto FROM seq_reserve WHERE device = 'd'");
-    assert_true(upto >= 10);
+    assert_true(upto >= 6);
     /* The power cut: the tmpfs ring is gone, the database keeps its last commit. */
     rm_tree(g_run);
     logcap_t lc;
@@ -1618,7 +1620,7 @@ static void test_powercut_reported_and_seq_skips(void **state)
     assert_true(ss.powercut_events == 1);
     /* Every seq that may have been published is skipped: seq never repeats. */
     assert_true(load_seq_ok(st, "d") == (uint64_t)upto);
-    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 9);
+    assert_int_equal(count_rows(g_path, OUTBOX_MSGS), 5);
     smp_store_close(st);
 }
 
