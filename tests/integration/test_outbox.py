@@ -155,8 +155,10 @@ class OutboxTest(h.TestCase):
         self.gateway(cfg)
         h.wait_for(lambda: all(len(v) >= 3 for v in seqs_by_device(self.sub, self.devices).values()),
                    20, "live data")
-        before = {d: v[-1] for d, v in seqs_by_device(self.sub, self.devices).items()}
         self.b.stop()
+        # Read after the broker stopped: nothing reaches the subscriber after that, so the last
+        # seq seen is the last one the broker took before the outage began.
+        before = {d: v[-1] for d, v in seqs_by_device(self.sub, self.devices).items()}
         # Long enough to overflow the outbox about twice over.
         db_seq = lambda: sum(db_seqs(cfg).values())  # noqa: E731
         start_sum = db_seq()

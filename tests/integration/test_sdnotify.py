@@ -96,7 +96,9 @@ class SdNotifyTest(h.TestCase):
 
     def test_ready_watchdog_reload_stopping(self):
         n = self.notify(path=os.path.join(self.workdir, "notify.sock"))
-        g = self.start({"NOTIFY_SOCKET": n.env, "WATCHDOG_USEC": "400000"})
+        # A 1 s watchdog (pings every 0.5 s): a deadline that a loaded test machine's scheduling
+        # pauses stay well inside, as a real unit's WatchdogSec does.
+        g = self.start({"NOTIFY_SOCKET": n.env, "WATCHDOG_USEC": "1000000"})
         ready = n.wait("READY", "1")[0]
         status = ready[1].get("STATUS", "")
         # pump-02 never answers: READY waited for its first poll to fail.
@@ -105,15 +107,15 @@ class SdNotifyTest(h.TestCase):
         log = g.proc.output()
         if "[store] opened" not in log or "loaded modbus" not in log:
             raise h.Failure("READY before the store or the plugin:\n" + log[-3000:])
-        # The watchdog: every 200 ms (half of WATCHDOG_USEC).
+        # The watchdog: every 500 ms (half of WATCHDOG_USEC).
         t0 = time.monotonic()
         h.wait_for(lambda: len([m for m in n.with_key("WATCHDOG", "1") if m[0] > t0]) >= 6,
-                   10, "6 watchdog pings")
+                   15, "6 watchdog pings")
         pings = [m[0] for m in n.with_key("WATCHDOG", "1") if m[0] > t0]
         gaps = [b - a for a, b in zip(pings, pings[1:])]
         mean = sum(gaps) / len(gaps)
-        if not 0.1 <= mean <= 0.35 or max(gaps) > 0.4:
-            raise h.Failure("watchdog gaps %r (want ~0.2 s, none past the 0.4 s deadline)" % gaps)
+        if not 0.35 <= mean <= 0.65 or max(gaps) > 1.0:
+            raise h.Failure("watchdog gaps %r (want ~0.5 s, none past the 1 s deadline)" % gaps)
         # Reload.
         before = len(n.with_key("READY", "1"))
         g.proc.signal(signal.SIGHUP)
@@ -130,10 +132,10 @@ class SdNotifyTest(h.TestCase):
         t1 = time.monotonic()
         h.wait_for(lambda: len([m for m in n.with_key("WATCHDOG", "1") if m[0] > t1]) >= 2,
                    5, "pings after the reload")
-        pings = [m[0] for m in n.with_key("WATCHDOG", "1") if m[0] > rel[0] - 0.4]
+        pings = [m[0] for m in n.with_key("WATCHDOG", "1") if m[0] > rel[0] - 1.0]
         gaps = [b - a for a, b in zip(pings, pings[1:])]
-        if max(gaps) > 0.4:
-            raise h.Failure("watchdog gaps around the reload %r (deadline 0.4 s)" % gaps)
+        if max(gaps) > 1.0:
+            raise h.Failure("watchdog gaps around the reload %r (deadline 1 s)" % gaps)
         # Stop.
         g.proc.signal(signal.SIGTERM)
         rc = g.proc.wait(10)

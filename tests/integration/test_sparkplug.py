@@ -461,7 +461,7 @@ class SparkplugTests(h.TestCase):
         assert hist and after[:len(hist)] == hist, "historical DATA first, after the births"
         stamps = [p.metrics[0].timestamp for p in hist]
         assert stamps == sorted(stamps), "in order"
-        assert all(t_cut - 1000 <= s < nb.timestamp for s in stamps), (t_cut, stamps, nb.timestamp)
+        assert all(t_cut - 1000 <= s <= nb.timestamp for s in stamps), (t_cut, stamps, nb.timestamp)
         seqs = [p.seq for _, p, _ in msgs[i:]]
         for a, b in zip(seqs, seqs[1:]):
             assert b == (a + 1) % 256

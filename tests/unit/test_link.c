@@ -202,11 +202,14 @@ static void test_rtu_two_units_time_out(void **state)
     pair_t *p = *state;
     uint16_t regs[1];
     const smp_mb_req_t read2 = {.unit = 2, .fc = 3, .address = 10, .count = 1};
-    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 60, regs, NULL, NULL), -ETIMEDOUT);
-    assert_int_equal(smp_mb_link_transact(&p->l, &read2, 60, regs, NULL, NULL), -ETIMEDOUT);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read1, 400, regs, NULL, NULL), -ETIMEDOUT);
+    assert_int_equal(smp_mb_link_transact(&p->l, &read2, 400, regs, NULL, NULL), -ETIMEDOUT);
     drain_request(p->dev);
     /* Unit 1's late reply comes after unit 2 timed out too: unit 1's next request still waits
-     * for the line to go quiet, so the late reply cannot pass for its answer. */
+     * for the line to go quiet, so the late reply cannot pass for its answer. The quiet gap
+     * is half the timeout (200 ms): the answering thread, 10 ms in, has ample time to send
+     * the late reply inside it even on a loaded machine (with 60 ms timeouts, 20 ms late
+     * was too late). */
     answerer_t a = {.fd = p->dev};
     a.late_len = rtu_reply(1, 1450, a.late);
     a.len = rtu_reply(1, 5, a.buf);
