@@ -486,20 +486,24 @@ static void conn_stats(void *cp, smp_conn_stats_t *out)
 
 /* ---- device ------------------------------------------------------------------------------ */
 
+/* 32 bytes a tag (100k tags on one site is 3 MB): small fields, and the variable parts in two
+ * arrays of the device instead of two allocations per tag. */
 typedef struct mb_tag {
     const char *name; /* borrowed from the host's smp_tag_t */
-    smp_type_t type;
-    bool writable;
-    smp_mb_table_t table;
+    uint32_t raw_off; /* its registers (or bit) of the last successful read: d->raw[raw_off..] */
+    uint32_t str_off; /* strings: decoded text at d->strs + str_off, valid until the next call
+                         on the device; NO_STR otherwise */
     uint16_t address;
     uint16_t count; /* registers, or 1 for a bit table */
-    smp_mb_order_t order;
-    int bit;      /* -1 = none */
-    char *strbuf; /* strings: decoded text, valid until the next call on the device */
-    size_t strsize;
-    uint16_t *raw; /* the registers (or the bit) of its last successful read, for tag_detail */
+    uint8_t type;   /* smp_type_t */
+    uint8_t table;  /* smp_mb_table_t */
+    uint8_t order;  /* smp_mb_order_t */
+    int8_t bit;     /* -1 = none */
+    bool writable;
     bool raw_ok;
 } mb_tag_t;
+_Static_assert(sizeof(mb_tag_t) <= 32, "mb_tag_t stays small");
+#define NO_STR UINT32_MAX
 
 typedef struct mb_device {
     mb_conn_t *conn;
@@ -509,6 +513,8 @@ typedef struct mb_device {
     int call_timeout_ms; /* > 0: this call's requests wait no longer (a command's deadline) */
     smp_mb_limits_t lim;
     mb_tag_t *tags;
+    uint16_t *raw;        /* every tag's last raw read, at its raw_off */
+    char *strs;           /* every string tag's decoded text, at its str_off */
     smp_mb_span_t *spans; /* index-aligned with tags; `isolated` is learned at run time */
     size_t ntags;
     smp_mb_plan_t plan;
@@ -526,11 +532,9 @@ static void device_destroy(void *dp)
     if (d == NULL) {
         return;
     }
-    for (size_t i = 0; i < d->ntags; i++) {
-        free(d->tags[i].strbuf);
-        free(d->tags[i].raw);
-    }
     free(d->tags);
+    free(d->raw);
+    free(d->strs);
     free(d->spans);
     smp_mb_plan_free(&d->plan);
     free(d->plan_idx);
@@ -563,6 +567,7 @@ static void *device_create(void *cp, const smp_param_t *dev_conn, const smp_tag_
         return NULL;
     }
 
+    size_t nraw = 0, nstr = 0;
     for (size_t i = 0; i < ntags; i++) {
         const smp_tag_t *st = &tags[i];
         const smp_param_t *p = st->params;
@@ -575,35 +580,37 @@ static void *device_create(void *cp, const smp_param_t *dev_conn, const smp_tag_
             device_destroy(d);
             return NULL;
         }
+        int64_t order = param_int(&p[TK_ORDER], SMP_MB_ABCD);
+        int64_t bit = param_int(&p[TK_BIT], -1);
         t->name = st->name;
-        t->type = st->type;
+        t->type = (uint8_t)st->type;
         t->writable = st->writable;
-        t->table = (smp_mb_table_t)p[TK_TABLE].i;
+        t->table = (uint8_t)p[TK_TABLE].i;
         t->address = (uint16_t)p[TK_ADDRESS].i;
-        t->order = (smp_mb_order_t)param_int(&p[TK_ORDER], SMP_MB_ABCD);
-        t->bit = (int)param_int(&p[TK_BIT], -1);
         unsigned length = (unsigned)param_int(&p[TK_LENGTH], 0);
         bool bits = smp_mb_table_is_bits(t->table);
         unsigned count = bits ? 1 : smp_mb_type_regs(st->type, length);
-        if (count == 0 || (unsigned)t->order >= SMP_MB_NORDERS || t->bit < -1 || t->bit > 15 ||
-            (bits && st->type != SMP_TYPE_BOOL) || t->address + count > 65536u) {
+        if (count == 0 || order < 0 || order >= SMP_MB_NORDERS || bit < -1 || bit > 15 ||
+            (unsigned)st->type > UINT8_MAX || (bits && st->type != SMP_TYPE_BOOL) ||
+            t->address + count > 65536u) {
             MB_LOG(log_ctx, SMP_LOG_ERROR, "tag %s: invalid type, length, order or bit", st->name);
             device_destroy(d);
             return NULL;
         }
-        t->count = (uint16_t)count;
-        t->raw = calloc(count, sizeof(*t->raw));
-        if (t->raw == NULL) {
+        if (nraw + count > UINT32_MAX || nstr + smp_mb_string_bufsize(count) >= NO_STR) {
+            MB_LOG(log_ctx, SMP_LOG_ERROR, "tag %s: the device's tags are too large", st->name);
             device_destroy(d);
             return NULL;
         }
+        t->order = (uint8_t)order;
+        t->bit = (int8_t)bit;
+        t->count = (uint16_t)count;
+        t->raw_off = (uint32_t)nraw;
+        nraw += count;
+        t->str_off = NO_STR;
         if (st->type == SMP_TYPE_STRING) {
-            t->strsize = smp_mb_string_bufsize(count);
-            t->strbuf = calloc(1, t->strsize);
-            if (t->strbuf == NULL) {
-                device_destroy(d);
-                return NULL;
-            }
+            t->str_off = (uint32_t)nstr;
+            nstr += smp_mb_string_bufsize(count);
         }
         unsigned cap = bits ? d->lim.max_bits : d->lim.max_regs;
         if (count > cap) {
@@ -613,6 +620,12 @@ static void *device_create(void *cp, const smp_param_t *dev_conn, const smp_tag_
         }
         d->spans[i] = (smp_mb_span_t){
             .table = t->table, .address = t->address, .count = t->count, .isolated = false};
+    }
+    d->raw = calloc(nraw ? nraw : 1, sizeof(*d->raw));
+    d->strs = nstr > 0 ? calloc(1, nstr) : NULL;
+    if (d->raw == NULL || (nstr > 0 && d->strs == NULL)) {
+        device_destroy(d);
+        return NULL;
     }
     return d;
 }
@@ -677,14 +690,17 @@ static void decode_tag(mb_device_t *d, mb_tag_t *t, uint16_t offset, smp_reading
 {
     memset(out, 0, sizeof(*out));
     t->raw_ok = true;
+    uint16_t *raw = d->raw + t->raw_off;
     if (smp_mb_table_is_bits(t->table)) {
         out->value.v.b = d->conn->bits[offset] != 0;
-        t->raw[0] = d->conn->bits[offset];
+        raw[0] = d->conn->bits[offset];
         return;
     }
-    memcpy(t->raw, &d->conn->regs[offset], t->count * sizeof(*t->raw));
-    int rc = smp_mb_decode_regs(&d->conn->regs[offset], t->count, t->type, t->order, t->bit,
-                                t->strbuf, t->strsize, &out->value);
+    memcpy(raw, &d->conn->regs[offset], t->count * sizeof(*raw));
+    char *str = t->str_off != NO_STR ? d->strs + t->str_off : NULL;
+    size_t strsize = str != NULL ? smp_mb_string_bufsize(t->count) : 0;
+    int rc = smp_mb_decode_regs(&d->conn->regs[offset], t->count, t->type, t->order, t->bit, str,
+                                strsize, &out->value);
     if (rc < 0) {
         out->status = rc;
         out->message = "cannot decode the registers";
@@ -1011,7 +1027,7 @@ static int tag_detail(void *dp, uint32_t ti, char *where, size_t wn, char *raw, 
     for (unsigned i = 0; t->raw_ok && i < t->count && len + 6 <= rn; i++) {
         len += (size_t)snprintf(raw + len, rn - len,
                                 smp_mb_table_is_bits(t->table) ? "%s%u" : "%s%04X", i ? " " : "",
-                                t->raw[i]);
+                                d->raw[t->raw_off + i]);
     }
     return 0;
 }
