@@ -549,7 +549,7 @@ struct smp_history {
     uint64_t uid;
     uint8_t *base; /* header slot + cap slots */
     size_t cap;
-    smp_hist_state_t *sst; /* encoder state per slot */
+    struct sst *sst; /* encoder state per slot */
     uint32_t *free_slots;
     size_t nfree;
     uint32_t *pend; /* CLOSED slots not inserted yet */
@@ -570,6 +570,55 @@ struct smp_history {
 static struct slot *slot_at(const smp_history_t *h, uint32_t i)
 {
     return (struct slot *)(h->base + (size_t)(i + 1) * SLOT_SIZE);
+}
+
+/* The encoder state of an open chunk as kept per slot: smp_hist_state_t without what only the
+ * decoder uses (text), the first time (its slot has it) and with 32-bit byte counts — 72 bytes
+ * instead of 112, one per tag with an open chunk (11 MB at 100k tags before). */
+struct sst {
+    int64_t ts;
+    uint64_t delta, val, period, cand_period, min_delta;
+    uint32_t n, cost_dod, cost_delta, cost_period;
+    uint8_t enc;
+};
+
+static uint32_t cost32(uint64_t c)
+{
+    /* Byte counts of one chunk (< 1000 samples of a few bytes): never near the cap. Were one to
+     * reach it, only the choice of the next chunk's time form would be off. */
+    return c > UINT32_MAX ? UINT32_MAX : (uint32_t)c;
+}
+
+static void sst_get(const smp_history_t *h, uint32_t i, smp_hist_state_t *st)
+{
+    const struct sst *p = &h->sst[i];
+    *st = (smp_hist_state_t){.enc = p->enc,
+                             .n = p->n,
+                             .t_first = slot_at(h, i)->t_first,
+                             .ts = p->ts,
+                             .delta = p->delta,
+                             .val = p->val,
+                             .period = p->period,
+                             .cost_dod = p->cost_dod,
+                             .cost_delta = p->cost_delta,
+                             .cost_period = p->cost_period,
+                             .cand_period = p->cand_period,
+                             .min_delta = p->min_delta};
+}
+
+static void sst_put(smp_history_t *h, uint32_t i, const smp_hist_state_t *st)
+{
+    h->sst[i] = (struct sst){.enc = (uint8_t)st->enc,
+                             .n = st->n,
+                             .ts = st->ts,
+                             .delta = st->delta,
+                             .val = st->val,
+                             .period = st->period,
+                             .cost_dod = cost32(st->cost_dod),
+                             .cost_delta = cost32(st->cost_delta),
+                             .cost_period = cost32(st->cost_period),
+                             .cand_period = st->cand_period,
+                             .min_delta = st->min_delta};
 }
 
 static int reset_stmt(sqlite3_stmt *s, int rc)
@@ -699,7 +748,7 @@ static int stage_resize(smp_history_t *h, size_t cap)
     h->base = base;
     /* Per-slot arrays: encoder state, and the free, pending and in-transaction lists, each of
      * which can hold every slot. */
-    smp_hist_state_t *sst = realloc(h->sst, cap * sizeof *sst);
+    struct sst *sst = realloc(h->sst, cap * sizeof *sst);
     if (sst != NULL) {
         h->sst = sst;
     }
@@ -853,7 +902,9 @@ static void close_open(smp_history_t *h, struct tag *t)
         return;
     }
     uint32_t i = (uint32_t)t->slot;
-    choose_ts_mode(t, &h->sst[i]);
+    smp_hist_state_t st;
+    sst_get(h, i, &st);
+    choose_ts_mode(t, &st);
     slot_at(h, i)->state = SLOT_CLOSED;
     /* While nothing commits (disk full, I/O errors) closed chunks pile up in RAM: past a bound
      * the oldest go, counted and logged once per episode. */
@@ -885,16 +936,17 @@ static int open_chunk(smp_history_t *h, struct tag *t, int enc, int64_t ts)
         return rc;
     }
     struct slot *s = slot_at(h, i);
-    smp_hist_state_t *st = &h->sst[i];
+    smp_hist_state_t st;
     s->tag_id = t->id;
     s->t_first = ts;
     s->enc = (uint8_t)enc;
     s->len = 0;
-    smp__hist_enc_init(st, enc, ts);
-    st->cand_period = t->period; /* counts what the period form would cost */
+    smp__hist_enc_init(&st, enc, ts);
+    st.cand_period = t->period; /* counts what the period form would cost */
     if ((enc & SMP_HENC_TS_MODE) == SMP_HENC_TS_PERIOD) {
-        s->len = (uint16_t)smp__hist_enc_period(st, t->period, s->data, SLOT_DATA);
+        s->len = (uint16_t)smp__hist_enc_period(&st, t->period, s->data, SLOT_DATA);
     }
+    sst_put(h, i, &st);
     __atomic_store_n(&s->state, SLOT_OPEN, __ATOMIC_RELEASE);
     t->slot = (int32_t)i;
     t->last_enc = enc & SMP_HENC_KIND;
@@ -910,15 +962,18 @@ static int try_append(smp_history_t *h, struct tag *t, int64_t ts, const char *t
     }
     uint32_t i = (uint32_t)t->slot;
     struct slot *s = slot_at(h, i);
-    smp_hist_state_t *st = &h->sst[i];
-    if (st->n >= chunk_max_samples || ts < st->ts ||
-        (uint64_t)ts - (uint64_t)st->t_first >= (uint64_t)h->chunk_max_ms) {
+    const struct sst *p = &h->sst[i];
+    if (p->n >= chunk_max_samples || ts < p->ts ||
+        (uint64_t)ts - (uint64_t)s->t_first >= (uint64_t)h->chunk_max_ms) {
         return 1;
     }
-    int k = smp__hist_enc_sample(st, ts, text, len, s->data + s->len, SLOT_DATA - s->len);
+    smp_hist_state_t st;
+    sst_get(h, i, &st);
+    int k = smp__hist_enc_sample(&st, ts, text, len, s->data + s->len, SLOT_DATA - s->len);
     if (k < 0) {
         return 1;
     }
+    sst_put(h, i, &st);
     __atomic_store_n(&s->len, (uint16_t)(s->len + k), __ATOMIC_RELEASE);
     h->open_samples++;
     return 0;
@@ -1039,7 +1094,9 @@ int smp__history_flush(smp_history_t *h, int64_t now_ms)
     for (; rc == SQLITE_OK && done < h->npend; done++) {
         uint32_t i = h->pend[done];
         struct slot *s = slot_at(h, i);
-        rc = insert_chunk(h, s->tag_id, s->enc, &h->sst[i], s->data, s->len);
+        smp_hist_state_t st;
+        sst_get(h, i, &st);
+        rc = insert_chunk(h, s->tag_id, s->enc, &st, s->data, s->len);
         if (rc != SQLITE_OK) {
             break;
         }
