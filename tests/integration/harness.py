@@ -164,19 +164,34 @@ class Subscriber:
         self.c.reconnect_delay_set(min_delay=1, max_delay=2)
         self.c.on_message = self._on_message
         self.c.on_connect = self._on_connect
+        self.c.on_subscribe = self._on_subscribe
         self.topics = topics
+        self.pending = set()  # mids of SUBSCRIBEs without their SUBACK yet
         self.c.connect("127.0.0.1", port, keepalive=30)
         self.c.loop_start()
-        wait_for(self.connected.is_set, 10, "subscriber connected")
+        # Subscribed, not only connected: a message published after this returns is seen.
+        wait_for(self.connected.is_set, 10, "subscriber connected and subscribed")
 
     def _on_connect(self, c, userdata, flags, rc, properties=None):
         # Like the gateway, the test client must not hold small packets back (Nagle).
         sock = c.socket()
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for t in self.topics:
-            c.subscribe(t, qos=1)
-        self.connected.set()
+        # on_subscribe runs on this same network thread, after this callback: no SUBACK can be
+        # handled before its mid is in pending.
+        with self.lock:
+            for t in self.topics:
+                self.pending.add(c.subscribe(t, qos=1)[1])
+            done = not self.pending
+        if done:
+            self.connected.set()
+
+    def _on_subscribe(self, c, userdata, mid, granted, properties=None):
+        with self.lock:
+            self.pending.discard(mid)
+            done = not self.pending
+        if done:
+            self.connected.set()
 
     def _on_message(self, c, userdata, m):
         with self.lock:
